@@ -1,0 +1,98 @@
+"""The `kiln` command (`python -m kiln`): demo, compile, generate; serve and bench are placeholders.
+
+Only argparse is imported here so that `--help` answers instantly; the work lives in
+`kiln.commands`, which pulls in torch and transformers when a command actually runs.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+NOT_BUILT = 2  # exit status for commands that are registered but not implemented yet
+
+
+def _add_compile_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", default="auto",
+                   help="code generation backend passed to kiln.compile (default: auto)")
+    p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                   help="weight/activation dtype (default: the checkpoint's own)")
+    p.add_argument("--max-model-len", type=int, default=None, metavar="N",
+                   help="longest prompt+generation the engine is planned for")
+
+
+def _add_sampling_options(p: argparse.ArgumentParser, max_tokens: int) -> None:
+    p.add_argument("--max-tokens", type=int, default=max_tokens, metavar="N",
+                   help=f"tokens to generate per prompt (default: {max_tokens})")
+    p.add_argument("--temperature", type=float, default=0.0, metavar="T",
+                   help="0 means greedy (default: 0)")
+    p.add_argument("--top-p", type=float, default=1.0, metavar="P", help="nucleus mass (default: 1)")
+    p.add_argument("--top-k", type=int, default=-1, metavar="K", help="-1 disables (default: -1)")
+    p.add_argument("--seed", type=int, default=None, metavar="S", help="per-request sampling seed")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full argument tree; kept separate from main() so tests can inspect it."""
+    from kiln import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="kiln",
+        description="Compile a Hugging Face causal LM ahead of time into a paged-KV serving engine.",
+    )
+    parser.add_argument("--version", action="version", version=f"kiln {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    demo = sub.add_parser(
+        "demo", help="compile a small model, generate, and compare with HF transformers",
+        description="Compile MODEL_DIR (default: a cached random-weight Llama built on first use), "
+                    "generate greedily for a few built-in prompts, then run HF model.generate on the "
+                    "same prompts and report tokens/s for both and whether the tokens agree. "
+                    "Exits 1 if they disagree.")
+    demo.add_argument("model_dir", nargs="?", default=None, metavar="MODEL_DIR",
+                      help="a Hugging Face checkpoint directory (default: the demo Llama)")
+    demo.add_argument("--max-tokens", type=int, default=32, metavar="N",
+                      help="tokens to generate per prompt (default: 32)")
+    _add_compile_options(demo)
+
+    comp = sub.add_parser("compile", help="compile a checkpoint and optionally print the pass report",
+                          description="Compile MODEL_DIR with kiln.compile.")
+    comp.add_argument("model_dir", metavar="MODEL_DIR", help="a Hugging Face checkpoint directory")
+    comp.add_argument("-o", "--output", default=None, metavar="ART",
+                      help="where to save the compiled artifact (refused while the format is unbuilt)")
+    comp.add_argument("--report", action="store_true", help="print the compile pass report")
+    _add_compile_options(comp)
+
+    gen = sub.add_parser("generate", help="compile a model and generate text for one prompt",
+                         description="Compile MODEL and print the text generated for PROMPT.")
+    gen.add_argument("model", metavar="MODEL", help="a Hugging Face checkpoint directory")
+    gen.add_argument("prompt", metavar="PROMPT", help="the prompt text")
+    _add_sampling_options(gen, max_tokens=64)
+    _add_compile_options(gen)
+
+    for name, what in (("serve", "an OpenAI-compatible HTTP server"),
+                       ("bench", "throughput/latency benchmarks")):
+        sub.add_parser(name, help=f"{what} (not built yet)",
+                       description=f"`kiln {name}` will provide {what}; it is not built yet.")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `kiln` console script; returns the process exit status."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command not in ("serve", "bench"):  # those two accept anything, run nothing
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return NOT_BUILT
+    if args.command in ("serve", "bench"):
+        print(f"kiln {args.command}: not built yet; nothing was run.", file=sys.stderr)
+        return NOT_BUILT
+    from kiln import commands
+
+    return {"demo": commands.demo, "compile": commands.compile_cmd,
+            "generate": commands.generate}[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
