@@ -55,6 +55,7 @@ TINY_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
                           "final_logit_softcapping": 3.0}),
     "starcoder2": ("starcoder2", dict(_COMMON)),  # LayerNorm, biases, GELU MLP
     "olmo": ("olmo", dict(_COMMON)),  # non-parametric LayerNorm
+    "olmo2": ("olmo2", dict(_COMMON)),  # post-norms, q/k RMSNorm over all heads
     "stablelm": ("stablelm", dict(_COMMON)),  # partial rotary, LayerNorm
     # Non-default multipliers so that each scaling site is exercised.
     "granite": ("granite", {**_COMMON, "embedding_multiplier": 4.0, "logits_scaling": 2.0,
