@@ -1,0 +1,73 @@
+"""`kiln.compile` and `kiln.load`: HF model in, CompiledModel out."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedModel
+
+from kiln.models.loader import load_model
+from kiln.models.registry import layer_windows
+from kiln.passes.base import PassContext, PassReport, run_passes
+from kiln.passes.pipeline import build_pipeline
+
+from . import ops  # noqa: F401  (registers the kiln:: ops)
+from .capture import capture
+from .compiled import CompiledModel, KVLayout
+
+BACKENDS = ("auto", "reference")
+
+
+def _eos_ids(generation_config: object, config: object) -> list[int]:
+    for source in (generation_config, config):
+        eos = getattr(source, "eos_token_id", None) if source is not None else None
+        if eos is not None:
+            return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
+    return []
+
+
+def compile(
+    model: str | Path | PreTrainedModel,
+    *,
+    backend: str = "auto",
+    dtype: str | torch.dtype | None = None,
+    max_model_len: int | None = None,
+    trust_remote_code: bool = False,
+    **options: bool,
+) -> CompiledModel:
+    """Capture `model` (a local HF directory or a PreTrainedModel), run the pass pipeline, return the engine.
+
+    options: one flag per optional pass (e.g. `prune_logits=False`); see `kiln.passes.pipeline.PASS_FLAGS`.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: {backend!r} is not available; choose one of {', '.join(BACKENDS)}")
+    loaded = load_model(model, dtype=dtype, trust_remote_code=trust_remote_code)
+    config = loaded.model.config
+    limit = int(getattr(config, "max_position_embeddings", 0) or getattr(config, "n_positions", 0) or 4096)
+    if max_model_len is None:
+        max_model_len = limit
+    elif not 1 <= max_model_len <= limit:
+        raise ValueError(f"max_model_len: {max_model_len} is outside 1..{limit} (the model's position limit)")
+    passes = build_pipeline(options)
+    gm = capture(loaded.model, max_model_len)
+    ctx = PassContext(config=config, layer_windows=layer_windows(config))
+    report = PassReport(num_layers=config.num_hidden_layers)
+    run_passes(gm, passes, ctx, report)
+    layouts = [KVLayout(*shape) for shape in ctx.state["kv_shapes"]]
+    return CompiledModel(
+        graph_module=gm,
+        report=report,
+        hf_config=config,
+        kv_layouts=layouts,
+        dtype=loaded.model.dtype,
+        device=loaded.model.device,
+        max_model_len=max_model_len,
+        backend="reference",
+        tokenizer=loaded.tokenizer,
+        eos_token_ids=_eos_ids(loaded.generation_config, config),
+    )
+
+
+def load(path: str | Path, **kwargs: object) -> CompiledModel:
+    """Load a model for serving. Until the artifact format lands this compiles the HF directory at `path`."""
+    return compile(path, **kwargs)

@@ -1,0 +1,122 @@
+"""What every pass shares: the pass interface, op counting, and the report of what each pass changed."""
+from __future__ import annotations
+
+import abc
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+# Calls that only re-describe memory; they are not counted as ops of a layer.
+VIEW_OPS = {
+    "view", "_unsafe_view", "reshape", "transpose", "permute", "unsqueeze", "squeeze", "expand", "slice",
+    "select", "getitem", "alias", "t", "contiguous", "split", "split_with_sizes", "chunk", "unflatten", "flatten",
+}
+
+
+def op_name(node: fx.Node) -> str:
+    """A short, stable name for a call node: `aten.linear`, `kiln.paged_attention`, `getitem`."""
+    target = node.target
+    if isinstance(target, torch._ops.OpOverload):
+        return f"{target.namespace}.{target._schema.name.split('::')[-1]}"
+    if isinstance(target, torch._ops.OpOverloadPacket):
+        return f"{target._qualified_op_name.replace('::', '.')}"
+    return getattr(target, "__name__", str(target))
+
+
+def is_view(node: fx.Node) -> bool:
+    return op_name(node).split(".")[-1] in VIEW_OPS
+
+
+def op_counts(gm: fx.GraphModule) -> Counter:
+    """How many times each op is called in the graph (views included; filter with is_view)."""
+    return Counter(op_name(n) for n in gm.graph.nodes if n.op in ("call_function", "call_method", "call_module"))
+
+
+def is_op(node: Any, *names: str) -> bool:
+    """Whether `node` is a call to one of the aten ops named (`"linear"`, `"softmax"`, ...)."""
+    return isinstance(node, fx.Node) and node.op == "call_function" and op_name(node).split(".")[-1] in names
+
+
+@dataclass
+class PassContext:
+    """Facts about the model that a pass may need beyond the graph itself."""
+
+    config: Any
+    layer_windows: list[int]
+    state: dict[str, Any] = field(default_factory=dict)  # what one pass leaves for later ones
+
+
+@dataclass
+class PassRecord:
+    """What one pass did: its own counters plus the op counts around it."""
+
+    name: str
+    counters: dict[str, int]
+    ops_before: int
+    ops_after: int
+    changed: dict[str, int]  # op name -> delta
+
+    def line(self) -> str:
+        counters = ", ".join(f"{k}={v}" for k, v in self.counters.items()) or "-"
+        delta = ", ".join(f"{k} {v:+d}" for k, v in sorted(self.changed.items())) or "no op changes"
+        return f"{self.name:<18} {counters:<40} ops {self.ops_before:>5} -> {self.ops_after:<5} ({delta})"
+
+
+@dataclass
+class PassReport:
+    """The per-pass record of a compile, printed by `kiln compile --report`."""
+
+    records: list[PassRecord] = field(default_factory=list)
+    ops_initial: Counter = field(default_factory=Counter)
+    ops_final: Counter = field(default_factory=Counter)
+    num_layers: int = 0
+
+    def format(self) -> str:
+        lines = ["pass               what it matched/removed/added              graph ops (all calls)"]
+        lines += [r.line() for r in self.records]
+        compute = lambda c: sum(v for k, v in c.items() if k.split(".")[-1] not in VIEW_OPS)  # noqa: E731
+        if self.num_layers:
+            lines.append(
+                f"compute ops (views excluded): {compute(self.ops_initial)} -> {compute(self.ops_final)} "
+                f"over {self.num_layers} layers"
+            )
+        lines.append("final ops: " + ", ".join(f"{k} x{v}" for k, v in self.ops_final.most_common()))
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "passes": [r.__dict__ for r in self.records],
+            "ops_initial": dict(self.ops_initial),
+            "ops_final": dict(self.ops_final),
+            "num_layers": self.num_layers,
+        }
+
+
+class GraphPass(abc.ABC):
+    """A named rewrite of a GraphModule in place. `run` returns counters of what it matched and changed."""
+
+    name: str = "pass"
+
+    @abc.abstractmethod
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> dict[str, int]:
+        """Rewrite `gm` in place; return counters such as {"matched": 3, "removed": 12}."""
+
+
+def run_passes(gm: fx.GraphModule, passes: list[GraphPass], ctx: PassContext, report: PassReport) -> None:
+    """Run each pass in order, lint and recompile after each, and record its effect."""
+    report.ops_initial = op_counts(gm)
+    for p in passes:
+        before = op_counts(gm)
+        counters = p.run(gm, ctx)
+        gm.graph.lint()
+        gm.recompile()
+        after = op_counts(gm)
+        changed = {k: after[k] - before[k] for k in set(before) | set(after) if after[k] != before[k]}
+        report.records.append(
+            PassRecord(p.name, counters, sum(before.values()), sum(after.values()), changed)
+        )
+    report.ops_final = op_counts(gm)

@@ -1,0 +1,28 @@
+"""The ordered pass pipeline, one flag per pass (TensorRT-LLM AutoDeploy style stages)."""
+from __future__ import annotations
+
+from .base import GraphPass
+from .cleanup import Cleanup
+from .paged_attention import PagedAttention
+from .prune_logits import PruneLogits
+
+# Flags a user may turn off; the paged-attention rewrite and the final cleanup are the contract, not options.
+PASS_FLAGS = {"cleanup": True, "prune_logits": True}
+
+
+def build_pipeline(options: dict[str, bool]) -> list[GraphPass]:
+    """The passes to run for these flags; unknown flags are refused by name."""
+    unknown = sorted(set(options) - set(PASS_FLAGS))
+    if unknown:
+        raise ValueError(f"unknown compile option(s): {', '.join(unknown)}; known: {', '.join(PASS_FLAGS)}")
+    flags = {**PASS_FLAGS, **options}
+    passes: list[GraphPass] = []
+    if flags["cleanup"]:
+        passes.append(Cleanup())
+    passes.append(PagedAttention())
+    if flags["prune_logits"]:
+        passes.append(PruneLogits())
+    final = Cleanup()
+    final.name = "final_cleanup"
+    passes.append(final)
+    return passes
