@@ -1,0 +1,98 @@
+"""`AsyncLLMEngine`: stream tokens to many asyncio consumers from one shared batch.
+
+One background task drives `LLMEngine.step()` in the event loop itself (no threads, so adds, aborts and steps
+never race) and yields to the loop between steps so that consumers receive their outputs. A consumer that
+stops listening, by closing its generator or by being cancelled, aborts its request right away.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+from typing import Any, AsyncIterator
+
+from .engine import LLMEngine
+from .outputs import RequestOutput
+from .sampling_params import SamplingParams
+
+
+class AsyncLLMEngine:
+    """Wraps an LLMEngine; `generate` is an async iterator of cumulative RequestOutputs."""
+
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self._queues: dict[str, asyncio.Queue] = {}
+        self._wakeup: asyncio.Event | None = None
+        self._loop_task: asyncio.Task | None = None
+        self._ids = itertools.count()
+
+    @classmethod
+    def from_model(cls, model: Any, **options: Any) -> "AsyncLLMEngine":
+        """Compile (unless already compiled) and build the engine, as `LLM` does."""
+        from .llm import LLM
+        return cls(LLM(model, **options).engine)
+
+    async def generate(self, prompt: str | list[int], sampling_params: SamplingParams | dict | None = None,
+                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Yield the request's output after each step that changes it; the last one has finished=True."""
+        request_id = request_id if request_id is not None else f"async-{next(self._ids)}"
+        if request_id in self._queues:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        request = self.engine.make_request(request_id, prompt, sampling_params)
+        queue: asyncio.Queue = asyncio.Queue()
+        self._queues[request_id] = queue
+        self.engine.enqueue(request)
+        self._ensure_loop()
+        finished = False
+        try:
+            while not finished:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            self._queues.pop(request_id, None)
+            if not finished:
+                self.engine.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        self._queues.pop(request_id, None)
+        self.engine.abort(request_id)
+
+    def _ensure_loop(self) -> None:
+        if self._wakeup is None:
+            self._wakeup = asyncio.Event()
+        self._wakeup.set()
+        if self._loop_task is None or self._loop_task.done():
+            self._loop_task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        """Step while there is work, sleep on the wakeup event otherwise."""
+        while True:
+            if not self.engine.has_unfinished_requests():
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as exc:  # fail every listener rather than leave them hanging
+                for queue in self._queues.values():
+                    queue.put_nowait(exc)
+                self.engine.abort(list(self.engine.requests))
+                continue
+            for out in outputs:
+                queue = self._queues.get(out.request_id)
+                if queue is not None:
+                    queue.put_nowait(out)
+            await asyncio.sleep(0)
+
+    async def shutdown(self) -> None:
+        """Stop the background loop and abort whatever is still in flight."""
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            try:
+                await self._loop_task
+            except asyncio.CancelledError:
+                pass
+        self.engine.abort(list(self.engine.requests))
+        self._loop_task = None

@@ -1,0 +1,229 @@
+"""`LLMEngine`: the synchronous serving loop over a compiled model (vLLM's `LLMEngine`).
+
+add_request validates everything up front, so a bad request raises there and never disturbs the running
+batch; step() schedules, runs one forward pass over the packed batch, samples, detokenizes and reports.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Iterable
+
+from .block_manager import BlockManager
+from .detokenizer import Detokenizer
+from .model_inputs import prepare_inputs
+from .outputs import CompletionOutput, RequestOutput
+from .sampler import Sampler
+from .sampling_params import SamplingParams
+from .scheduler import Scheduler
+from .sequence import Request, Sequence
+
+DEFAULT_CPU_KV_BYTES = 1 << 30
+
+
+class LLMEngine:
+    """Owns the KV cache, the scheduler and the in-flight requests of one compiled model."""
+
+    def __init__(self, model: Any, *, block_size: int = 16, num_kv_blocks: int | None = None,
+                 kv_cache_memory: int | None = None, max_num_seqs: int = 64,
+                 max_num_batched_tokens: int | None = None, enable_prefix_caching: bool = True,
+                 enable_chunked_prefill: bool = True, max_model_len: int | None = None) -> None:
+        self.model = model
+        self.tokenizer = getattr(model, "tokenizer", None)
+        self.eos_token_ids = list(model.eos_token_ids or [])
+        self.vocab_size = int(model.vocab_size)
+        self.max_model_len = min(model.max_model_len, max_model_len or model.max_model_len)
+        if block_size < 1 or max_num_seqs < 1:
+            raise ValueError(f"block_size and max_num_seqs must be >= 1, got {block_size}, {max_num_seqs}")
+        self.block_size = block_size
+        num_blocks = self._num_blocks(num_kv_blocks, kv_cache_memory, max_num_seqs)
+        if max_num_batched_tokens is None:
+            max_num_batched_tokens = 2048 if enable_chunked_prefill else max(2048, self.max_model_len)
+        if not enable_chunked_prefill and max_num_batched_tokens < self.max_model_len:
+            raise ValueError(f"max_num_batched_tokens ({max_num_batched_tokens}) must be >= max_model_len "
+                             f"({self.max_model_len}) when chunked prefill is disabled")
+        self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens,
+                                   enable_chunked_prefill)
+        self.kv_caches = model.allocate_kv_cache(num_blocks, block_size)
+        self.sampler = Sampler(self.eos_token_ids)
+        self.detokenizer = Detokenizer(self.tokenizer, self.eos_token_ids)
+        self.requests: dict[str, Request] = {}
+        self.num_steps = 0
+        self.num_generated_tokens = 0
+
+    def _num_blocks(self, num_kv_blocks: int | None, kv_cache_memory: int | None, max_num_seqs: int) -> int:
+        """Explicit count, else a memory budget, else room for max_num_seqs full-length sequences (<= 1 GiB)."""
+        if num_kv_blocks is not None:
+            if num_kv_blocks < 1:
+                raise ValueError(f"num_kv_blocks must be >= 1, got {num_kv_blocks}")
+            return int(num_kv_blocks)
+        per_block = self.model.kv_cache_bytes_per_block(self.block_size)
+        if kv_cache_memory is None:
+            wanted = -(-max_num_seqs * self.max_model_len // self.block_size)
+            return max(min(wanted, DEFAULT_CPU_KV_BYTES // per_block), 1)
+        if kv_cache_memory < per_block:
+            raise ValueError(f"kv_cache_memory ({kv_cache_memory} bytes) is below one KV block ({per_block} bytes)")
+        return int(kv_cache_memory // per_block)
+
+    # Requests ------------------------------------------------------------------------------------------
+
+    def make_request(self, request_id: str, prompt: str | list[int],
+                     params: SamplingParams | dict | None = None, arrival_time: float | None = None) -> Request:
+        """Validate and tokenize a request without touching engine state (raises ValueError when bad)."""
+        if not isinstance(request_id, str) or not request_id:
+            raise ValueError(f"request_id must be a non-empty string, got {request_id!r}")
+        if request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        if params is None:
+            params = SamplingParams()
+        elif isinstance(params, dict):
+            params = SamplingParams.from_dict(params)
+        elif not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling params must be SamplingParams or a dict, got {type(params).__name__}")
+        text, token_ids = self._tokenize(prompt)
+        if params.stop_strings and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer, and this model has none; use stop_token_ids")
+        total = len(token_ids) + params.max_tokens
+        if total > self.max_model_len:
+            raise ValueError(f"prompt ({len(token_ids)} tokens) + max_tokens ({params.max_tokens}) = {total} "
+                             f"exceeds max_model_len ({self.max_model_len})")
+        needed = self.block_manager.blocks_needed(total - 1)
+        if needed > self.block_manager.num_blocks:
+            raise ValueError(f"prompt + max_tokens needs {needed} KV blocks but the pool has only "
+                             f"{self.block_manager.num_blocks} (raise num_kv_blocks or kv_cache_memory)")
+        request = Request(request_id, text, token_ids, params, arrival_time or time.time())
+        for seq in request.seqs:
+            self.detokenizer.start(seq)
+        return request
+
+    def _tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("prompt is text but the model has no tokenizer; pass token ids instead")
+            token_ids = list(self.tokenizer.encode(prompt))
+            text: str | None = prompt
+        elif isinstance(prompt, (list, tuple)):
+            token_ids, text = list(prompt), None
+            if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < self.vocab_size
+                       for t in token_ids):
+                raise ValueError(f"prompt token ids must be integers in [0, {self.vocab_size})")
+        else:
+            raise ValueError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+        if not token_ids:
+            raise ValueError("prompt is empty")
+        return text, token_ids
+
+    def add_request(self, request_id: str, prompt: str | list[int],
+                    params: SamplingParams | dict | None = None, arrival_time: float | None = None) -> None:
+        self.enqueue(self.make_request(request_id, prompt, params, arrival_time))
+
+    def enqueue(self, request: Request) -> None:
+        """Admit a request built by make_request."""
+        if request.request_id in self.requests:
+            raise ValueError(f"request_id {request.request_id!r} is already in use")
+        self.requests[request.request_id] = request
+        self.scheduler.add_request(request)
+
+    def abort(self, request_id: str | Iterable[str]) -> None:
+        """Stop requests now and free all their blocks; unknown or finished ids are ignored."""
+        for rid in [request_id] if isinstance(request_id, str) else list(request_id):
+            request = self.requests.pop(rid, None)
+            if request is None:
+                continue
+            for seq in request.seqs:
+                if not seq.is_finished:
+                    seq.finish_reason = "abort"
+                    self.scheduler.finish(seq)
+            request.metrics.finished_time = time.time()
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self.requests)
+
+    # The loop ------------------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduled forward pass; returns the requests that produced tokens or finished."""
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            if self.scheduler.has_unfinished():  # a scheduler bug; spinning forever would hide it
+                raise RuntimeError("scheduler made no progress with requests pending")
+            return []
+        self.num_steps += 1
+        now = time.time()
+        input_ids, positions, meta = prepare_inputs(sched.seqs, sched.num_new_tokens, self.block_size,
+                                                    self.model.device)
+        logits = self.model.forward(input_ids, positions, meta, self.kv_caches)
+        ready: list[int] = []
+        for i, (seq, num_new) in enumerate(zip(sched.seqs, sched.num_new_tokens)):
+            if seq.request.metrics.first_scheduled_time is None:
+                seq.request.metrics.first_scheduled_time = now
+            seq.num_computed_tokens += num_new
+            self.block_manager.commit(seq)
+            if seq.num_computed_tokens == seq.num_tokens:
+                ready.append(i)
+        if not ready:
+            return []
+        seqs = [sched.seqs[i] for i in ready]
+        logits = logits if len(ready) == len(sched.seqs) else logits[ready]
+        sampled = self.sampler(logits.float().cpu(), seqs)
+        return self._process(seqs, sampled.token_ids, sampled.logprobs)
+
+    def _process(self, seqs: list[Sequence], token_ids: list[int], logprobs: list | None) -> list[RequestOutput]:
+        now = time.time()
+        touched: dict[str, Request] = {}
+        for i, (seq, token) in enumerate(zip(seqs, token_ids)):
+            self.detokenizer.append(seq, token)
+            if logprobs is not None and logprobs[i] is not None:
+                seq.cumulative_logprob += logprobs[i][0]
+                seq.logprobs.append(logprobs[i][1])
+            request = seq.request
+            if request.metrics.first_token_time is None:
+                request.metrics.first_token_time = now
+            if seq.finish_reason is not None:
+                self.scheduler.finish(seq)
+            touched[request.request_id] = request
+        self.num_generated_tokens += len(seqs)
+        outputs = []
+        for request in touched.values():
+            finished = request.is_finished
+            if finished:
+                request.metrics.finished_time = now
+                del self.requests[request.request_id]
+            outputs.append(self._output(request, finished))
+        return outputs
+
+    def _output(self, request: Request, finished: bool) -> RequestOutput:
+        completions = [
+            CompletionOutput(
+                index=seq.index,
+                text=self.detokenizer.visible_text(seq),
+                token_ids=seq.output_token_ids,
+                cumulative_logprob=seq.cumulative_logprob if seq.logprobs is not None else None,
+                logprobs=list(seq.logprobs) if seq.logprobs is not None else None,
+                finish_reason=seq.finish_reason,
+                stop_reason=seq.stop_reason,
+            )
+            for seq in request.seqs
+        ]
+        return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, completions,
+                             finished, request.metrics, request.seqs[0].num_cached_tokens)
+
+    def stats(self) -> dict[str, int]:
+        bm = self.block_manager
+        return {
+            "kv_blocks_total": bm.num_blocks,
+            "kv_blocks_in_use": bm.num_used_blocks,
+            "kv_blocks_free": bm.num_free_blocks,
+            "block_size": bm.block_size,
+            "prefix_cache_hit_tokens": bm.prefix_cache_hit_tokens,
+            "prefix_cache_query_tokens": bm.prefix_cache_query_tokens,
+            "preemptions": self.scheduler.num_preemptions,
+            "num_running": len(self.scheduler.running),
+            "num_waiting": len(self.scheduler.waiting),
+            "num_unfinished_requests": len(self.requests),
+            "num_steps": self.num_steps,
+            "num_generated_tokens": self.num_generated_tokens,
+        }

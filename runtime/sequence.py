@@ -1,0 +1,96 @@
+"""Request and sequence state shared by the scheduler, block manager, sampler and detokenizer.
+
+A request owns n sequences (one per completion). A sequence's KV state is `num_computed_tokens` tokens of
+`token_ids` written into the blocks of `block_table`; a preempted sequence drops its blocks and recomputes
+its whole token list later, so its outputs never change.
+"""
+from __future__ import annotations
+
+import enum
+import itertools
+
+import torch
+
+from .outputs import RequestMetrics
+from .sampling_params import SamplingParams
+
+_seq_counter = itertools.count()
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class Sequence:
+    """One completion in flight: its tokens, how many are in the KV cache, and where they live."""
+
+    def __init__(self, request: "Request", index: int, prompt_token_ids: list[int]) -> None:
+        self.seq_id = next(_seq_counter)
+        self.request = request
+        self.index = index
+        self.params = request.params
+        self.token_ids: list[int] = list(prompt_token_ids)
+        self.num_prompt_tokens = len(prompt_token_ids)
+        self.num_computed_tokens = 0
+        self.status = SequenceStatus.WAITING
+        self.block_table: list[int] = []
+        self.block_hashes: list[bytes] = []  # hash chain of the full blocks of token_ids seen so far
+        self.num_committed_blocks = 0  # leading blocks already published to the prefix cache
+        self.num_cached_tokens = 0  # prompt tokens served from the prefix cache at first admission
+        self.generator = _make_generator(self.params.seed, index)
+        # Sampling and detokenization results.
+        self.cumulative_logprob = 0.0
+        self.logprobs: list[dict[int, float]] | None = [] if self.params.logprobs is not None else None
+        self.text = ""
+        self.prefix_offset = 0  # detokenizer window into token_ids
+        self.read_offset = 0
+        self.finish_reason: str | None = None
+        self.stop_reason: int | str | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    def __repr__(self) -> str:
+        return (f"Sequence({self.request.request_id}#{self.index}, tokens={self.num_tokens}, "
+                f"computed={self.num_computed_tokens}, {self.status.value})")
+
+
+def _make_generator(seed: int | None, index: int) -> torch.Generator | None:
+    """A private RNG per seeded sequence, so its samples do not depend on what else is in the batch."""
+    if seed is None:
+        return None
+    generator = torch.Generator()
+    generator.manual_seed((seed + index * 0x9E3779B97F4A7C15) % (1 << 64))
+    return generator
+
+
+class Request:
+    """A user request: the prompt, its parameters, and its n sequences."""
+
+    def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
+                 params: SamplingParams, arrival_time: float) -> None:
+        self.request_id = request_id
+        self.prompt = prompt
+        self.prompt_token_ids = prompt_token_ids
+        self.params = params
+        self.metrics = RequestMetrics(arrival_time=arrival_time)
+        self.seqs = [Sequence(self, i, prompt_token_ids) for i in range(params.n)]
+
+    @property
+    def is_finished(self) -> bool:
+        return all(seq.is_finished for seq in self.seqs)
