@@ -80,7 +80,7 @@ def generate(args: argparse.Namespace) -> int:
     except ValueError as err:
         return _fail(str(err))
     llm = kiln.LLM(_compile(args, args.model))
-    print(llm.generate([args.prompt], params)[0].outputs[0].text)
+    print(llm.generate([args.prompt], params, use_tqdm=False)[0].outputs[0].text)
     return 0
 
 
@@ -142,9 +142,10 @@ def demo(args: argparse.Namespace) -> int:
 
     llm = kiln.LLM(compiled)
     params = kiln.SamplingParams(max_tokens=args.max_tokens, temperature=0.0)
-    llm.generate(DEMO_PROMPTS[:1], kiln.SamplingParams(max_tokens=2, temperature=0.0))  # warm-up
+    warm_up = kiln.SamplingParams(max_tokens=2, temperature=0.0)
+    llm.generate(DEMO_PROMPTS[:1], warm_up, use_tqdm=False)
     started = time.perf_counter()
-    outputs = llm.generate(DEMO_PROMPTS, params)
+    outputs = llm.generate(DEMO_PROMPTS, params, use_tqdm=False)
     kiln_s = time.perf_counter() - started
     kiln_ids = [list(o.outputs[0].token_ids) for o in outputs]
 

@@ -71,6 +71,9 @@ DEMO_OVERRIDES: dict[str, Any] = {
     "vocab_size": 2048, "max_position_embeddings": 2048, "initializer_range": 0.05,
 }
 
+# Bump when the way checkpoints are built changes, so that cached ones are rebuilt.
+BUILDER_VERSION = 2
+
 _CHAT_TEMPLATE = (
     "{% for message in messages %}<s>{{ message['role'] }}\n{{ message['content'] }}</s>\n"
     "{% endfor %}{% if add_generation_prompt %}<s>assistant\n{% endif %}"
@@ -131,7 +134,8 @@ def build_tiny_tokenizer(vocab_size: int, model_max_length: int = 512) -> Any:
     """A byte-level BPE `PreTrainedTokenizerFast` with exactly `vocab_size` entries.
 
     The embedded corpus cannot supply merges for large vocabularies, so any remainder is filled
-    with reserved special tokens (as Llama 3 does); every id the model can emit then decodes.
+    with reserved tokens (as Llama 3 does). They are plain, not special, tokens: a random model
+    emits them often, and the demo's text should show them rather than silently drop them.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
@@ -150,7 +154,7 @@ def build_tiny_tokenizer(vocab_size: int, model_max_length: int = 512) -> Any:
     missing = vocab_size - tok.get_vocab_size()
     if missing < 0:
         raise ValueError(f"vocab_size {vocab_size} is below the byte alphabet plus specials")
-    tok.add_special_tokens([f"<|reserved_{i}|>" for i in range(missing)])
+    tok.add_tokens([f"<|reserved_{i}|>" for i in range(missing)])
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
         pad_token="<pad>", chat_template=_CHAT_TEMPLATE,
@@ -192,10 +196,11 @@ def cached_checkpoint(arch: str, name: str | None = None, *, seed: int = 0,
                       **overrides: Any) -> Path:
     """Build a tiny checkpoint once and reuse it; rebuilt when the recipe changes.
 
-    The recipe (arch, seed, overrides and the arch's base config) is stored beside the
-    weights, so editing TINY_CONFIGS or the overrides never serves a stale model.
+    The recipe (builder version, arch, seed, overrides, the arch's base config) is stored beside
+    the weights, so editing TINY_CONFIGS or the overrides never serves a stale model.
     """
-    recipe = {"arch": arch, "seed": seed, "base": TINY_CONFIGS[arch], "overrides": overrides}
+    recipe = {"builder": BUILDER_VERSION, "arch": arch, "seed": seed,
+              "base": TINY_CONFIGS[arch], "overrides": overrides}
     blob = json.dumps(recipe, sort_keys=True, default=str)
     if name is None:
         name = f"{arch}-tiny-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"

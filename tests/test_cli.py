@@ -105,3 +105,9 @@ def test_demo_agrees_with_hf(tiny_llama: Path, capsys: pytest.CaptureFixture[str
     out = capsys.readouterr().out
     assert "tok/s" in out and "tokens agree: 4/4 prompts" in out, out
     assert status == 0
+
+
+def test_bad_sampling_value_is_refused_before_compiling(tiny_llama: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["generate", str(tiny_llama), "x", "--top-p", "2"]) == 2
+    assert "top_p" in capsys.readouterr().err
