@@ -1,0 +1,42 @@
+"""Drive a CompiledModel step by step over a paged cache, the way the runtime does, to compare with HF."""
+from __future__ import annotations
+
+import torch
+
+from kiln.compiler.metadata import AttentionMetadata
+
+
+def run_prefill_then_decode(compiled, prompts: list[list[int]], steps: int, block_size: int = 4):
+    """Packed prefill of all prompts, then `steps` greedy decode steps; returns (sequences, logits per step)."""
+    max_len = max(len(p) for p in prompts) + steps + 1
+    per_seq = -(-max_len // block_size)
+    # Interleave block ids across sequences so a wrong block table cannot go unnoticed.
+    tables = [[b * len(prompts) + s + 1 for b in range(per_seq)] for s in range(len(prompts))]
+    caches = compiled.allocate_kv_cache(per_seq * len(prompts) + 1, block_size)
+    seqs = [list(p) for p in prompts]
+    meta = AttentionMetadata.build([len(p) for p in seqs], [0] * len(seqs), tables, block_size)
+    ids = torch.tensor([t for p in seqs for t in p])
+    pos = torch.cat([torch.arange(len(p)) for p in seqs])
+    all_logits = [compiled(ids, pos, meta, caches)]
+    for _ in range(steps):
+        nxt = all_logits[-1].argmax(-1).tolist()
+        for s, t in zip(seqs, nxt):
+            s.append(t)
+        ctx = [len(s) - 1 for s in seqs]
+        meta = AttentionMetadata.build([1] * len(seqs), ctx, tables, block_size)
+        all_logits.append(compiled(torch.tensor(nxt), torch.tensor(ctx), meta, caches))
+    return seqs, all_logits
+
+
+@torch.no_grad()
+def hf_last_logits(hf_model, tokens: list[int]) -> torch.Tensor:
+    return hf_model(torch.tensor(tokens)[None]).logits[0, -1].float()
+
+
+def greedy_agrees(kiln_tokens: list[int], hf_tokens: list[int], hf_scores: list[torch.Tensor], tie: float) -> bool:
+    """Equal tokens, where a difference counts as agreement from a step where HF's top two were within `tie`."""
+    for i, (a, b) in enumerate(zip(kiln_tokens, hf_tokens)):
+        if a != b:
+            top2 = torch.topk(hf_scores[i].float(), 2).values
+            return bool(top2[0] - top2[1] <= tie)
+    return len(kiln_tokens) == len(hf_tokens)
