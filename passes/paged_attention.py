@@ -15,6 +15,7 @@ import math
 import torch
 import torch.fx as fx
 
+from kiln.compiler import ops  # noqa: F401  (registers kiln::paged_attention)
 from kiln.compiler.metadata import AttentionMetadata
 
 from .base import GraphPass, PassContext, is_op
