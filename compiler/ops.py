@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import cpu_attention
+
 
 def _token_layout(query_start_loc: Tensor, seq_lens: Tensor, num_tokens: int) -> tuple[Tensor, Tensor, Tensor, int]:
     """Per packed token: its sequence, its row within the sequence's new tokens, its absolute position."""
@@ -48,6 +50,9 @@ def paged_attention(
     v_dim = v_cache.shape[-1]
     k_cache.view(-1, kv_heads, head_dim).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
     v_cache.view(-1, kv_heads, v_dim).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+    if num_tokens == seq_lens.numel() and cpu_attention.decode_supported(q, k_cache, v_cache):
+        # Pure decode (one new token per sequence): read the blocks in place instead of gathering them.
+        return cpu_attention.paged_decode(q, k_cache, v_cache, block_tables, seq_lens, scale, window, softcap)
 
     seq_id, row, _, max_q = _token_layout(query_start_loc, seq_lens, num_tokens)
     num_seqs = seq_lens.numel()

@@ -1,0 +1,61 @@
+"""kiln::paged_attention against a naive per-sequence attention, on both of its CPU paths."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kiln.compiler import cpu_attention, ops
+from kiln.compiler.metadata import AttentionMetadata
+
+
+def _naive(q, keys, values, start, scale, window, softcap):
+    """One sequence: queries at positions start.. attend over keys[0..pos] (and the window)."""
+    group = q.shape[1] // keys.shape[1]
+    keys, values = keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1)
+    scores = torch.einsum("qhd,khd->hqk", q, keys) * scale
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
+    qpos = torch.arange(start, start + q.shape[0])[:, None]
+    kpos = torch.arange(keys.shape[0])[None, :]
+    allowed = (kpos <= qpos) & ((qpos - kpos < window) if window else True)
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    return torch.einsum("hqk,khd->qhd", scores.softmax(-1), values)
+
+
+@pytest.mark.parametrize("use_c", [True, False])
+@pytest.mark.parametrize("window,softcap", [(0, 0.0), (6, 0.0), (0, 4.0)])
+def test_paged_attention_ragged_prefill_then_decode(monkeypatch, use_c, window, softcap):
+    if use_c and cpu_attention._library() is None:
+        pytest.skip("no C compiler on this machine: the C decode path cannot be built")
+    if not use_c:
+        monkeypatch.setattr(cpu_attention, "decode_supported", lambda *a: False)
+    gen = torch.Generator().manual_seed(0)
+    heads, kv_heads, dim, block = 4, 2, 8, 4
+    prompt_lens, cached = [9, 1, 14], [0, 0, 5]  # the third sequence already holds 5 cached tokens
+    total = [c + p + 3 for c, p in zip(cached, prompt_lens)]  # + 3 decode steps
+    keys = [torch.randn(n, kv_heads, dim, generator=gen) for n in total]
+    values = [torch.randn(n, kv_heads, dim, generator=gen) for n in total]
+    # Blocks interleaved across sequences (and block 0 unused), never contiguous within one sequence.
+    tables = [[1 + s + b * len(total) for b in range(-(-n // block))] for s, n in enumerate(total)]
+    num_blocks = max(max(t) for t in tables) + 1
+    k_cache = torch.zeros(num_blocks, block, kv_heads, dim)
+    v_cache = torch.zeros_like(k_cache)
+
+    def step(query_lens, context_lens):
+        meta = AttentionMetadata.build(query_lens, context_lens, tables, block)
+        sl = lambda xs: torch.cat([x[c:c + n] for x, c, n in zip(xs, context_lens, query_lens)])  # noqa: E731
+        q = torch.randn(sum(query_lens), heads, dim, generator=gen)
+        out = ops.paged_attention(q, sl(keys), sl(values), k_cache, v_cache, meta.slot_mapping,
+                                  meta.block_tables, meta.seq_lens, meta.query_start_loc, 0.3, window, softcap)
+        starts = meta.query_start_loc.tolist()
+        for s, (c, n) in enumerate(zip(context_lens, query_lens)):
+            expect = _naive(q[starts[s]:starts[s + 1]], keys[s][: c + n], values[s][: c + n], c, 0.3, window, softcap)
+            torch.testing.assert_close(out[starts[s]:starts[s + 1]], expect, rtol=1e-5, atol=1e-5)
+
+    # Pre-fill the cached prefix of sequence 2 alone, then a mixed prefill, then pure decode steps.
+    meta = AttentionMetadata.build([5], [0], [tables[2]], block)
+    ops.paged_attention(torch.randn(5, heads, dim), keys[2][:5], values[2][:5], k_cache, v_cache, meta.slot_mapping,
+                        meta.block_tables, meta.seq_lens, meta.query_start_loc, 0.3, window, softcap)
+    step(prompt_lens, cached)
+    for i in range(3):
+        step([1, 1, 1], [c + p + i for c, p in zip(cached, prompt_lens)])
