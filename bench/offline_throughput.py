@@ -78,11 +78,14 @@ def run_hf_continuous(model, prompts: list[list[int]], outputs: list[int]):
     config = transformers.GenerationConfig(max_new_tokens=max(outputs), do_sample=False, eos_token_id=-1,
                                            pad_token_id=PAD_ID)
     start = time.perf_counter()
-    with torch.inference_mode():
+    with torch.no_grad():  # generate_batch updates its own tensors in place: inference_mode breaks it
         result = model.generate_batch(inputs=prompts, generation_config=config)
     elapsed = time.perf_counter() - start
     ordered = sorted(result.values(), key=lambda r: int(str(r.request_id).rsplit("_", 1)[-1]))
-    return elapsed, [list(r.generated_tokens)[:n] for r, n in zip(ordered, outputs)]
+    tokens = [list(r.generated_tokens)[:n] for r, n in zip(ordered, outputs)]
+    if len(tokens) != len(prompts) or [len(t) for t in tokens] != outputs:
+        raise RuntimeError("generate_batch returned incomplete results (see its log above)")
+    return elapsed, tokens
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -119,8 +122,10 @@ def main(argv: list[str] | None = None) -> None:
             print(f"greedy agreement kiln vs HF generate: {same}/{len(prompts)} requests identical", flush=True)
             if not args.skip_generate_batch:
                 try:
-                    cb_s, _ = run_hf_continuous(model, prompts, outputs)
+                    cb_s, cb_tokens = run_hf_continuous(model, prompts, outputs)
                     rows.append(("HF generate_batch (continuous)", cb_s))
+                    same = sum(a == b for a, b in zip(kiln_tokens, cb_tokens))
+                    print(f"greedy agreement kiln vs HF generate_batch: {same}/{len(prompts)}", flush=True)
                 except Exception as exc:  # report, but keep the other numbers
                     print(f"HF generate_batch failed: {type(exc).__name__}: {exc}", file=sys.stderr)
     print(f"\n{'engine':44s} {'seconds':>8s} {'useful tok/s':>13s} {'kiln speedup':>13s}")

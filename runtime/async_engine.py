@@ -23,6 +23,7 @@ class AsyncLLMEngine:
         self._queues: dict[str, asyncio.Queue] = {}
         self._wakeup: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._ids = itertools.count()
 
     @classmethod
@@ -60,11 +61,13 @@ class AsyncLLMEngine:
         self.engine.abort(request_id)
 
     def _ensure_loop(self) -> None:
-        if self._wakeup is None:
+        """Start the stepping task on the running event loop (again, if an earlier loop has gone)."""
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop or self._loop_task is None or self._loop_task.done():
+            self._loop = loop
             self._wakeup = asyncio.Event()
+            self._loop_task = loop.create_task(self._run())
         self._wakeup.set()
-        if self._loop_task is None or self._loop_task.done():
-            self._loop_task = asyncio.get_running_loop().create_task(self._run())
 
     async def _run(self) -> None:
         """Step while there is work, sleep on the wakeup event otherwise."""

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .sampling_params import SamplingParams
 from .sequence import Sequence
 
 
@@ -112,7 +113,8 @@ def _padded(lists: list[list[int]], pad: int) -> torch.Tensor:
     return torch.tensor([x + [pad] * (width - len(x)) for x in lists], dtype=torch.int64)
 
 
-def _gather_logprobs(logprobs: torch.Tensor, token_ids: list[int], params: list) -> list:
+def _gather_logprobs(logprobs: torch.Tensor, token_ids: list[int],
+                     params: list[SamplingParams]) -> list[tuple[float, dict[int, float]] | None]:
     """Top-k log-probabilities (of the raw model distribution) plus the sampled token's, per requesting row."""
     result: list[tuple[float, dict[int, float]] | None] = []
     for i, p in enumerate(params):
