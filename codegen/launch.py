@@ -1,0 +1,113 @@
+"""A kernel launch as plain data: which rendered template, its runtime arguments, constants, grid and config.
+
+Each template's descriptor builds a `Launch` from tensor shapes alone, so the same plan serves a real launch
+(CUDA tensors, or CPU tensors under TRITON_INTERPRET=1) and a cross-compile from `meta` tensors at a model's
+real sizes, where only dtypes and shapes exist.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .render import kernel
+
+TRITON_DTYPES = {
+    torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.int32: "i32",
+    torch.int64: "i64", torch.int8: "i8", torch.uint8: "u8",
+}
+
+
+@dataclass(frozen=True)
+class Config:
+    """One tiling choice; `shared_bytes` is the estimate used to prune configs on a GPU at run time."""
+
+    blocks: dict[str, int]
+    num_warps: int = 4
+    num_stages: int = 2
+    shared_bytes: int = 0
+
+
+@dataclass
+class Launch:
+    """Everything needed to run or cross-compile one kernel call."""
+
+    family: str
+    flags: dict[str, Any]
+    args: list[tuple[str, Any]]  # runtime arguments in the kernel's order: tensors and scalars
+    constexprs: dict[str, Any]
+    grid: tuple[int, ...]
+    num_warps: int = 4
+    num_stages: int = 2
+    name: str = "kernel"
+    candidates: list[Config] = field(default_factory=list)  # alternatives cross-compile may fall back to
+
+    @property
+    def label(self) -> str:
+        on = [f"{k}={v}" for k, v in sorted(self.flags.items()) if v not in (False, None, "none")]
+        return f"{self.family}.{self.name}[{','.join(on)}]"
+
+    def fn(self) -> Any:
+        return kernel(self.family, self.flags, self.name)
+
+    def signature(self) -> dict[str, str]:
+        """Triton types of the arguments, constants included (for `ASTSource`)."""
+        sig = {name: _triton_type(value) for name, value in self.args}
+        sig.update({name: "constexpr" for name in self.constexprs})
+        return sig
+
+    def with_config(self, config: Config) -> "Launch":
+        """The same call under another tiling (grid sizes that depend on the tiles are the caller's concern)."""
+        return Launch(self.family, self.flags, self.args, {**self.constexprs, **config.blocks}, self.grid,
+                      config.num_warps, config.num_stages, self.name, self.candidates)
+
+
+def _triton_type(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return "*" + TRITON_DTYPES[value.dtype]
+    if isinstance(value, bool):
+        return "i1"
+    if isinstance(value, int):
+        return "i32" if -(2**31) <= value < 2**31 else "i64"
+    if isinstance(value, float):
+        return "fp32"
+    raise TypeError(f"cannot pass {type(value).__name__} to a kernel")
+
+
+def run(launch: Launch) -> None:
+    """Launch on the arguments' device (a GPU, or the interpreter for CPU tensors)."""
+    if not launch.grid or min(launch.grid) == 0:
+        return
+    values = [value for _, value in launch.args]
+    launch.fn()[launch.grid](*values, **launch.constexprs, num_warps=launch.num_warps, num_stages=launch.num_stages)
+
+
+def interpreting() -> bool:
+    """Whether kernels run in Triton's interpreter (where bf16 `tl.dot` is wrong and must be upcast)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def pick(configs: list[Config], shared_limit: int | None) -> Config:
+    """The first config whose estimated shared memory fits (all fit when the limit is unknown)."""
+    for config in configs:
+        if shared_limit is None or config.shared_bytes <= shared_limit:
+            return config
+    raise ValueError(f"no config fits in {shared_limit} bytes of shared memory")
+
+
+def device_shared_limit(device: torch.device) -> int | None:
+    """Usable shared memory per block on a CUDA device; None elsewhere (no limit in the interpreter)."""
+    if device.type != "cuda":
+        return None
+    props = torch.cuda.get_device_properties(device)
+    return int(getattr(props, "shared_memory_per_block_optin", 0) or props.shared_memory_per_block)

@@ -1,0 +1,70 @@
+"""Render a kernel template with its feature flags, write it to the kernel cache, import it from there.
+
+Triton's real compiler reads a kernel's source from its file (`inspect.getsource`), so a kernel made with
+`exec()` runs in the interpreter but is rejected on a GPU: every rendered source is a real file, named by
+the hash of its content so that identical renders share one file and one import.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+from functools import lru_cache
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import jinja2
+
+TEMPLATE_DIR = Path(__file__).parent / "templates"
+
+_ENV = jinja2.Environment(
+    loader=jinja2.FileSystemLoader(str(TEMPLATE_DIR)),
+    undefined=jinja2.StrictUndefined,  # a flag a template needs but was not given is an error, not ""
+    keep_trailing_newline=True,
+    trim_blocks=True,
+    lstrip_blocks=True,
+)
+
+
+def cache_dir() -> Path:
+    """`$KILN_CACHE_DIR/kernels`, else `~/.cache/kiln/kernels`."""
+    root = os.environ.get("KILN_CACHE_DIR")
+    base = Path(root) if root else Path.home() / ".cache" / "kiln"
+    return base / "kernels"
+
+
+def render(family: str, flags: dict[str, Any]) -> str:
+    """The Triton source of template `family` (templates/<family>.py.jinja) for these flags."""
+    return _ENV.get_template(f"{family}.py.jinja").render(**flags)
+
+
+def _freeze(flags: dict[str, Any]) -> tuple:
+    return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in flags.items()))
+
+
+@lru_cache(maxsize=None)
+def _load(family: str, frozen: tuple) -> ModuleType:
+    source = render(family, {k: list(v) if isinstance(v, tuple) else v for k, v in frozen})
+    digest = hashlib.sha256(source.encode()).hexdigest()[:16]
+    directory = cache_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{family}_{digest}.py"
+    if not path.exists():
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(source)
+        tmp.replace(path)  # atomic: a concurrent reader sees the whole file or none
+    spec = importlib.util.spec_from_file_location(f"kiln_kernels.{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def load(family: str, flags: dict[str, Any]) -> ModuleType:
+    """The imported module of a rendered template (cached per family and flags)."""
+    return _load(family, _freeze(flags))
+
+
+def kernel(family: str, flags: dict[str, Any], name: str = "kernel") -> Any:
+    """The `@triton.jit` function `name` of a rendered template."""
+    return getattr(load(family, flags), name)

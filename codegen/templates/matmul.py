@@ -1,0 +1,53 @@
+"""Descriptor of matmul.py.jinja: a GEMM with a fused epilogue (bias, activation, residual add, cast). The
+backend leaves plain GEMMs on torch (cuBLAS); this template is for epilogues worth fusing and for targets
+without a vendor BLAS."""
+from __future__ import annotations
+
+import torch
+
+from kiln.codegen.launch import Config, Launch, cdiv, interpreting
+
+TEMPLATE = "matmul"
+ACTIVATIONS = {"none": lambda x: x, "silu": torch.nn.functional.silu, "relu": torch.relu,
+               "gelu": torch.nn.functional.gelu,
+               "gelu_tanh": lambda x: torch.nn.functional.gelu(x, approximate="tanh")}
+
+
+def reference(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, activation: str,
+              residual: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """The epilogue GEMM in float32, cast once (what the kernel computes)."""
+    c = a.float() @ b.float().T
+    if bias is not None:
+        c = c + bias.float()
+    c = ACTIVATIONS[activation](c)
+    if residual is not None:
+        c = c + residual.float()
+    return c.to(out_dtype)
+
+
+def configs(m: int, elem: int) -> list[Config]:
+    """Candidates best first: wide tiles for prefill, 16-row tiles (tl.dot's minimum) for decode."""
+    shapes = ([(16, 128, 128, 4, 4), (16, 64, 128, 4, 3)] if m <= 16 else
+              [(128, 256, 64, 8, 4), (128, 128, 64, 8, 4), (64, 128, 64, 4, 3)])
+    return [Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, warps, stages,
+                   stages * (bm + bn) * bk * elem) for bm, bn, bk, warps, stages in shapes]
+
+
+def plan(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, config: Config, bias: torch.Tensor | None = None,
+         activation: str = "none", residual: torch.Tensor | None = None) -> Launch:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation: {activation!r} is not one of {', '.join(ACTIVATIONS)}")
+    m, k = a.shape
+    n = b.shape[0]
+    flags = {"bias": bias is not None, "residual": residual is not None, "activation": activation,
+             "upcast": interpreting() and a.dtype == torch.bfloat16}
+    args = [("a_ptr", a), ("b_ptr", b), ("c_ptr", c)]
+    if bias is not None:
+        args.append(("bias_ptr", bias))
+    if residual is not None:
+        args += [("res_ptr", residual), ("res_stride_m", residual.stride(0))]
+    args += [("M", m), ("N", n), ("K", k), ("a_stride_m", a.stride(0)), ("b_stride_n", b.stride(0)),
+             ("c_stride_m", c.stride(0))]
+    blocks = config.blocks
+    grid = (cdiv(m, blocks["BLOCK_M"]) * cdiv(n, blocks["BLOCK_N"]),)
+    return Launch(TEMPLATE, flags, args, dict(blocks), grid, config.num_warps, config.num_stages)

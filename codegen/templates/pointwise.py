@@ -1,0 +1,45 @@
+"""Descriptor of pointwise.py.jinja: a fused chain of elementwise ops over row-major inputs, optionally reduced
+per row (sum or max). The chain is one Triton expression over the input names, scalar names and the helpers
+of activations.jinja (silu, gelu, gelu_tanh, tanh, relu), e.g. "silu(a) * b + 0.5 * c"."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kiln.codegen.launch import Config, Launch, cdiv, next_pow2
+
+TEMPLATE = "pointwise"
+REDUCTIONS = ("none", "sum", "max")
+
+
+@dataclass(frozen=True)
+class Chain:
+    """The fused expression: input tensor names, scalar names, the expression, the row reduction."""
+
+    inputs: tuple[str, ...]
+    expr: str
+    scalars: tuple[str, ...] = ()
+    reduce: str = "none"
+
+
+def config(n_cols: int, reduce: str) -> Config:
+    block = next_pow2(n_cols) if reduce != "none" else min(1024, next_pow2(n_cols))
+    return Config({"BLOCK": block}, num_warps=min(8, max(1, block // 256)))
+
+
+def plan(chain: Chain, tensors: dict[str, torch.Tensor], scalars: dict[str, float], out: torch.Tensor) -> Launch:
+    """tensors [rows, cols] by input name; out [rows, cols], or [rows] when the chain reduces."""
+    if chain.reduce not in REDUCTIONS:
+        raise ValueError(f"reduce: {chain.reduce!r} is not one of {', '.join(REDUCTIONS)}")
+    rows, cols = tensors[chain.inputs[0]].shape
+    cfg = config(cols, chain.reduce)
+    args: list = []
+    for name in chain.inputs:
+        args += [(f"{name}_ptr", tensors[name]), (f"{name}_stride", tensors[name].stride(0))]
+    out_stride = out.stride(0)
+    args += [("out_ptr", out), ("out_stride", out_stride), ("n_cols", cols)]
+    args += [(name, float(scalars[name])) for name in chain.scalars]
+    flags = {"inputs": list(chain.inputs), "scalars": list(chain.scalars), "expr": chain.expr, "reduce": chain.reduce}
+    grid = (rows, 1 if chain.reduce != "none" else cdiv(cols, cfg.blocks["BLOCK"]))
+    return Launch(TEMPLATE, flags, args, dict(cfg.blocks), grid, cfg.num_warps, cfg.num_stages)

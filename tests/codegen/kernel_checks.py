@@ -1,0 +1,29 @@
+"""What the codegen tests share. Importing this first runs the kernels in Triton's interpreter when there is no
+GPU: TRITON_INTERPRET must be set before a kernel is defined, and kiln's kernels are imported lazily from the
+kernel cache, so setting it here, before the test modules import kiln.codegen, is early enough."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# Per dtype (atol, rtol) for a kernel that rounds once against a reference that may round per op.
+TOLERANCES = {torch.float32: (1e-4, 1e-4), torch.float16: (2e-3, 2e-3), torch.bfloat16: (2e-2, 2e-2)}
+
+
+def poisoned(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """An output buffer full of NaN, so an element the kernel forgets to write fails the comparison."""
+    return torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
+
+
+def randn(*shape: int, dtype: torch.dtype = torch.float32, scale: float = 1.0) -> torch.Tensor:
+    return (torch.randn(*shape, device=DEVICE) * scale).to(dtype)
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    atol, rtol = TOLERANCES[expected.dtype]
+    torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol)
