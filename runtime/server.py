@@ -1,0 +1,279 @@
+"""An OpenAI-compatible HTTP server over `AsyncLLMEngine` (`kiln serve`), in vLLM's shape.
+
+Every request is fully checked (body size, JSON, fields, model, limits, SamplingParams, context length) and
+its first output is awaited before a response starts, so every refusal is a 400 in OpenAI's error shape and
+never a broken stream. Client disconnects cancel the work, which aborts the engine requests and frees their
+KV blocks at once. Routes and wire formats live here; the request models in `openai_protocol`.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import hmac
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from . import openai_protocol as proto
+from .async_engine import AsyncLLMEngine
+from .metrics import ServerMetrics
+from .outputs import RequestOutput
+from .sampling_params import SamplingParams
+
+ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/version", "/tokenize",
+          "/detokenize", "/metrics")
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """Caps that keep one request from monopolising the server (SamplingParams has its own, looser ones)."""
+
+    max_body_bytes: int = 1 << 20
+    max_n: int = 16
+    max_stop: int = 16
+    max_prompts: int = 32
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 err_type: str = "invalid_request_error") -> None:
+        super().__init__(message)
+        self.status, self.body = status, proto.error_body(message, err_type, param, code)
+
+
+class _ClientGone(Exception):
+    """The client disconnected before the response started."""
+
+
+def _param_of(err: ValueError, renames: dict[str, str]) -> str | None:
+    """SamplingParams and the engine start their messages with the parameter's name."""
+    word = str(err).split(" ", 1)[0]
+    known = {f.name for f in dataclasses.fields(SamplingParams)} | {"prompt"}
+    return renames.get(word, word) if word in known else None
+
+
+async def _until_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _unless_disconnected(request: Request, awaitable: Any) -> Any:
+    """Await `awaitable` in a task that is cancelled (aborting its engine requests) if the client leaves."""
+    work = asyncio.ensure_future(awaitable)
+    watch = asyncio.ensure_future(_until_disconnect(request))
+    try:
+        await asyncio.wait((work, watch), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not work.done():
+            work.cancel()
+    if work.cancelled():
+        raise _ClientGone()
+    return work.result()
+
+
+async def _merge(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Interleave one generate() stream per prompt; closing this closes them all (aborting their requests)."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, stream: AsyncIterator[RequestOutput]) -> None:
+        try:
+            async for out in stream:
+                queue.put_nowait((i, out))
+        except Exception as exc:  # handed to the consumer, which owns error reporting
+            queue.put_nowait((i, exc))
+            return
+        queue.put_nowait((i, None))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            i, item = await queue.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+class _Guard:
+    """ASGI middleware: API-key check on /v1 routes and per-route request counts for /metrics."""
+
+    def __init__(self, app: Any, api_key: str | None, metrics: ServerMetrics) -> None:
+        self.app, self.metrics = app, metrics
+        self.expected = f"Bearer {api_key}".encode() if api_key else None
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"] if scope["path"] in ROUTES else "other"
+
+        async def counting_send(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                self.metrics.count_http(path, message["status"])
+            await send(message)
+
+        if self.expected is not None and scope["path"].startswith("/v1"):
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                body = proto.error_body("Incorrect API key provided.", code="invalid_api_key")
+                return await JSONResponse(body, status_code=401)(scope, receive, counting_send)
+        await self.app(scope, receive, counting_send)
+
+
+class OpenAIServing:
+    """Turns OpenAI requests into engine requests and engine outputs into OpenAI responses."""
+
+    def __init__(self, engine: AsyncLLMEngine, model_name: str, limits: ServerLimits,
+                 metrics: ServerMetrics) -> None:
+        self.engine, self.model_name, self.limits, self.metrics = engine, model_name, limits, metrics
+        self.tokenizer = engine.engine.tokenizer
+        self.max_model_len = engine.engine.max_model_len
+
+    async def parse(self, request: Request, model_cls: type[BaseModel]) -> Any:
+        declared = request.headers.get("content-length", "")
+        too_big = APIError(413, f"Request body exceeds {self.limits.max_body_bytes} bytes.",
+                           code="request_too_large")
+        if declared.isdigit() and int(declared) > self.limits.max_body_bytes:
+            raise too_big
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > self.limits.max_body_bytes:
+                raise too_big
+        try:
+            req = model_cls.model_validate_json(bytes(body))
+        except ValidationError as err:
+            message, param = proto.describe_validation_error(err)
+            raise APIError(400, message, param) from None
+        model = getattr(req, "model", None)
+        if model is not None and model != self.model_name:
+            raise APIError(404, f"The model `{model}` does not exist.", "model", "model_not_found")
+        return req
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        if self.tokenizer is None:
+            raise APIError(400, "This model has no tokenizer; send token ids.", "prompt")
+        return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
+    def chat_prompt(self, messages: list[proto.ChatMessage], add_generation_prompt: bool = True) -> list[int]:
+        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
+            raise APIError(400, "This model has no chat template; use /v1/completions.", "messages")
+        plain = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})} for m in messages]
+        try:
+            text = self.tokenizer.apply_chat_template(plain, tokenize=False,
+                                                      add_generation_prompt=add_generation_prompt)
+        except Exception as err:  # the template's own refusals (e.g. roles out of order) are the client's
+            raise APIError(400, f"The chat template rejected the messages: {err}", "messages") from None
+        return self.encode(text, add_special_tokens=False)  # the template already holds the BOS
+
+    def sampling_params(self, req: Any, prompts: list[list[int]], max_tokens: int | None, logprobs: int | None,
+                        renames: dict[str, str]) -> SamplingParams:
+        if req.n > self.limits.max_n:
+            raise APIError(400, f"n must be at most {self.limits.max_n}, got {req.n}.", "n")
+        if isinstance(req.stop, list) and len(req.stop) > self.limits.max_stop:
+            raise APIError(400, f"stop may hold at most {self.limits.max_stop} sequences, got {len(req.stop)}.",
+                           "stop")
+        try:
+            params = SamplingParams(**req.sampling_options(), logprobs=logprobs,
+                                    max_tokens=1 if max_tokens is None else max_tokens)
+        except ValueError as err:
+            raise APIError(400, str(err), _param_of(err, renames)) from None
+        longest = max(len(p) for p in prompts)
+        if max_tokens is None:  # chat without a limit: the rest of the context, as vLLM does
+            max_tokens = max(self.max_model_len - longest, 0)
+        if max_tokens < 1 or longest + max_tokens > self.max_model_len:
+            message = proto.CONTEXT_LENGTH_MESSAGE.format(limit=self.max_model_len, total=longest + max_tokens,
+                                                          prompt=longest, completion=max_tokens)
+            raise APIError(400, message, renames.get("prompt", "prompt"), "context_length_exceeded")
+        return dataclasses.replace(params, max_tokens=max_tokens)
+
+    async def start(self, request: Request, prompts: list[list[int]], params: SamplingParams,
+                    renames: dict[str, str]) -> tuple[tuple[int, RequestOutput], AsyncIterator]:
+        """Submit one engine request per prompt and wait for the first output (or the first refusal)."""
+        rid = uuid.uuid4().hex
+        merged = _merge([self.engine.generate(p, params, f"{rid}-{i}") for i, p in enumerate(prompts)])
+        try:
+            first = await _unless_disconnected(request, merged.__anext__())
+        except ValueError as err:
+            raise APIError(400, str(err), _param_of(err, renames)) from None
+        return first, merged
+
+    async def collect(self, request: Request, first: tuple[int, RequestOutput], merged: AsyncIterator,
+                      num_prompts: int) -> list[RequestOutput]:
+        """Run to completion, unless the client leaves first."""
+        finals: dict[int, RequestOutput] = {first[0]: first[1]}
+
+        async def rest() -> None:
+            async for i, out in merged:
+                finals[i] = out
+        try:
+            await _unless_disconnected(request, rest())
+        finally:
+            self.account(finals.values())
+        return [finals[i] for i in range(num_prompts)]
+
+    def account(self, outputs: Any) -> None:
+        for out in outputs:
+            self.metrics.record_request(out)
+
+
+def build_app(engine: AsyncLLMEngine, model_name: str, api_key: str | None = None,
+              limits: ServerLimits | None = None) -> FastAPI:
+    """The FastAPI app serving `engine` as `model_name`; /v1 routes need `Bearer api_key` when one is set."""
+    from .server_routes import register
+
+    metrics = ServerMetrics()
+    serving = OpenAIServing(engine, model_name, limits or ServerLimits(), metrics)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        await engine.shutdown()
+
+    app = FastAPI(title="kiln", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(_Guard, api_key=api_key, metrics=metrics)
+
+    @app.exception_handler(APIError)
+    async def api_error(_: Request, err: APIError) -> JSONResponse:
+        return JSONResponse(err.body, status_code=err.status)
+
+    @app.exception_handler(_ClientGone)
+    async def client_gone(_: Request, __: _ClientGone) -> Response:
+        return Response(status_code=499)  # nobody is listening; the status only shows in /metrics
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(proto.error_body(str(err.detail), code=err.status_code), status_code=err.status_code)
+
+    @app.exception_handler(Exception)
+    async def internal_error(_: Request, err: Exception) -> JSONResponse:
+        body = proto.error_body(f"Internal server error: {type(err).__name__}", "server_error", code=500)
+        return JSONResponse(body, status_code=500)
+
+    register(app, serving)
+    return app
+
+
+def serve(model: str | Path | Any, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, *,
+          served_model_name: str | None = None, limits: ServerLimits | None = None, log_level: str = "info",
+          **engine_options: Any) -> None:
+    """Compile `model` (a checkpoint directory or a CompiledModel) and serve it until interrupted."""
+    import uvicorn
+
+    engine = AsyncLLMEngine.from_model(str(model) if isinstance(model, Path) else model, **engine_options)
+    name = served_model_name or (str(model) if isinstance(model, (str, Path)) else "kiln-model")
+    app = build_app(engine, name, api_key, limits)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)

@@ -1,0 +1,196 @@
+"""The routes of `kiln.runtime.server` and the OpenAI wire formats of completions, whole and streamed."""
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any, AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+
+from . import openai_protocol as proto
+from .outputs import RequestOutput
+from .server import APIError, OpenAIServing
+
+CHAT_RENAMES = {"max_tokens": "max_completion_tokens", "logprobs": "top_logprobs", "prompt": "messages"}
+
+
+class _Writer:
+    """Builds completion or chat-completion bodies and stream chunks, tracking what each choice has sent."""
+
+    def __init__(self, serving: OpenAIServing, chat: bool, n: int, top_logprobs: int | None) -> None:
+        self.serving, self.chat, self.n, self.top = serving, chat, n, top_logprobs
+        self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.sent: dict[int, tuple[int, int]] = {}  # choice index -> (chars, tokens) already streamed
+        self.done: set[int] = set()
+
+    def _envelope(self, choices: list[dict[str, Any]], stream: bool) -> dict[str, Any]:
+        kind = ("chat.completion" if self.chat else "text_completion") + (".chunk" if stream and self.chat else "")
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.serving.model_name,
+                "choices": choices}
+
+    def _logprobs(self, token_ids: list[int], logprobs: list | None, text_offset: int) -> dict[str, Any] | None:
+        if logprobs is None or self.top is None:
+            return None
+        tok = self.serving.tokenizer
+        if self.chat:
+            return proto.chat_logprobs(tok, token_ids, logprobs, self.top)
+        return proto.completion_logprobs(tok, token_ids, logprobs, text_offset)
+
+    def opening(self, num_prompts: int) -> list[dict[str, Any]]:
+        if not self.chat:
+            return []
+        return [self._envelope([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                 "finish_reason": None}], True) for i in range(num_prompts * self.n)]
+
+    def deltas(self, prompt_index: int, out: RequestOutput) -> list[dict[str, Any]]:
+        chunks = []
+        for c in out.outputs:
+            index = prompt_index * self.n + c.index
+            chars, tokens = self.sent.get(index, (0, 0))
+            text, new_ids = c.text[chars:], c.token_ids[tokens:]
+            finishing = c.finish_reason is not None and index not in self.done
+            if not (text or finishing or (new_ids and self.top is not None)):
+                continue
+            lps = self._logprobs(new_ids, c.logprobs[tokens:] if c.logprobs is not None else None, chars)
+            self.sent[index] = (len(c.text), len(c.token_ids))
+            if finishing:
+                self.done.add(index)
+            finish = proto.finish_fields(c) if finishing else {"finish_reason": None, "stop_reason": None}
+            body = {"delta": {"content": text} if text else {}} if self.chat else {"text": text}
+            chunks.append(self._envelope([{"index": index, **body, "logprobs": lps, **finish}], True))
+        return chunks
+
+    def whole(self, outs: list[RequestOutput]) -> dict[str, Any]:
+        choices = []
+        for p, out in enumerate(outs):
+            for c in out.outputs:
+                body = {"message": {"role": "assistant", "content": c.text}} if self.chat else {"text": c.text}
+                choices.append({"index": p * self.n + c.index, **body,
+                                "logprobs": self._logprobs(c.token_ids, c.logprobs, 0), **proto.finish_fields(c)})
+        return {**self._envelope(choices, False), "usage": self.usage(outs)}
+
+    @staticmethod
+    def usage(outs: Any) -> dict[str, int]:
+        outs = list(outs)
+        return proto.usage(sum(len(o.prompt_token_ids) for o in outs),
+                           sum(len(c.token_ids) for o in outs for c in o.outputs))
+
+
+def sse(payload: dict[str, Any]) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+class _SSEResponse(StreamingResponse):
+    """Closes its event generator however the response ends, so a dropped client aborts its requests now."""
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()
+
+
+async def _events(serving: OpenAIServing, writer: _Writer, first: tuple[int, RequestOutput],
+                  merged: AsyncIterator, num_prompts: int, include_usage: bool) -> AsyncIterator[str]:
+    last: dict[int, RequestOutput] = {}
+    try:
+        for chunk in writer.opening(num_prompts):
+            yield sse(chunk)
+        item = first
+        while item is not None:
+            i, out = item
+            last[i] = out
+            for chunk in writer.deltas(i, out):
+                yield sse(chunk)
+            item = await anext(merged, None)
+        if include_usage:
+            yield sse({**writer._envelope([], True), "usage": writer.usage(last.values())})
+    except Exception as err:  # the 200 status line is gone; report in-band as vLLM does
+        yield sse(proto.error_body(f"Generation failed: {err}", "server_error", code=500))
+    finally:
+        await merged.aclose()
+        serving.account(last.values())
+    yield "data: [DONE]\n\n"
+
+
+async def _respond(serving: OpenAIServing, request: Request, req: Any, prompts: list[list[int]], chat: bool,
+                   max_tokens: int | None, logprobs: int | None) -> Response:
+    renames = CHAT_RENAMES if chat else {}
+    if len(prompts) > serving.limits.max_prompts:
+        raise APIError(400, f"At most {serving.limits.max_prompts} prompts per request, got {len(prompts)}.",
+                       "prompt")
+    params = serving.sampling_params(req, prompts, max_tokens, logprobs, renames)
+    first, merged = await serving.start(request, prompts, params, renames)
+    writer = _Writer(serving, chat, req.n, logprobs)
+    if req.stream:
+        include_usage = req.stream_options is not None and req.stream_options.include_usage
+        return _SSEResponse(_events(serving, writer, first, merged, len(prompts), include_usage),
+                            media_type="text/event-stream")
+    return JSONResponse(writer.whole(await serving.collect(request, first, merged, len(prompts))))
+
+
+def register(app: FastAPI, serving: OpenAIServing) -> None:
+    """Add the OpenAI routes and vLLM's operational ones to `app`."""
+    engine = serving.engine.engine
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        req = await serving.parse(request, proto.CompletionRequest)
+        raw = req.prompt
+        if isinstance(raw, str) or (raw and isinstance(raw[0], int)) or raw == []:
+            raw = [raw]
+        prompts = [serving.encode(p) if isinstance(p, str) else list(p) for p in raw]
+        return await _respond(serving, request, req, prompts, False, req.max_tokens, req.logprobs)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        req = await serving.parse(request, proto.ChatCompletionRequest)
+        if req.top_logprobs is not None and not req.logprobs:
+            raise APIError(400, "top_logprobs requires logprobs to be true.", "top_logprobs")
+        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        logprobs = (req.top_logprobs or 0) if req.logprobs else None
+        return await _respond(serving, request, req, [serving.chat_prompt(req.messages)], True, max_tokens,
+                              logprobs)
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        card = {"id": serving.model_name, "object": "model", "created": int(time.time()), "owned_by": "kiln",
+                "max_model_len": serving.max_model_len}
+        return {"object": "list", "data": [card]}
+
+    @app.get("/health")
+    async def health() -> Response:
+        return Response(status_code=200)
+
+    @app.get("/version")
+    async def version() -> dict[str, str]:
+        from kiln import __version__
+        return {"version": __version__}
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> dict[str, Any]:
+        req = await serving.parse(request, proto.TokenizeRequest)
+        if (req.prompt is None) == (req.messages is None):
+            raise APIError(400, "Give exactly one of 'prompt' and 'messages'.", "prompt")
+        if req.messages is not None:
+            tokens = serving.chat_prompt(req.messages, req.add_generation_prompt)
+        else:
+            tokens = serving.encode(req.prompt, req.add_special_tokens)
+        return {"tokens": tokens, "count": len(tokens), "max_model_len": serving.max_model_len}
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> dict[str, str]:
+        req = await serving.parse(request, proto.DetokenizeRequest)
+        if serving.tokenizer is None:
+            raise APIError(400, "This model has no tokenizer.", "tokens")
+        if not all(0 <= t < engine.vocab_size for t in req.tokens):
+            raise APIError(400, f"tokens must be integers in [0, {engine.vocab_size}).", "tokens")
+        return {"prompt": serving.tokenizer.decode(req.tokens)}
+
+    @app.get("/metrics")
+    async def metrics() -> PlainTextResponse:
+        return PlainTextResponse(serving.metrics.render(engine.stats()),
+                                 media_type="text/plain; version=0.0.4; charset=utf-8")
