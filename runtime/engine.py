@@ -32,8 +32,10 @@ class LLMEngine:
         self.eos_token_ids = list(model.eos_token_ids or [])
         self.vocab_size = int(model.vocab_size)
         self.max_model_len = min(model.max_model_len, max_model_len or model.max_model_len)
-        if block_size < 1 or max_num_seqs < 1:
-            raise ValueError(f"block_size and max_num_seqs must be >= 1, got {block_size}, {max_num_seqs}")
+        for name, value in (("block_size", block_size), ("max_num_seqs", max_num_seqs),
+                            ("max_num_batched_tokens", max_num_batched_tokens)):
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
         self.block_size = block_size
         num_blocks = self._num_blocks(num_kv_blocks, kv_cache_memory, max_num_seqs)
         if max_num_batched_tokens is None:

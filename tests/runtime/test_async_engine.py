@@ -95,3 +95,10 @@ def test_bad_request_raises_to_its_caller_only() -> None:
 
     result = asyncio.run(main())
     assert result[-1].outputs[0].token_ids == reference_greedy([3, 3], 8, VOCAB)
+
+
+def test_engine_survives_a_new_event_loop() -> None:
+    engine = make_engine()
+    first = asyncio.run(collect(engine, [1, 2, 3], 4, "a"))
+    second = asyncio.run(collect(engine, [1, 2, 3], 4, "b"))
+    assert first[-1].outputs[0].token_ids == second[-1].outputs[0].token_ids == reference_greedy([1, 2, 3], 4, VOCAB)

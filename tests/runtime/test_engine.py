@@ -208,3 +208,19 @@ def test_text_prompts_and_incremental_text() -> None:
     out = llm.generate("the cat", SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))[0]
     assert out.prompt == "the cat" and out.prompt_token_ids == tok.encode("the cat")
     assert out.outputs[0].text == tok.decode(out.outputs[0].token_ids)
+
+
+@pytest.mark.parametrize("option,value", [("block_size", 0), ("max_num_seqs", 0), ("num_kv_blocks", 0),
+                                          ("kv_cache_memory", 10), ("max_num_batched_tokens", 0)])
+def test_bad_engine_options_name_themselves(option: str, value: int) -> None:
+    with pytest.raises(ValueError, match=option):
+        LLM(FakeModel(VOCAB), **{option: value})
+
+
+def test_kv_pool_sizing() -> None:
+    model = FakeModel(VOCAB, max_model_len=100)
+    per_block = model.kv_cache_bytes_per_block(8)
+    assert LLM(model, block_size=8, kv_cache_memory=per_block * 37 + 5).stats()["kv_blocks_total"] == 37
+    assert LLM(model, block_size=8, num_kv_blocks=11).stats()["kv_blocks_total"] == 11
+    # Default: room for max_num_seqs sequences of max_model_len tokens.
+    assert LLM(model, block_size=8, max_num_seqs=4).stats()["kv_blocks_total"] == -(-4 * 100 // 8)
