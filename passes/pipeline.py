@@ -3,11 +3,29 @@ from __future__ import annotations
 
 from .base import GraphPass
 from .cleanup import Cleanup
+from .fuse_activation import FuseActivation
+from .fuse_linears import FuseLinears
+from .fuse_norm import FuseNorm
+from .fuse_regions import FuseRegions
+from .fuse_rope import FuseRope
 from .paged_attention import PagedAttention
 from .prune_logits import PruneLogits
 
 # Flags a user may turn off; the paged-attention rewrite and the final cleanup are the contract, not options.
-PASS_FLAGS = {"cleanup": True, "prune_logits": True}
+PASS_FLAGS = {
+    "cleanup": True,
+    "prune_logits": True,
+    "fuse_linears": True,
+    "fuse_activation": True,
+    "fuse_norm": True,
+    "fuse_rope": True,
+    "fuse_regions": True,
+}
+
+# Fusions in the order they run: activation fusion matches the halves fuse_linears makes; region fusion takes
+# whatever pointwise work the patterns leave.
+_FUSIONS = [("fuse_linears", FuseLinears), ("fuse_activation", FuseActivation), ("fuse_norm", FuseNorm),
+            ("fuse_rope", FuseRope), ("fuse_regions", FuseRegions)]
 
 
 def build_pipeline(options: dict[str, bool]) -> list[GraphPass]:
@@ -22,6 +40,7 @@ def build_pipeline(options: dict[str, bool]) -> list[GraphPass]:
     passes.append(PagedAttention())
     if flags["prune_logits"]:
         passes.append(PruneLogits())
+    passes += [cls() for flag, cls in _FUSIONS if flags[flag]]
     final = Cleanup()
     final.name = "final_cleanup"
     passes.append(final)

@@ -1,0 +1,88 @@
+"""Helpers the fusion passes share: walking through casts, giving new nodes the metadata of the nodes they
+replace (layer attribution, fake values for later passes and codegen), reading parameters."""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+from torch._guards import detect_fake_mode
+
+from .base import is_op
+
+aten = torch.ops.aten
+CASTS = ("to", "_to_copy", "type_as")
+
+
+def strip_casts(node: object) -> object:
+    """The node under any chain of dtype casts (they vanish in float32 graphs, stay in bf16 ones)."""
+    while is_op(node, *CASTS):
+        node = node.args[0]
+    return node
+
+
+def val(node: object) -> torch.Tensor | None:
+    v = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return v if isinstance(v, torch.Tensor) else None
+
+
+def last_dim(node: fx.Node, dim: object) -> bool:
+    """Whether `dim` names the last dimension of `node`'s value."""
+    v = val(node)
+    return v is not None and isinstance(dim, int) and dim % v.dim() == v.dim() - 1
+
+
+def single_user(node: object) -> bool:
+    return isinstance(node, fx.Node) and len(node.users) == 1
+
+
+def call(graph: fx.Graph, target: object, args: tuple, like: fx.Node) -> fx.Node:
+    """Insert a call (at the graph's insertion point) with `like`'s module stack and its fake value computed."""
+    node = graph.call_function(target, args)
+    for key in ("nn_module_stack", "stack_trace"):
+        if key in like.meta:
+            node.meta[key] = like.meta[key]
+    infer_val(node)
+    return node
+
+
+def infer_val(node: fx.Node) -> None:
+    """Fill node.meta["val"] by running the op on its inputs' fake values (what export would have recorded)."""
+    vals = [n.meta.get("val") for n in node.all_input_nodes]
+    mode = detect_fake_mode(vals)
+    args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: n.meta.get("val"))
+    if mode is not None:
+        with mode:
+            node.meta["val"] = node.target(*args, **kwargs)
+
+
+def param(gm: fx.GraphModule, node: object) -> torch.Tensor | None:
+    """The tensor a get_attr node reads, else None."""
+    if not (isinstance(node, fx.Node) and node.op == "get_attr"):
+        return None
+    module_path, _, attr = node.target.rpartition(".")
+    return getattr(gm.get_submodule(module_path) if module_path else gm, attr)
+
+
+def new_attr(gm: fx.GraphModule, qualified: str, tensor: torch.Tensor, like: fx.Node, buffer: bool = False) -> fx.Node:
+    """Register `tensor` at `qualified` (a parameter, or a buffer) and return a get_attr node reading it.
+
+    `like` is any node of the graph whose inputs carry fake values: the new node's value joins their fake mode.
+    """
+    module_path, _, attr = qualified.rpartition(".")
+    owner = gm.get_submodule(module_path) if module_path else gm
+    if not buffer:
+        owner.register_parameter(attr, torch.nn.Parameter(tensor, requires_grad=False))
+    else:
+        owner.register_buffer(attr, tensor)
+    first = next(n for n in gm.graph.nodes if n.op not in ("placeholder",))
+    with gm.graph.inserting_before(first):
+        node = gm.graph.get_attr(qualified)
+    mode = detect_fake_mode([n.meta.get("val") for n in like.all_input_nodes])
+    node.meta["val"] = mode.from_tensor(tensor) if mode is not None else tensor
+    return node
+
+
+def drop_attr(gm: fx.GraphModule, node: fx.Node) -> None:
+    """Erase an unused get_attr node and the tensor it read."""
+    module_path, _, attr = node.target.rpartition(".")
+    gm.graph.erase_node(node)
+    delattr(gm.get_submodule(module_path) if module_path else gm, attr)
