@@ -6,6 +6,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel
 
+from kiln.codegen.lower import LowerToTriton
 from kiln.models.loader import load_model
 from kiln.models.registry import layer_windows
 from kiln.passes.base import PassContext, PassReport, run_passes
@@ -15,7 +16,7 @@ from . import ops  # noqa: F401  (registers the kiln:: ops)
 from .capture import capture
 from .compiled import CompiledModel, KVLayout
 
-BACKENDS = ("auto", "reference")
+BACKENDS = ("auto", "reference", "triton")
 
 
 def _eos_ids(generation_config: object, config: object) -> list[int]:
@@ -42,6 +43,8 @@ def compile(
     if backend not in BACKENDS:
         raise ValueError(f"backend: {backend!r} is not available; choose one of {', '.join(BACKENDS)}")
     loaded = load_model(model, dtype=dtype, trust_remote_code=trust_remote_code)
+    if backend == "auto":  # generated kernels run on a GPU; on CPU only the (slow) interpreter could
+        backend = "triton" if torch.cuda.is_available() and loaded.model.device.type == "cuda" else "reference"
     config = loaded.model.config
     limit = int(getattr(config, "max_position_embeddings", 0) or getattr(config, "n_positions", 0) or 4096)
     if max_model_len is None:
@@ -49,6 +52,8 @@ def compile(
     elif not 1 <= max_model_len <= limit:
         raise ValueError(f"max_model_len: {max_model_len} is outside 1..{limit} (the model's position limit)")
     passes = build_pipeline(options)
+    if backend == "triton":
+        passes.append(LowerToTriton())
     gm = capture(loaded.model, max_model_len)
     ctx = PassContext(config=config, layer_windows=layer_windows(config))
     report = PassReport(num_layers=config.num_hidden_layers)
@@ -62,7 +67,7 @@ def compile(
         dtype=loaded.model.dtype,
         device=loaded.model.device,
         max_model_len=max_model_len,
-        backend="reference",
+        backend=backend,
         tokenizer=loaded.tokenizer,
         eos_token_ids=_eos_ids(loaded.generation_config, config),
     )
