@@ -122,6 +122,10 @@ def check_invariants(engine) -> None:
     for seq in sched.waiting:
         assert seq.block_table == [] and seq.num_computed_tokens == 0, "a waiting sequence holds blocks"
     assert holders == bm.ref_counts, "reference counts disagree with block tables"
+    for seq in sched.running:  # a shared block must be full and computed: nobody may write into it again
+        for i, block in enumerate(seq.block_table):
+            if holders[block] > 1:
+                assert (i + 1) * bm.block_size <= seq.num_computed_tokens, "a shared block is still written"
     free_plain, free_cached = list(bm._free_plain), list(bm._free_cached)
     free = free_plain + free_cached
     assert len(free) == len(set(free)), "a block is free twice"
