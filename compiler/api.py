@@ -12,7 +12,7 @@ from kiln.models.registry import layer_windows
 from kiln.passes.base import PassContext, PassReport, run_passes
 from kiln.passes.pipeline import build_pipeline
 
-from . import ops  # noqa: F401  (registers the kiln:: ops)
+from . import artifact, ops  # noqa: F401  (ops registers the kiln:: ops)
 from .capture import capture
 from .compiled import CompiledModel, KVLayout
 
@@ -40,6 +40,9 @@ def compile(
 
     options: one flag per optional pass (e.g. `prune_logits=False`); see `kiln.passes.pipeline.PASS_FLAGS`.
     """
+    if artifact.is_artifact(model):  # compiled ahead of time already: nothing to capture or rewrite
+        return artifact.load(model, backend=backend, dtype=dtype, max_model_len=max_model_len,
+                             trust_remote_code=trust_remote_code, **options)
     if backend not in BACKENDS:
         raise ValueError(f"backend: {backend!r} is not available; choose one of {', '.join(BACKENDS)}")
     loaded = load_model(model, dtype=dtype, trust_remote_code=trust_remote_code)
@@ -59,7 +62,7 @@ def compile(
     report = PassReport(num_layers=config.num_hidden_layers)
     run_passes(gm, passes, ctx, report)
     layouts = [KVLayout(*shape) for shape in ctx.state["kv_shapes"]]
-    return CompiledModel(
+    compiled = CompiledModel(
         graph_module=gm,
         report=report,
         hf_config=config,
@@ -71,8 +74,11 @@ def compile(
         tokenizer=loaded.tokenizer,
         eos_token_ids=_eos_ids(loaded.generation_config, config),
     )
+    compiled.generation_config = loaded.generation_config  # saved into artifacts as generation_config.json
+    return compiled
 
 
 def load(path: str | Path, **kwargs: object) -> CompiledModel:
-    """Load a model for serving. Until the artifact format lands this compiles the HF directory at `path`."""
+    """Load a model for serving: an artifact from `kiln compile -o` starts without tracing or passes;
+    an HF checkpoint directory is compiled."""
     return compile(path, **kwargs)

@@ -95,6 +95,16 @@ class PassReport:
             "num_layers": self.num_layers,
         }
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PassReport:
+        """The inverse of to_dict: how an ahead-of-time artifact carries its compile report."""
+        return cls(
+            records=[PassRecord(**record) for record in data["passes"]],
+            ops_initial=Counter(data["ops_initial"]),
+            ops_final=Counter(data["ops_final"]),
+            num_layers=data["num_layers"],
+        )
+
 
 class GraphPass(abc.ABC):
     """A named rewrite of a GraphModule in place. `run` returns counters of what it matched and changed."""
