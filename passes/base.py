@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import abc
+import re
 
 from collections import Counter
 from dataclasses import dataclass, field
@@ -20,6 +21,8 @@ VIEW_OPS = {
 def op_name(node: fx.Node) -> str:
     """A short, stable name for a call node: `aten.linear`, `kiln.paged_attention`, `getitem`."""
     target = node.target
+    if node.op == "call_module":  # fused regions are submodules region_0, region_1, ...: count them as "region"
+        return str(target).rstrip("0123456789").rstrip("_")
     if isinstance(target, torch._ops.OpOverload):
         return f"{target.namespace}.{target._schema.name.split('::')[-1]}"
     if isinstance(target, torch._ops.OpOverloadPacket):
@@ -34,6 +37,28 @@ def is_view(node: fx.Node) -> bool:
 def op_counts(gm: fx.GraphModule) -> Counter:
     """How many times each op is called in the graph (views included; filter with is_view)."""
     return Counter(op_name(n) for n in gm.graph.nodes if n.op in ("call_function", "call_method", "call_module"))
+
+
+_LAYER = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)(?:\.|$)")
+
+
+def layer_op_counts(gm: fx.GraphModule, num_layers: int) -> list[int]:
+    """Compute ops (views excluded) of each decoder layer, attributed by the HF module that produced them.
+
+    A node a pass created without a module stack (paged_attention) belongs to the latest layer among its inputs.
+    """
+    layer: dict[fx.Node, int | None] = {}
+    counts = [0] * num_layers
+    for n in gm.graph.nodes:
+        stack = n.meta.get("nn_module_stack")
+        if stack:
+            found = _LAYER.search("." + str(list(stack.values())[-1][0]))
+            layer[n] = int(found.group(1)) if found else None
+        else:
+            layer[n] = max((layer[i] for i in n.all_input_nodes if layer.get(i) is not None), default=None)
+        if layer[n] is not None and layer[n] < num_layers and n.op.startswith("call_") and not is_view(n):
+            counts[layer[n]] += 1
+    return counts
 
 
 def is_op(node: Any, *names: str) -> bool:
@@ -74,6 +99,7 @@ class PassReport:
     ops_initial: Counter = field(default_factory=Counter)
     ops_final: Counter = field(default_factory=Counter)
     num_layers: int = 0
+    layer_ops: tuple[list[int], list[int]] = ([], [])  # compute ops per decoder layer, before and after
 
     def format(self) -> str:
         lines = ["pass               what it matched/removed/added              graph ops (all calls)"]
@@ -84,6 +110,8 @@ class PassReport:
                 f"compute ops (views excluded): {compute(self.ops_initial)} -> {compute(self.ops_final)} "
                 f"over {self.num_layers} layers"
             )
+            before, after = self.layer_ops
+            lines.append(f"compute ops per decoder layer: {before} -> {after}")
         lines.append("final ops: " + ", ".join(f"{k} x{v}" for k, v in self.ops_final.most_common()))
         return "\n".join(lines)
 
@@ -93,6 +121,7 @@ class PassReport:
             "ops_initial": dict(self.ops_initial),
             "ops_final": dict(self.ops_final),
             "num_layers": self.num_layers,
+            "layer_ops": self.layer_ops,
         }
 
     @classmethod
@@ -119,6 +148,7 @@ class GraphPass(abc.ABC):
 def run_passes(gm: fx.GraphModule, passes: list[GraphPass], ctx: PassContext, report: PassReport) -> None:
     """Run each pass in order, lint and recompile after each, and record its effect."""
     report.ops_initial = op_counts(gm)
+    initial_layers = layer_op_counts(gm, report.num_layers)
     for p in passes:
         before = op_counts(gm)
         counters = p.run(gm, ctx)
@@ -130,3 +160,4 @@ def run_passes(gm: fx.GraphModule, passes: list[GraphPass], ctx: PassContext, re
             PassRecord(p.name, counters, sum(before.values()), sum(after.values()), changed)
         )
     report.ops_final = op_counts(gm)
+    report.layer_ops = (initial_layers, layer_op_counts(gm, report.num_layers))
