@@ -1,4 +1,4 @@
-"""The `kiln` command (`python -m kiln`): demo, compile, generate; serve and bench are placeholders.
+"""The `kiln` command (`python -m kiln`): demo, compile, generate, bench; serve is a placeholder.
 
 Only argparse is imported here so that `--help` answers instantly; the work lives in
 `kiln.commands`, which pulls in torch and transformers when a command actually runs.
@@ -10,9 +10,11 @@ import sys
 from typing import Sequence
 
 NOT_BUILT = 2  # exit status for commands that are registered but not implemented yet
+MODEL_HELP = "a kiln artifact (from `kiln compile -o`) or a Hugging Face checkpoint directory"
 
 
 def _add_compile_options(p: argparse.ArgumentParser) -> None:
+    """Options that shape the compiled engine; for an artifact they were fixed when it was compiled."""
     p.add_argument("--backend", default="auto",
                    help="code generation backend passed to kiln.compile (default: auto)")
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
@@ -54,25 +56,46 @@ def build_parser() -> argparse.ArgumentParser:
                       help="tokens to generate per prompt (default: 32)")
     _add_compile_options(demo)
 
-    comp = sub.add_parser("compile", help="compile a checkpoint and optionally print the pass report",
-                          description="Compile MODEL_DIR with kiln.compile.")
+    comp = sub.add_parser("compile", help="compile a checkpoint; -o saves an ahead-of-time artifact",
+                          description="Compile MODEL_DIR with kiln.compile. With -o ART, write a directory "
+                                      "(manifest with versions and checksums, forward.py, weights.safetensors, "
+                                      "kernels/, config and tokenizer) that `kiln.load` and every kiln command "
+                                      "start from without tracing or re-running passes.")
     comp.add_argument("model_dir", metavar="MODEL_DIR", help="a Hugging Face checkpoint directory")
     comp.add_argument("-o", "--output", default=None, metavar="ART",
-                      help="where to save the compiled artifact (refused while the format is unbuilt)")
+                      help="write the compiled artifact to this new (or empty) directory")
     comp.add_argument("--report", action="store_true", help="print the compile pass report")
+    comp.add_argument("--quantize", default=None, metavar="SCHEME",
+                      help="weight quantization scheme (refused unless this kiln build has quantization)")
+    comp.add_argument("--target", default=None, metavar="TARGET",
+                      help="cross-compile kernels for TARGET (refused unless the backend supports it)")
     _add_compile_options(comp)
 
-    gen = sub.add_parser("generate", help="compile a model and generate text for one prompt",
-                         description="Compile MODEL and print the text generated for PROMPT.")
-    gen.add_argument("model", metavar="MODEL", help="a Hugging Face checkpoint directory")
+    gen = sub.add_parser("generate", help="generate text for one prompt, streamed as it comes",
+                         description="Load MODEL (compiling it if it is a checkpoint directory) and stream "
+                                     "the text generated for PROMPT to stdout; progress goes to stderr.")
+    gen.add_argument("model", metavar="MODEL", help=MODEL_HELP)
     gen.add_argument("prompt", metavar="PROMPT", help="the prompt text")
     _add_sampling_options(gen, max_tokens=64)
     _add_compile_options(gen)
 
-    for name, what in (("serve", "an OpenAI-compatible HTTP server"),
-                       ("bench", "throughput/latency benchmarks")):
-        sub.add_parser(name, help=f"{what} (not built yet)",
-                       description=f"`kiln {name}` will provide {what}; it is not built yet.")
+    bench = sub.add_parser("bench", help="offline throughput of MODEL: requests/s and output tokens/s",
+                           description="Run NUM_REQUESTS random-token prompts through kiln.LLM (greedy, "
+                                       "EOS ignored, after one warm-up request) and report requests/s and "
+                                       "output tokens/s.")
+    bench.add_argument("model", metavar="MODEL", help=MODEL_HELP)
+    bench.add_argument("--num-requests", type=int, default=16, metavar="N", help="requests (default: 16)")
+    bench.add_argument("--input-len", type=int, default=64, metavar="N",
+                       help="prompt tokens per request (default: 64)")
+    bench.add_argument("--output-len", type=int, default=32, metavar="N",
+                       help="output tokens per request (default: 32)")
+    bench.add_argument("--max-num-seqs", type=int, default=16, metavar="N",
+                       help="sequences batched per step (default: 16)")
+    bench.add_argument("--seed", type=int, default=0, metavar="S", help="seed of the random prompts")
+    _add_compile_options(bench)
+
+    sub.add_parser("serve", help="an OpenAI-compatible HTTP server (not built yet)",
+                   description="`kiln serve` will provide an OpenAI-compatible HTTP server; it is not built yet.")
     return parser
 
 
@@ -80,18 +103,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `kiln` console script; returns the process exit status."""
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if extra and args.command not in ("serve", "bench"):  # those two accept anything, run nothing
+    if extra and args.command != "serve":  # it accepts anything, runs nothing
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command is None:
         parser.print_help(sys.stderr)
         return NOT_BUILT
-    if args.command in ("serve", "bench"):
+    if args.command == "serve":
         print(f"kiln {args.command}: not built yet; nothing was run.", file=sys.stderr)
         return NOT_BUILT
     from kiln import commands
 
     return {"demo": commands.demo, "compile": commands.compile_cmd,
-            "generate": commands.generate}[args.command](args)
+            "generate": commands.generate, "bench": commands.bench}[args.command](args)
 
 
 if __name__ == "__main__":

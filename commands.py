@@ -24,63 +24,152 @@ def _fail(message: str) -> int:
     return 2
 
 
-def _checkpoint_problem(model_dir: str | Path) -> str | None:
-    """Why `model_dir` is not a loadable checkpoint directory, or None if it looks fine."""
+def _progress(message: str) -> None:
+    """One line per stage on stderr, so that long compiles and loads show where they are."""
+    print(f"kiln: {message}", file=sys.stderr, flush=True)
+
+
+def _is_artifact(path: str | Path) -> bool:
+    """Mirrors kiln.compiler.artifact.is_artifact without importing torch (usage errors stay instant)."""
+    return (Path(path) / "manifest.json").is_file() or (Path(path) / "forward.py").is_file()
+
+
+def _checkpoint_problem(model_dir: str | Path, artifact_ok: bool = False) -> str | None:
+    """Why `model_dir` is not a loadable checkpoint (or, where allowed, artifact) directory; None if fine."""
     path = Path(model_dir)
     if not path.is_dir():
         return f"{model_dir}: no such directory (kiln reads local checkpoints only)"
+    if _is_artifact(path):
+        return None if artifact_ok else f"{model_dir}: is a compiled kiln artifact already, not a checkpoint"
     if not (path / "config.json").is_file():
         return f"{model_dir}: no config.json; expected a Hugging Face checkpoint directory"
     return None
 
 
-def _compile(args: argparse.Namespace, model_dir: str | Path) -> Any:
+def _compile_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     import torch
+
+    kwargs: dict[str, Any] = {"backend": args.backend, "dtype": getattr(torch, args.dtype) if args.dtype else None,
+                              "max_model_len": args.max_model_len}
+    kwargs.update({name: getattr(args, name) for name in ("quantize", "target")
+                   if getattr(args, name, None) is not None})
+    return kwargs
+
+
+def _compile(args: argparse.Namespace, model_dir: str | Path) -> Any:
+    import kiln
+
+    _progress(f"compiling {model_dir} (load checkpoint, capture, passes)")
+    started = time.perf_counter()
+    compiled = kiln.compile(str(model_dir), **_compile_kwargs(args))
+    _progress(f"compiled in {time.perf_counter() - started:.2f} s")
+    return compiled
+
+
+def _load(args: argparse.Namespace, model: str) -> Any:
+    """MODEL as an artifact (verified, no tracing) or an HF directory (compiled now)."""
+    if not _is_artifact(model):
+        return _compile(args, model)
+    from kiln.compiler import artifact
+
+    started = time.perf_counter()
+    _progress(f"loading artifact {model}")
+    compiled = artifact.load(model, progress=_progress, **_compile_kwargs(args))
+    _progress(f"loaded in {time.perf_counter() - started:.2f} s")
+    return compiled
+
+
+def _unavailable_feature(args: argparse.Namespace) -> str | None:
+    """--quantize/--target are honoured only once kiln.compile takes them; until then they are refused."""
+    import inspect
 
     import kiln
 
-    dtype = getattr(torch, args.dtype) if args.dtype else None
-    return kiln.compile(str(model_dir), backend=args.backend, dtype=dtype,
-                        max_model_len=args.max_model_len)
+    accepted = inspect.signature(kiln.compile).parameters
+    for flag in ("quantize", "target"):
+        if getattr(args, flag) is not None and flag not in accepted:
+            return (f"compile --{flag}: not available in this kiln build "
+                    f"(kiln.compile has no {flag} option yet); run without --{flag}")
+    return None
 
 
 def compile_cmd(args: argparse.Namespace) -> int:
-    """`kiln compile`: compile, print the report on request; saving waits for the artifact format."""
-    problem = _checkpoint_problem(args.model_dir)
+    """`kiln compile`: compile, print the report on request, and save the artifact with -o."""
+    problem = _checkpoint_problem(args.model_dir) or _unavailable_feature(args)
     if problem:
         return _fail(problem)
-    if args.output is not None:
-        import kiln
-
-        if not hasattr(kiln.CompiledModel, "save"):
-            return _fail("compile -o: saving compiled artifacts is not yet supported "
-                         "(the artifact format is not built); run without -o")
+    output = Path(args.output) if args.output is not None else None
+    if output is not None and output.exists() and (not output.is_dir() or any(output.iterdir())):
+        return _fail(f"compile -o: {output} exists and is not an empty directory; choose a new path")
     started = time.perf_counter()
-    compiled = _compile(args, args.model_dir)
-    elapsed = time.perf_counter() - started
+    try:
+        compiled = _compile(args, args.model_dir)
+    except (ValueError, FileNotFoundError) as err:
+        return _fail(str(err))
     if args.report:
         print(compiled.report.format())
-    if args.output is not None:
-        compiled.save(args.output)
-        print(f"saved {args.output}")
-    print(f"compiled {args.model_dir} in {elapsed:.2f} s")
+    if output is not None:
+        from kiln.compiler import artifact
+
+        options = {k: v for k, v in _compile_kwargs(args).items() if k in ("quantize", "target")}
+        artifact.save(compiled, output, options=options, progress=_progress)
+        print(f"saved {output}")
+    print(f"compiled {args.model_dir} in {time.perf_counter() - started:.2f} s")
     return 0
 
 
 def generate(args: argparse.Namespace) -> int:
-    """`kiln generate`: compile MODEL and print the completion of one prompt."""
-    problem = _checkpoint_problem(args.model)
+    """`kiln generate`: stream the completion of one prompt to stdout as tokens come."""
+    problem = _checkpoint_problem(args.model, artifact_ok=True)
     if problem:
         return _fail(problem)
     import kiln
+    from kiln.runtime.engine import LLMEngine
 
     try:
         params = kiln.SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                                      top_p=args.top_p, top_k=args.top_k, seed=args.seed)
-    except ValueError as err:
+        engine = LLMEngine(_load(args, args.model), max_num_seqs=1)
+        engine.add_request("generate-0", args.prompt, params)
+    except (ValueError, FileNotFoundError) as err:
         return _fail(str(err))
-    llm = kiln.LLM(_compile(args, args.model))
-    print(llm.generate([args.prompt], params, use_tqdm=False)[0].outputs[0].text)
+    shown = ""
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            text = out.outputs[0].text
+            sys.stdout.write(text[len(shown):] if text.startswith(shown) else "\n" + text)
+            sys.stdout.flush()
+            shown = text
+    sys.stdout.write("\n")
+    return 0
+
+
+def bench(args: argparse.Namespace) -> int:
+    """`kiln bench`: a small offline throughput run (requests/s, output tokens/s) on MODEL."""
+    problem = _checkpoint_problem(args.model, artifact_ok=True)
+    if problem:
+        return _fail(problem)
+    import random
+
+    import kiln
+
+    try:
+        llm = kiln.LLM(_load(args, args.model), max_num_seqs=args.max_num_seqs)
+        rng = random.Random(args.seed)
+        vocab = llm.model.vocab_size
+        prompts = [[rng.randrange(vocab) for _ in range(args.input_len)] for _ in range(args.num_requests)]
+        params = kiln.SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)
+        llm.generate(prompts[:1], kiln.SamplingParams(max_tokens=2, ignore_eos=True), use_tqdm=False)
+        started = time.perf_counter()
+        outputs = llm.generate(prompts, params)
+    except (ValueError, FileNotFoundError) as err:
+        return _fail(str(err))
+    elapsed = time.perf_counter() - started
+    tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+    print(f"{args.num_requests} requests x ({args.input_len} prompt + {args.output_len} output tokens), "
+          f"max_num_seqs {args.max_num_seqs}, {_versions()}")
+    print(f"throughput: {args.num_requests / elapsed:.2f} requests/s, {tokens / elapsed:.1f} output tokens/s "
+          f"({tokens} tokens in {elapsed:.2f} s)")
     return 0
 
 
