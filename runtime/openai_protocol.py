@@ -132,7 +132,10 @@ def completion_logprobs(tokenizer: Any, token_ids: list[int], logprobs: list[dic
         text = token_text(tokenizer, tid)
         tokens.append(text)
         token_lps.append(lp.get(tid))
-        tops.append({token_text(tokenizer, t): v for t, v in sorted(lp.items(), key=lambda kv: -kv[1])})
+        top: dict[str, float] = {}
+        for t, v in sorted(lp.items(), key=lambda kv: -kv[1]):
+            top.setdefault(token_text(tokenizer, t), v)  # distinct ids can share a text: keep the likeliest
+        tops.append(top)
         offsets.append(text_offset)
         text_offset += len(text)
     return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}

@@ -79,32 +79,42 @@ async def _unless_disconnected(request: Request, awaitable: Any) -> Any:
     return work.result()
 
 
-async def _merge(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:
-    """Interleave one generate() stream per prompt; closing this closes them all (aborting their requests)."""
-    queue: asyncio.Queue = asyncio.Queue()
+class Merged:
+    """One generate() stream per prompt, interleaved. close() cancels their tasks, which aborts the engine
+    requests at once: asyncio's Task.cancel always lands, unlike a cancel scope's, which an engine loop that
+    feeds the queue every step can starve (a dropped client would then keep generating)."""
 
-    async def pump(i: int, stream: AsyncIterator[RequestOutput]) -> None:
+    def __init__(self, streams: list[AsyncIterator[RequestOutput]]) -> None:
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.tasks = [asyncio.ensure_future(self._pump(i, s)) for i, s in enumerate(streams)]
+        self.remaining = len(self.tasks)
+
+    async def _pump(self, i: int, stream: AsyncIterator[RequestOutput]) -> None:
         try:
             async for out in stream:
-                queue.put_nowait((i, out))
+                self.queue.put_nowait((i, out))
         except Exception as exc:  # handed to the consumer, which owns error reporting
-            queue.put_nowait((i, exc))
-            return
-        queue.put_nowait((i, None))
+            self.queue.put_nowait((i, exc))
+        finally:
+            self.queue.put_nowait((i, None))
 
-    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
-    try:
-        remaining = len(tasks)
-        while remaining:
-            i, item = await queue.get()
+    def __aiter__(self) -> "Merged":
+        return self
+
+    async def __anext__(self) -> tuple[int, RequestOutput]:
+        while self.remaining:
+            i, item = await self.queue.get()
             if item is None:
-                remaining -= 1
+                self.remaining -= 1
             elif isinstance(item, Exception):
+                self.close()
                 raise item
             else:
-                yield i, item
-    finally:
-        for task in tasks:
+                return i, item
+        raise StopAsyncIteration
+
+    def close(self) -> None:
+        for task in self.tasks:
             task.cancel()
 
 
@@ -201,17 +211,20 @@ class OpenAIServing:
         return dataclasses.replace(params, max_tokens=max_tokens)
 
     async def start(self, request: Request, prompts: list[list[int]], params: SamplingParams,
-                    renames: dict[str, str]) -> tuple[tuple[int, RequestOutput], AsyncIterator]:
+                    renames: dict[str, str]) -> tuple[tuple[int, RequestOutput], Merged]:
         """Submit one engine request per prompt and wait for the first output (or the first refusal)."""
         rid = uuid.uuid4().hex
-        merged = _merge([self.engine.generate(p, params, f"{rid}-{i}") for i, p in enumerate(prompts)])
+        merged = Merged([self.engine.generate(p, params, f"{rid}-{i}") for i, p in enumerate(prompts)])
         try:
             first = await _unless_disconnected(request, merged.__anext__())
         except ValueError as err:
             raise APIError(400, str(err), _param_of(err, renames)) from None
+        except BaseException:
+            merged.close()
+            raise
         return first, merged
 
-    async def collect(self, request: Request, first: tuple[int, RequestOutput], merged: AsyncIterator,
+    async def collect(self, request: Request, first: tuple[int, RequestOutput], merged: Merged,
                       num_prompts: int) -> list[RequestOutput]:
         """Run to completion, unless the client leaves first."""
         finals: dict[int, RequestOutput] = {first[0]: first[1]}
@@ -222,6 +235,7 @@ class OpenAIServing:
         try:
             await _unless_disconnected(request, rest())
         finally:
+            merged.close()
             self.account(finals.values())
         return [finals[i] for i in range(num_prompts)]
 

@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 
 from . import openai_protocol as proto
 from .outputs import RequestOutput
-from .server import APIError, OpenAIServing
+from .server import APIError, Merged, OpenAIServing
 
 CHAT_RENAMES = {"max_tokens": "max_completion_tokens", "logprobs": "top_logprobs", "prompt": "messages"}
 
@@ -84,34 +84,45 @@ def sse(payload: dict[str, Any]) -> str:
 
 
 class _SSEResponse(StreamingResponse):
-    """Closes its event generator however the response ends, so a dropped client aborts its requests now."""
+    """Aborts the engine requests as soon as the client is gone, however Starlette learns of it."""
+
+    def __init__(self, events: AsyncIterator[str], merged: Merged) -> None:
+        super().__init__(events, media_type="text/event-stream")
+        self.merged = merged
+
+    async def listen_for_disconnect(self, receive: Any) -> None:
+        await super().listen_for_disconnect(receive)
+        self.merged.close()
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
+            self.merged.close()
             await self.body_iterator.aclose()
 
 
 async def _events(serving: OpenAIServing, writer: _Writer, first: tuple[int, RequestOutput],
-                  merged: AsyncIterator, num_prompts: int, include_usage: bool) -> AsyncIterator[str]:
+                  merged: Merged, num_prompts: int, include_usage: bool) -> AsyncIterator[str]:
     last: dict[int, RequestOutput] = {}
     try:
         for chunk in writer.opening(num_prompts):
             yield sse(chunk)
-        item = first
-        while item is not None:
-            i, out = item
+        i, out = first
+        while True:
             last[i] = out
             for chunk in writer.deltas(i, out):
                 yield sse(chunk)
-            item = await anext(merged, None)
+            try:
+                i, out = await merged.__anext__()
+            except StopAsyncIteration:
+                break
         if include_usage:
             yield sse({**writer._envelope([], True), "usage": writer.usage(last.values())})
     except Exception as err:  # the 200 status line is gone; report in-band as vLLM does
         yield sse(proto.error_body(f"Generation failed: {err}", "server_error", code=500))
     finally:
-        await merged.aclose()
+        merged.close()
         serving.account(last.values())
     yield "data: [DONE]\n\n"
 
@@ -127,8 +138,7 @@ async def _respond(serving: OpenAIServing, request: Request, req: Any, prompts: 
     writer = _Writer(serving, chat, req.n, logprobs)
     if req.stream:
         include_usage = req.stream_options is not None and req.stream_options.include_usage
-        return _SSEResponse(_events(serving, writer, first, merged, len(prompts), include_usage),
-                            media_type="text/event-stream")
+        return _SSEResponse(_events(serving, writer, first, merged, len(prompts), include_usage), merged)
     return JSONResponse(writer.whole(await serving.collect(request, first, merged, len(prompts))))
 
 
