@@ -6,8 +6,7 @@ real sizes, where only dtypes and shapes exist.
 """
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -42,7 +41,6 @@ class Launch:
     num_warps: int = 4
     num_stages: int = 2
     name: str = "kernel"
-    candidates: list[Config] = field(default_factory=list)  # alternatives cross-compile may fall back to
 
     @property
     def label(self) -> str:
@@ -58,10 +56,12 @@ class Launch:
         sig.update({name: "constexpr" for name in self.constexprs})
         return sig
 
-    def with_config(self, config: Config) -> "Launch":
-        """The same call under another tiling (grid sizes that depend on the tiles are the caller's concern)."""
-        return Launch(self.family, self.flags, self.args, {**self.constexprs, **config.blocks}, self.grid,
-                      config.num_warps, config.num_stages, self.name, self.candidates)
+    def attrs(self) -> dict[tuple[int], list[list[Any]]]:
+        """The specialisation Triton applies at launch, for a cross-compile to match: tensors (16-byte aligned
+        from torch's allocator) and integers that are multiples of 16 are known divisible by 16."""
+        return {(i,): [["tt.divisibility", 16]] for i, (_, value) in enumerate(self.args)
+                if isinstance(value, torch.Tensor)
+                or (isinstance(value, int) and not isinstance(value, bool) and value % 16 == 0)}
 
 
 def _triton_type(value: Any) -> str:
@@ -82,11 +82,6 @@ def run(launch: Launch) -> None:
         return
     values = [value for _, value in launch.args]
     launch.fn()[launch.grid](*values, **launch.constexprs, num_warps=launch.num_warps, num_stages=launch.num_stages)
-
-
-def interpreting() -> bool:
-    """Whether kernels run in Triton's interpreter (where bf16 `tl.dot` is wrong and must be upcast)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def next_pow2(n: int) -> int:

@@ -34,6 +34,11 @@ def cache_dir() -> Path:
     return base / "kernels"
 
 
+def interpreting() -> bool:
+    """Whether kernels run in Triton's interpreter (where bf16 `tl.dot` is wrong and must be upcast)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
 def render(family: str, flags: dict[str, Any]) -> str:
     """The Triton source of template `family` (templates/<family>.py.jinja) for these flags."""
     return _ENV.get_template(f"{family}.py.jinja").render(**flags)
@@ -44,7 +49,9 @@ def _freeze(flags: dict[str, Any]) -> tuple:
 
 
 @lru_cache(maxsize=None)
-def _load(family: str, frozen: tuple) -> ModuleType:
+def _load(family: str, frozen: tuple, interpret: bool) -> ModuleType:
+    """`interpret` is part of the key: `@triton.jit` makes interpreted functions when it is set, and
+    cross-compiling needs real ones in the same process."""
     source = render(family, {k: list(v) if isinstance(v, tuple) else v for k, v in frozen})
     digest = hashlib.sha256(source.encode()).hexdigest()[:16]
     directory = cache_dir()
@@ -62,7 +69,7 @@ def _load(family: str, frozen: tuple) -> ModuleType:
 
 def load(family: str, flags: dict[str, Any]) -> ModuleType:
     """The imported module of a rendered template (cached per family and flags)."""
-    return _load(family, _freeze(flags))
+    return _load(family, _freeze(flags), interpreting())
 
 
 def kernel(family: str, flags: dict[str, Any], name: str = "kernel") -> Any:

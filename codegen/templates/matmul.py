@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from kiln.codegen.launch import Config, Launch, cdiv, interpreting
+from kiln.codegen.launch import Config, Launch, cdiv
+from kiln.codegen.render import interpreting
 
 TEMPLATE = "matmul"
 ACTIVATIONS = {"none": lambda x: x, "silu": torch.nn.functional.silu, "relu": torch.relu,

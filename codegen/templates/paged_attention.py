@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from kiln.codegen.launch import Config, Launch, cdiv, interpreting, next_pow2
+from kiln.codegen.launch import Config, Launch, cdiv, next_pow2
+from kiln.codegen.render import interpreting
 
 TEMPLATE = "paged_attention"
 REFERENCE = "kiln::paged_attention"

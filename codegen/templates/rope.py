@@ -19,7 +19,7 @@ def plan(
     tokens, hq, head_dim = q.shape
     hk = k.shape[1]
     half, rest = rotary_dim // 2, head_dim - rotary_dim
-    in_place = q_out.data_ptr() == q.data_ptr() and k_out.data_ptr() == k.data_ptr()
+    in_place = q_out is q and k_out is k
     args = [
         ("q_ptr", q), ("k_ptr", k), ("q_out_ptr", q_out), ("k_out_ptr", k_out), ("positions_ptr", positions),
         ("cos_sin_ptr", cos_sin_cache),
