@@ -12,6 +12,8 @@ import io
 import json
 import os
 import re
+import subprocess
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -170,22 +172,44 @@ def _target(target: str) -> int:
     return int(arch)
 
 
+def _interpreter_bound() -> bool:
+    """Whether this process imported Triton under TRITON_INTERPRET: its library functions (tl.cdiv, ...) are
+    then interpreter objects for good, and the real compiler cannot run here."""
+    if "triton" not in sys.modules:
+        return False
+    import triton.language.standard as standard
+    from triton.runtime.jit import JITFunction
+
+    return not isinstance(standard.cdiv, JITFunction)
+
+
 def cross_compile(compiled_or_config: Any, target: str = "cuda:90", out_dir: str | Path = "kernels",
-                  dtype: torch.dtype | None = None, block_size: int = 16) -> list[KernelRecord]:
+                  dtype: torch.dtype | None = None, block_size: int = 16, shared_limit: int | None = None,
+                  kernels: list[str] | None = None) -> list[KernelRecord]:
     """Compile each kernel of a model (a CompiledModel, an HF config, or a dict of its fields) for `target`.
 
-    Raises ValueError when no candidate of some kernel fits the target."""
+    shared_limit lowers the target's per-block shared memory (to leave room, or to test pruning); `kernels`
+    picks kernels by name. Raises ValueError when no candidate of some kernel fits."""
     capability = _target(target)
     compiled = hasattr(compiled_or_config, "hf_config")  # a CompiledModel knows its dtype; a config does not
     config = compiled_or_config.hf_config if compiled else compiled_or_config
     dtype = dtype or (compiled_or_config.dtype if compiled else torch.bfloat16)
-    limit = SHARED_LIMITS.get(capability, 99 * 1024)
+    config = config if isinstance(config, dict) else config.to_dict()
+    limit = shared_limit or SHARED_LIMITS.get(capability, 99 * 1024)
     root = Path(out_dir) / f"sm_{capability}"
+    if _interpreter_bound():
+        request = {"config": config, "target": target, "out_dir": str(out_dir), "dtype": str(dtype).removeprefix("torch."),
+                   "block_size": block_size, "shared_limit": limit, "kernels": kernels}
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        subprocess.run([sys.executable, "-m", "kiln.codegen.cross_compile"], input=json.dumps(request), text=True,
+                       env=env, check=True)
+        return [KernelRecord(**r) for r in json.loads((root / "records.json").read_text())]
     root.mkdir(parents=True, exist_ok=True)
     records = []
     with gpu_compilation():
         for name, candidates in model_launches(ModelShapes.from_config(config), dtype, block_size).items():
-            records.append(first_fit(name, candidates, capability, limit, root, target))
+            if kernels is None or name in kernels:
+                records.append(first_fit(name, candidates, capability, limit, root, target))
     (root / "records.json").write_text(json.dumps([asdict(r) for r in records], indent=1))
     return records
 
@@ -205,3 +229,15 @@ def first_fit(name: str, candidates: list[Launch], capability: int, limit: int, 
         return KernelRecord(name, launch.label, target, config, launch.num_warps, launch.num_stages, shared, regs,
                             spills, limit, str(source), str(cubin), pruned)
     raise ValueError(f"{name}: no config fits {target} (limit {limit} bytes, no spills): {pruned}")
+
+
+def main() -> None:
+    """`python -m kiln.codegen.cross_compile` with a JSON request on stdin: how an interpreter-bound process
+    (a test run) cross-compiles in a clean one."""
+    request = json.loads(sys.stdin.read())
+    request["dtype"] = getattr(torch, request["dtype"])
+    cross_compile(request.pop("config"), **request)
+
+
+if __name__ == "__main__":
+    main()

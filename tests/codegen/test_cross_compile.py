@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 import transformers
 
 from kiln.codegen import cross_compile as xc
@@ -30,14 +29,11 @@ def test_llama_1b_kernels_fit_h100(tmp_path: Path) -> None:
 
 
 def test_configs_over_the_shared_limit_are_pruned(tmp_path: Path) -> None:
-    m = lambda *shape: torch.empty(*shape, dtype=torch.bfloat16, device="meta")  # noqa: E731
-    configs = matmul.configs(2048, 2)[:2]
-    candidates = [matmul.plan(m(2048, 8192), m(2048, 8192), m(2048, 2048), c) for c in configs]
-    limit = (configs[0].shared_bytes + configs[1].shared_bytes) // 2  # between the two candidates' needs
-    with xc.gpu_compilation():
-        record = xc.first_fit("matmul", candidates, 90, limit, tmp_path, "cuda:90")
-    assert [p["config"]["BLOCK_N"] for p in record.pruned] == [configs[0].blocks["BLOCK_N"]]
-    assert record.config["BLOCK_N"] == configs[1].blocks["BLOCK_N"] and record.shared_bytes <= limit
+    first, second = matmul.configs(2048, 2)[:2]
+    limit = (first.shared_bytes + second.shared_bytes) // 2  # between the two candidates' needs
+    (record,) = xc.cross_compile(LLAMA_1B, out_dir=tmp_path, shared_limit=limit, kernels=["matmul_qkv"])
+    assert [p["config"]["BLOCK_N"] for p in record.pruned] == [first.blocks["BLOCK_N"]]
+    assert record.config["BLOCK_N"] == second.blocks["BLOCK_N"] and record.shared_bytes <= limit
 
 
 def test_unknown_target_is_refused(tmp_path: Path) -> None:
