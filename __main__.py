@@ -1,4 +1,4 @@
-"""The `kiln` command (`python -m kiln`): demo, compile, generate, bench; serve is a placeholder.
+"""The `kiln` command (`python -m kiln`): demo, compile, generate, bench, serve.
 
 Only argparse is imported here so that `--help` answers instantly; the work lives in
 `kiln.commands`, which pulls in torch and transformers when a command actually runs.
@@ -94,8 +94,22 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--seed", type=int, default=0, metavar="S", help="seed of the random prompts")
     _add_compile_options(bench)
 
-    sub.add_parser("serve", help="an OpenAI-compatible HTTP server (not built yet)",
-                   description="`kiln serve` will provide an OpenAI-compatible HTTP server; it is not built yet.")
+    serve = sub.add_parser("serve", help="serve MODEL over an OpenAI-compatible HTTP API",
+                           description="Load MODEL and serve /v1/completions, /v1/chat/completions, /v1/models, "
+                                       "/tokenize, /detokenize, /health, /version and /metrics until interrupted.")
+    serve.add_argument("model", metavar="MODEL", help=MODEL_HELP)
+    serve.add_argument("--host", default="127.0.0.1", help="interface to bind (default: 127.0.0.1, loopback only)")
+    serve.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
+    serve.add_argument("--api-key", default=None, metavar="KEY",
+                       help="require `Authorization: Bearer KEY` on /v1 routes (default: $KILN_API_KEY, else none)")
+    serve.add_argument("--served-model-name", default=None, metavar="NAME",
+                       help="the model name clients must send (default: MODEL as given)")
+    serve.add_argument("--max-num-seqs", type=int, default=64, metavar="N",
+                       help="sequences batched per step (default: 64)")
+    serve.add_argument("--num-kv-blocks", type=int, default=None, metavar="N",
+                       help="KV cache blocks (default: sized from max-num-seqs and max-model-len)")
+    serve.add_argument("--block-size", type=int, default=16, metavar="N", help="tokens per KV block (default: 16)")
+    _add_compile_options(serve)
     return parser
 
 
@@ -103,18 +117,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `kiln` console script; returns the process exit status."""
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if extra and args.command != "serve":  # it accepts anything, runs nothing
+    if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command is None:
         parser.print_help(sys.stderr)
         return NOT_BUILT
-    if args.command == "serve":
-        print(f"kiln {args.command}: not built yet; nothing was run.", file=sys.stderr)
-        return NOT_BUILT
     from kiln import commands
 
     return {"demo": commands.demo, "compile": commands.compile_cmd,
-            "generate": commands.generate, "bench": commands.bench}[args.command](args)
+            "generate": commands.generate, "bench": commands.bench, "serve": commands.serve}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -173,6 +173,26 @@ def bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def serve(args: argparse.Namespace) -> int:
+    """`kiln serve`: the OpenAI-compatible server (kiln.runtime.server) on MODEL until interrupted."""
+    import os
+
+    problem = _checkpoint_problem(args.model, artifact_ok=True)
+    if problem:
+        return _fail(problem)
+    from kiln.runtime.server import serve as run_server
+
+    try:
+        compiled = _load(args, args.model)
+        _progress(f"serving on http://{args.host}:{args.port}/v1")
+        run_server(compiled, args.host, args.port, args.api_key or os.environ.get("KILN_API_KEY"),
+                   served_model_name=args.served_model_name or args.model, max_num_seqs=args.max_num_seqs,
+                   num_kv_blocks=args.num_kv_blocks, block_size=args.block_size)
+    except (ValueError, FileNotFoundError) as err:
+        return _fail(str(err))
+    return 0
+
+
 def _strip_eos(ids: list[int], eos_ids: set[int]) -> list[int]:
     return ids[:-1] if ids and ids[-1] in eos_ids else ids
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from kiln.__main__ import main
+from kiln.__main__ import build_parser, main
 
 ROOT = Path(__file__).resolve().parents[1]
 SUBCOMMANDS = ["demo", "compile", "generate", "serve", "bench"]
@@ -42,9 +42,12 @@ def test_top_level_help_runs_as_module_without_torch() -> None:
     assert probe.stdout.strip() == "False"
 
 
-def test_unbuilt_serve_says_so(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["serve", "--port", "8000"]) == 2
-    assert "not built yet" in capsys.readouterr().err
+def test_serve_parses_its_options_and_refuses_a_missing_model(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    args = build_parser().parse_args(["serve", "m", "--port", "9001", "--api-key", "k", "--max-num-seqs", "8"])
+    assert (args.host, args.port, args.api_key, args.max_num_seqs) == ("127.0.0.1", 9001, "k", 8)
+    assert main(["serve", str(tmp_path / "nope"), "--port", "8000"]) == 2
+    assert "no such directory" in capsys.readouterr().err
 
 
 def test_no_command_prints_help(capsys: pytest.CaptureFixture[str]) -> None:
