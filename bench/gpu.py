@@ -106,6 +106,7 @@ def _kiln_decode_tps(model: transformers.PreTrainedModel, prompt: torch.Tensor, 
 
     compiled = kiln.compile(model, backend="triton")
     batch, plen = prompt.shape
+    dev = prompt.device
     per_seq = -(-(plen + steps + 2) // BLOCK_SIZE)
     tables = [[s * per_seq + b for b in range(per_seq)] for s in range(batch)]
     caches = compiled.allocate_kv_cache(batch * per_seq, BLOCK_SIZE)
@@ -115,17 +116,18 @@ def _kiln_decode_tps(model: transformers.PreTrainedModel, prompt: torch.Tensor, 
         step.capture()
 
     def generate(n: int) -> None:
-        meta = AttentionMetadata.build([plen] * batch, [0] * batch, tables, BLOCK_SIZE, device="cuda")
-        logits = compiled(prompt.flatten(), torch.arange(plen, device="cuda").repeat(batch), meta, caches)
+        meta = AttentionMetadata.build([plen] * batch, [0] * batch, tables, BLOCK_SIZE, device=dev)
+        logits = compiled(prompt.flatten(), torch.arange(plen, device=dev).repeat(batch), meta, caches)
         for i in range(n):
-            meta = AttentionMetadata.build([1] * batch, [plen + i] * batch, tables, BLOCK_SIZE, device="cuda")
-            logits = step(logits.argmax(-1), torch.full((batch,), plen + i, device="cuda"), meta, caches)
+            meta = AttentionMetadata.build([1] * batch, [plen + i] * batch, tables, BLOCK_SIZE, device=dev)
+            logits = step(logits.argmax(-1), torch.full((batch,), plen + i, device=dev), meta, caches)
 
     def timed(n: int) -> float:
-        torch.cuda.synchronize()
+        sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+        sync()
         t = time.perf_counter()
         generate(n)
-        torch.cuda.synchronize()
+        sync()
         return time.perf_counter() - t
 
     timed(steps)
