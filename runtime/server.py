@@ -69,12 +69,12 @@ async def _unless_disconnected(request: Request, awaitable: Any) -> Any:
     work = asyncio.ensure_future(awaitable)
     watch = asyncio.ensure_future(_until_disconnect(request))
     try:
-        await asyncio.wait((work, watch), return_when=asyncio.FIRST_COMPLETED)
-    finally:
+        done, _ = await asyncio.wait((work, watch), return_when=asyncio.FIRST_COMPLETED)
+    finally:  # also when the handler itself is cancelled
         watch.cancel()
         if not work.done():
             work.cancel()
-    if work.cancelled():
+    if work not in done:
         raise _ClientGone()
     return work.result()
 

@@ -236,6 +236,11 @@ def test_dropped_stream_is_aborted_and_frees_its_blocks(live, client) -> None:
     stream.close()
     live.wait_idle()
     assert live.metric(aborted) == before + 1
+    body = {"model": MODEL, "prompt": "The kiln", "max_tokens": 480, "ignore_eos": True, **GREEDY}
+    with pytest.raises(httpx.ReadTimeout):  # an unstreamed request whose client gives up
+        live.http.post("/v1/completions", json=body, timeout=httpx.Timeout(60, read=0.5))
+    live.wait_idle()
+    assert live.metric(aborted) == before + 2
     res = client.completions.create(model=MODEL, prompt="Still there?", max_tokens=3, **GREEDY)
     assert res.usage.completion_tokens >= 1
 
