@@ -89,6 +89,11 @@ def run_hf_continuous(model, prompts: list[list[int]], outputs: list[int]):
     return elapsed, tokens
 
 
+def load_note() -> str:
+    """The 1-minute load average: other processes on the machine skew every number here."""
+    return f"load avg {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--num-requests", type=int, default=64)
@@ -112,17 +117,20 @@ def main(argv: list[str] | None = None) -> None:
         model = build_model(path)
         print(f"model: Llama {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, fp32, {MODEL_SHAPE}")
         rows = []
+        print(f"before kiln: {load_note()}", flush=True)
         kiln_s, kiln_tokens, compile_s, stats = run_kiln(path, prompts, outputs, args)
         rows.append(("kiln LLM.generate", kiln_s))
         print(f"kiln: {kiln_s:.2f}s, {useful / kiln_s:.1f} useful tok/s (compile {compile_s:.1f}s, "
               f"{stats['num_steps']} steps, preemptions={stats['preemptions']})", flush=True)
         if not args.skip_hf:
+            print(f"before HF generate: {load_note()}", flush=True)
             hf_s, hf_tokens = run_hf_static(model, prompts, outputs, args.hf_batch_size)
             rows.append((f"HF generate (static batches of {args.hf_batch_size})", hf_s))
             print(f"HF generate: {hf_s:.2f}s", flush=True)
             same = sum(a == b for a, b in zip(kiln_tokens, hf_tokens))
             print(f"greedy agreement kiln vs HF generate: {same}/{len(prompts)} requests identical", flush=True)
             if not args.skip_generate_batch:
+                print(f"before HF generate_batch: {load_note()}", flush=True)
                 try:
                     cb_s, cb_tokens = run_hf_continuous(model, prompts, outputs)
                     rows.append(("HF generate_batch (continuous)", cb_s))
