@@ -68,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--quantize", default=None, metavar="SCHEME",
                       help="weight quantization scheme (refused unless this kiln build has quantization)")
     comp.add_argument("--target", default=None, metavar="TARGET",
-                      help="cross-compile kernels for TARGET (refused unless the backend supports it)")
+                      help="also cross-compile the generated kernels for TARGET (e.g. cuda:90) into the "
+                           "artifact's kernels/ dir; no GPU needed (requires -o)")
     _add_compile_options(comp)
 
     gen = sub.add_parser("generate", help="generate text for one prompt, streamed as it comes",

@@ -51,8 +51,8 @@ def _compile_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
     kwargs: dict[str, Any] = {"backend": args.backend, "dtype": getattr(torch, args.dtype) if args.dtype else None,
                               "max_model_len": args.max_model_len}
-    kwargs.update({name: getattr(args, name) for name in ("quantize", "target")
-                   if getattr(args, name, None) is not None})
+    if getattr(args, "quantize", None) is not None:
+        kwargs["quantize"] = args.quantize
     return kwargs
 
 
@@ -80,16 +80,19 @@ def _load(args: argparse.Namespace, model: str) -> Any:
 
 
 def _unavailable_feature(args: argparse.Namespace) -> str | None:
-    """--quantize/--target are honoured only once kiln.compile takes them; until then they are refused."""
+    """--quantize needs kiln.compile to take it; --target needs -o and the codegen cross-compiler."""
     import inspect
 
     import kiln
+    from kiln.compiler import artifact
 
-    accepted = inspect.signature(kiln.compile).parameters
-    for flag in ("quantize", "target"):
-        if getattr(args, flag) is not None and flag not in accepted:
-            return (f"compile --{flag}: not available in this kiln build "
-                    f"(kiln.compile has no {flag} option yet); run without --{flag}")
+    if args.quantize is not None and "quantize" not in inspect.signature(kiln.compile).parameters:
+        return ("compile --quantize: not available in this kiln build (kiln.compile has no quantize option "
+                "yet); run without --quantize")
+    if args.target is not None and not artifact.can_cross_compile():
+        return "compile --target: not available in this kiln build (no kernel cross-compiler); run without it"
+    if args.target is not None and args.output is None:
+        return "compile --target: the kernels go into the artifact; give -o ART too"
     return None
 
 
@@ -111,8 +114,11 @@ def compile_cmd(args: argparse.Namespace) -> int:
     if output is not None:
         from kiln.compiler import artifact
 
-        options = {k: v for k, v in _compile_kwargs(args).items() if k in ("quantize", "target")}
-        artifact.save(compiled, output, options=options, progress=_progress)
+        options = {"quantize": args.quantize} if args.quantize is not None else {}
+        try:
+            artifact.save(compiled, output, options=options, progress=_progress, target=args.target)
+        except ValueError as err:
+            return _fail(str(err))
         print(f"saved {output}")
     print(f"compiled {args.model_dir} in {time.perf_counter() - started:.2f} s")
     return 0

@@ -132,6 +132,7 @@ class PassReport:
             ops_initial=Counter(data["ops_initial"]),
             ops_final=Counter(data["ops_final"]),
             num_layers=data["num_layers"],
+            layer_ops=tuple(data.get("layer_ops", ([], []))),
         )
 
 

@@ -145,6 +145,21 @@ def test_kernels_hook_round_trips(compiled, tmp_path: Path) -> None:
     assert kiln.load(saved).kernels == {"attention.py": "# generated\n", "bin/attention.cubin": b"\x7fELF\x00"}
 
 
+@pytest.mark.skipif(not artifact.can_cross_compile(), reason="no kernel cross-compiler in this build")
+def test_cross_compiled_kernels_are_saved_and_verified(compiled, tmp_path: Path) -> None:
+    saved = artifact.save(compiled, tmp_path / "sm90", target="cuda:90")
+    files = json.loads((saved / "manifest.json").read_text())["files"]
+    assert any(name.startswith("kernels/sm_90/") and name.endswith(".cubin") for name in files)
+    assert any(name.startswith("kernels/sm_90/") and name.endswith(".py") for name in files)
+    assert kiln.load(saved).backend == compiled.backend
+
+
+def test_failed_save_leaves_nothing_behind(compiled, tmp_path: Path) -> None:
+    with pytest.raises(ValueError):
+        artifact.save(compiled, tmp_path / "bad", target="no-such-target")
+    assert not (tmp_path / "bad").exists()
+
+
 def test_save_refuses_a_non_empty_directory(compiled, saved: Path) -> None:
     with pytest.raises(FileExistsError, match="not an empty directory"):
         artifact.save(compiled, saved)
