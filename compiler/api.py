@@ -2,19 +2,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import PreTrainedModel
-
-from kiln.codegen.lower import LowerToTriton
-from kiln.models.loader import load_model
-from kiln.models.registry import layer_windows
-from kiln.passes.base import PassContext, PassReport, run_passes
-from kiln.passes.pipeline import build_pipeline
 
 from . import artifact, ops  # noqa: F401  (ops registers the kiln:: ops)
-from .capture import capture
 from .compiled import CompiledModel, KVLayout
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 BACKENDS = ("auto", "reference", "triton")
 
@@ -43,6 +39,16 @@ def compile(
     if artifact.is_artifact(model):  # compiled ahead of time already: nothing to capture or rewrite
         return artifact.load(model, backend=backend, dtype=dtype, max_model_len=max_model_len,
                              trust_remote_code=trust_remote_code, **options)
+    # Imported only now: starting from an artifact needs none of this (the model stack, export, passes,
+    # codegen), and importing it is most of an artifact's cold start.
+    from kiln.codegen.lower import LowerToTriton
+    from kiln.models.loader import load_model
+    from kiln.models.registry import layer_windows
+    from kiln.passes.base import PassContext, PassReport, run_passes
+    from kiln.passes.pipeline import build_pipeline
+
+    from .capture import capture
+
     if backend not in BACKENDS:
         raise ValueError(f"backend: {backend!r} is not available; choose one of {', '.join(BACKENDS)}")
     loaded = load_model(model, dtype=dtype, trust_remote_code=trust_remote_code)

@@ -33,6 +33,7 @@ WEIGHTS = "weights.safetensors"
 KERNELS = "kernels"
 # A backend that generates kernels attaches {relative name: source text or binary bytes} under this name.
 KERNELS_ATTR = "kernels"
+_MANIFEST_KEYS = ("versions", "options", "model", "submodules", "weights", "kernels", "report", "files")
 
 Progress = Callable[[str], None]
 
@@ -201,6 +202,9 @@ def _read_manifest(root: Path) -> dict[str, Any]:
     if manifest.get("format") != FORMAT:
         raise ArtifactError(f"{root}: version mismatch: artifact format {manifest.get('format')!r}, "
                             f"this kiln reads format {FORMAT}")
+    missing = [key for key in _MANIFEST_KEYS if key not in manifest]
+    if missing:
+        raise ArtifactError(f"{root}: {MANIFEST} lacks {', '.join(missing)}; recompile with `kiln compile -o`")
     return manifest
 
 
@@ -275,7 +279,7 @@ def load(path: str | Path, *, backend: str = "auto", dtype: str | torch.dtype | 
     say = progress or (lambda _msg: None)
     root = Path(path)
     manifest = _read_manifest(root)
-    check_versions(root, manifest.get("versions", {}))
+    check_versions(root, manifest["versions"])
     saved = manifest["options"]
     if dtype is not None:
         from kiln.models.loader import _resolve_dtype  # only here: it pulls in the transformers model stack
