@@ -45,15 +45,42 @@ def paged_attention(
     cached positions j <= p (and p - j < window when window > 0). softcap > 0 applies tanh soft-capping to the
     scores (Gemma 2 style). Returns [T, Hq, Dv].
     """
+    num_tokens = q.shape[0]
+    _, _, kv_heads, head_dim = k_cache.shape
+    k_cache.view(-1, kv_heads, head_dim).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    v_cache.view(-1, kv_heads, v_cache.shape[-1]).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+    args = (scale, window, softcap)
+    if not cpu_attention.decode_supported(q, k_cache, v_cache):
+        return _attend_padded(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, *args)
+    # Decode rows (one new token) read the cache blocks in place through the C kernel; only sequences with
+    # several new tokens (prefill chunks) pay for the padded torch formulation.
+    if num_tokens == seq_lens.numel():
+        return cpu_attention.paged_decode(q, k_cache, v_cache, block_tables, seq_lens, *args)
+    query_lens = query_start_loc[1:] - query_start_loc[:-1]
+    decode = query_lens == 1
+    if not bool(decode.any()):
+        return _attend_padded(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, *args)
+    out = q.new_empty(num_tokens, q.shape[1], v_cache.shape[-1])
+    dec_seqs, pre_seqs = decode.nonzero().squeeze(1), (~decode).nonzero().squeeze(1)
+    dec_tokens = query_start_loc[:-1].long()[dec_seqs]
+    out[dec_tokens] = cpu_attention.paged_decode(
+        q[dec_tokens], k_cache, v_cache, block_tables[dec_seqs], seq_lens[dec_seqs], *args)
+    pre_tokens = (~decode).repeat_interleave(query_lens.long(), output_size=num_tokens).nonzero().squeeze(1)
+    pre_lens = query_lens[pre_seqs]
+    pre_starts = torch.cat([pre_lens.new_zeros(1), pre_lens.cumsum(0)])
+    out[pre_tokens] = _attend_padded(
+        q[pre_tokens], k_cache, v_cache, block_tables[pre_seqs], seq_lens[pre_seqs], pre_starts, *args)
+    return out
+
+
+def _attend_padded(
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, seq_lens: Tensor, query_start_loc: Tensor,
+    scale: float, window: int, softcap: float,
+) -> Tensor:
+    """Attention in torch: gather each sequence's context, pad queries per sequence, mask by position."""
     num_tokens, num_heads, _ = q.shape
     _, block_size, kv_heads, head_dim = k_cache.shape
     v_dim = v_cache.shape[-1]
-    k_cache.view(-1, kv_heads, head_dim).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
-    v_cache.view(-1, kv_heads, v_dim).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
-    if num_tokens == seq_lens.numel() and cpu_attention.decode_supported(q, k_cache, v_cache):
-        # Pure decode (one new token per sequence): read the blocks in place instead of gathering them.
-        return cpu_attention.paged_decode(q, k_cache, v_cache, block_tables, seq_lens, scale, window, softcap)
-
     seq_id, row, _, max_q = _token_layout(query_start_loc, seq_lens, num_tokens)
     num_seqs = seq_lens.numel()
     # Only gather as many blocks as the longest context needs.

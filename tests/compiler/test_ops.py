@@ -32,7 +32,8 @@ def test_paged_attention_ragged_prefill_then_decode(monkeypatch, use_c, window, 
     gen = torch.Generator().manual_seed(0)
     heads, kv_heads, dim, block = 4, 2, 8, 4
     prompt_lens, cached = [9, 1, 14], [0, 0, 5]  # the third sequence already holds 5 cached tokens
-    total = [c + p + 3 for c, p in zip(cached, prompt_lens)]  # + 3 decode steps
+    mixed = [1, 4, 1]  # a step where the second sequence prefills a chunk while the others decode
+    total = [c + p + m + 3 for c, p, m in zip(cached, prompt_lens, mixed)]  # + 3 decode steps
     keys = [torch.randn(n, kv_heads, dim, generator=gen) for n in total]
     values = [torch.randn(n, kv_heads, dim, generator=gen) for n in total]
     # Blocks interleaved across sequences (and block 0 unused), never contiguous within one sequence.
@@ -57,5 +58,7 @@ def test_paged_attention_ragged_prefill_then_decode(monkeypatch, use_c, window, 
     ops.paged_attention(torch.randn(5, heads, dim), keys[2][:5], values[2][:5], k_cache, v_cache, meta.slot_mapping,
                         meta.block_tables, meta.seq_lens, meta.query_start_loc, 0.3, window, softcap)
     step(prompt_lens, cached)
+    done = [c + p for c, p in zip(cached, prompt_lens)]
+    step(mixed, done)
     for i in range(3):
-        step([1, 1, 1], [c + p + i for c, p in zip(cached, prompt_lens)])
+        step([1, 1, 1], [d + m + i for d, m in zip(done, mixed)])
