@@ -1,10 +1,11 @@
 """Decode-step time on the reference backend, with and without the fusion passes, in the same run.
 
 A ~30M-parameter random Llama (hidden 512, 8 layers, 8 heads / 4 KV heads, vocab 8192, intermediate 1408);
-a batch of S sequences each at context C decodes one token per step. The two engines alternate in rounds so
-that load from other processes hits both alike; the figure is the median step time over all rounds.
+a batch of S sequences each at context C decodes one token per step. The two engines alternate step by step
+(in alternating order) so that bursts of load from other processes hit both alike; the figure is the median
+step time.
 
-    python -m kiln.bench.fusion_decode --batch 32 --context 128 --steps 20 --rounds 5
+    python -m kiln.bench.fusion_decode --batch 32 --context 128 --steps 100 --threads 1
 """
 from __future__ import annotations
 
@@ -42,22 +43,20 @@ def decode_inputs(compiled: kiln.CompiledModel, batch: int, context: int) -> tup
     return ids, torch.full((batch,), context), meta, caches
 
 
-def step_times(compiled: kiln.CompiledModel, inputs: tuple, steps: int) -> list[float]:
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        compiled(*inputs)
-        times.append(time.perf_counter() - start)
-    return times
+def step_time(compiled: kiln.CompiledModel, inputs: tuple) -> float:
+    start = time.perf_counter()
+    compiled(*inputs)
+    return time.perf_counter() - start
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--context", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=20, help="steps per round and engine")
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=100, help="decode steps timed per engine")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: stable on a shared machine)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     print(f"machine: {platform.machine()} {platform.processor() or platform.platform()}, {os.cpu_count()} CPUs, "
           f"torch threads {torch.get_num_threads()}; python {platform.python_version()}, torch {torch.__version__}, "
           f"transformers {transformers.__version__}")
@@ -66,15 +65,16 @@ def main() -> None:
         engines = {"fused": kiln.compile(path), "unfused": kiln.compile(path, **NO_FUSION)}
     params = sum(p.numel() for p in engines["fused"].graph_module.parameters())
     print(f"model: Llama {params / 1e6:.1f}M params; decode batch {args.batch} at context {args.context}, "
-          f"{args.rounds} rounds x {args.steps} steps per engine")
+          f"{args.steps} steps per engine")
     inputs = {name: decode_inputs(e, args.batch, args.context) for name, e in engines.items()}
     times: dict[str, list[float]] = {name: [] for name in engines}
     with torch.inference_mode():
         for name, e in engines.items():  # warm-up
-            step_times(e, inputs[name], 3)
-        for _ in range(args.rounds):
-            for name, e in engines.items():
-                times[name] += step_times(e, inputs[name], args.steps)
+            for _ in range(3):
+                step_time(e, inputs[name])
+        for step in range(args.steps):
+            for name in list(engines)[:: 1 if step % 2 else -1]:
+                times[name].append(step_time(engines[name], inputs[name]))
     for name, e in engines.items():
         ops = layer_op_counts(e.graph_module, e.num_layers)
         print(f"{name:>8}: median decode step {statistics.median(times[name]) * 1e3:7.2f} ms "

@@ -113,15 +113,13 @@ def _(gate_up, approximate):
 
 
 def _rotate(x: Tensor, cos: Tensor, sin: Tensor, rotary_dim: int, neox_style: bool) -> Tensor:
-    rot, rest = x[..., :rotary_dim], x[..., rotary_dim:]
-    if neox_style:  # rotate-half: pairs (i, i + rotary_dim/2), HF's convention
-        x1, x2 = rot.chunk(2, dim=-1)
-        cos, sin = torch.cat([cos, cos], -1), torch.cat([sin, sin], -1)
-        rotated = rot * cos + torch.cat([-x2, x1], -1) * sin
+    if neox_style:  # rotate-half, pairs (i, i + rotary_dim/2): x*cos + cat(-x2, x1)*sin written per half, same bits
+        x1, x2 = x[..., : rotary_dim // 2], x[..., rotary_dim // 2 : rotary_dim]
+        parts = [x1 * cos - x2 * sin, x2 * cos + x1 * sin]
     else:  # GPT-J interleaved: pairs (2i, 2i + 1)
-        x1, x2 = rot[..., 0::2], rot[..., 1::2]
-        rotated = torch.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).flatten(-2)
-    return torch.cat([rotated, rest], -1) if rest.shape[-1] else rotated
+        x1, x2 = x[..., 0:rotary_dim:2], x[..., 1:rotary_dim:2]
+        parts = [torch.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).flatten(-2)]
+    return torch.cat(parts + [x[..., rotary_dim:]] if rotary_dim < x.shape[-1] else parts, -1)
 
 
 @torch.library.custom_op("kiln::rope", mutates_args=())
