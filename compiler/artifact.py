@@ -9,7 +9,7 @@ is checked against its hash first.
 from __future__ import annotations
 
 import hashlib
-import importlib
+import importlib.metadata
 import importlib.util
 import json
 import shutil
@@ -52,16 +52,16 @@ def is_artifact(path: object) -> bool:
 
 def versions() -> dict[str, str | None]:
     """The versions that decide whether an artifact's forward and weights still mean the same thing."""
-    import transformers
-
     from kiln import __version__
 
-    try:
-        triton: str | None = importlib.import_module("triton").__version__
-    except ImportError:
-        triton = None
-    return {"kiln": __version__, "torch": torch.__version__, "triton": triton,
-            "transformers": transformers.__version__}
+    def installed(package: str) -> str | None:  # from package metadata: importing triton just to ask is slow
+        try:
+            return importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    return {"kiln": __version__, "torch": torch.__version__, "triton": installed("triton"),
+            "transformers": installed("transformers")}
 
 
 # Saving ------------------------------------------------------------------------------------------------
