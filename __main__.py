@@ -1,4 +1,4 @@
-"""The `kiln` command (`python -m kiln`): demo, compile, generate, bench, serve.
+"""The `kiln` command (`python -m kiln`): demo, compile, generate, bench, serve, export.
 
 Only argparse is imported here so that `--help` answers instantly; the work lives in
 `kiln.commands`, which pulls in torch and transformers when a command actually runs.
@@ -111,6 +111,22 @@ def build_parser() -> argparse.ArgumentParser:
                        help="KV cache blocks (default: sized from max-num-seqs and max-model-len)")
     serve.add_argument("--block-size", type=int, default=16, metavar="N", help="tokens per KV block (default: 16)")
     _add_compile_options(serve)
+
+    export = sub.add_parser("export", help="export MODEL_DIR as an MLIR module via torch-mlir (optional extra)",
+                            description="Compile MODEL_DIR (reference graph), decompose kiln ops into core aten "
+                                        "and write one MLIR function `forward` (prefill and decode: dynamic "
+                                        "tokens, caches in and updated caches out; see kiln.compiler.mlir_export). "
+                                        "Needs torch-mlir (`pip install 'kiln[mlir]'`).")
+    export.add_argument("model_dir", metavar="MODEL_DIR", help="a Hugging Face checkpoint directory")
+    export.add_argument("--format", default="linalg", choices=["torch", "linalg", "stablehlo", "tosa"],
+                        help="MLIR dialect level (default: linalg, i.e. linalg-on-tensors)")
+    export.add_argument("-o", "--output", required=True, metavar="FILE", help="the .mlir file to write")
+    export.add_argument("--block-size", type=int, default=16, metavar="N",
+                        help="tokens per KV block, fixed in the cache shapes (default: 16)")
+    export.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                        help="weight/activation dtype (default: the checkpoint's own)")
+    export.add_argument("--max-model-len", type=int, default=None, metavar="N",
+                        help="longest prompt+generation the module is planned for")
     return parser
 
 
@@ -126,7 +142,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from kiln import commands
 
     return {"demo": commands.demo, "compile": commands.compile_cmd,
-            "generate": commands.generate, "bench": commands.bench, "serve": commands.serve}[args.command](args)
+            "generate": commands.generate, "bench": commands.bench, "serve": commands.serve,
+            "export": commands.export}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -199,6 +199,28 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def export(args: argparse.Namespace) -> int:
+    """`kiln export`: the reference graph as an MLIR module (kiln.compiler.mlir_export) written to -o."""
+    from kiln.compiler import mlir_export
+
+    try:
+        mlir_export.require_torch_mlir()
+    except mlir_export.MissingTorchMlir as err:
+        return _fail(f"export: {err}")
+    problem = _checkpoint_problem(args.model_dir)
+    if problem:
+        return _fail(problem)
+    args.backend = "reference"  # the export decomposes the reference graph's kiln ops
+    try:
+        compiled = _compile(args, args.model_dir)
+        _progress(f"lowering to {args.format} MLIR through torch-mlir")
+        path = mlir_export.write_mlir(compiled, args.output, args.format, args.block_size)
+    except (ValueError, FileNotFoundError, NotImplementedError) as err:
+        return _fail(str(err))
+    print(f"wrote {path} ({args.format}, {path.stat().st_size / 1e6:.1f} MB)")
+    return 0
+
+
 def _strip_eos(ids: list[int], eos_ids: set[int]) -> list[int]:
     return ids[:-1] if ids and ids[-1] in eos_ids else ids
 

@@ -38,7 +38,8 @@ class MissingTorchMlir(RuntimeError):
     """torch-mlir is not installed; the message says how to get it."""
 
 
-def _torch_mlir() -> Any:
+def require_torch_mlir() -> Any:
+    """The torch_mlir package; MissingTorchMlir (saying how to install it) when it is absent."""
     try:
         import torch_mlir.fx
     except ImportError as exc:
@@ -77,7 +78,7 @@ def export_mlir(compiled: CompiledModel, fmt: str = "linalg", block_size: int = 
     """The model as a torch-mlir `Module` in `fmt` (a key of FORMATS); `str(module)` is its text."""
     if fmt not in FORMATS:
         raise ValueError(f"format: {fmt!r} is not one of {', '.join(FORMATS)}")
-    torch_mlir = _torch_mlir()
+    torch_mlir = require_torch_mlir()
     program = export_program(compiled, block_size)
     return torch_mlir.fx.export_and_import(program, output_type=FORMATS[fmt], func_name="forward")
 
@@ -120,7 +121,7 @@ class LinalgExecutable:
     """
 
     def __init__(self, module: Any) -> None:
-        torch_mlir = _torch_mlir()
+        torch_mlir = require_torch_mlir()
         from torch_mlir.compiler_utils import run_pipeline_with_repro_report
         from torch_mlir.execution_engine import ExecutionEngine
         from torch_mlir.runtime import UnrankedMemRefDescriptor, unranked_memref_to_numpy
