@@ -30,15 +30,20 @@ def compile(
     dtype: str | torch.dtype | None = None,
     max_model_len: int | None = None,
     trust_remote_code: bool = False,
+    quantization: str | None = None,
+    kv_cache_dtype: str | None = None,
     **options: bool,
 ) -> CompiledModel:
     """Capture `model` (a local HF directory or a PreTrainedModel), run the pass pipeline, return the engine.
 
+    quantization: "int8", "w8a8[:smooth]" or "int4[:g32|g64|g128][:zp][:awq]" (each may add ":head");
+    kv_cache_dtype: "int8" or "fp8_e4m3". See `kiln.passes.quantize`.
     options: one flag per optional pass (e.g. `prune_logits=False`); see `kiln.passes.pipeline.PASS_FLAGS`.
     """
     if artifact.is_artifact(model):  # compiled ahead of time already: nothing to capture or rewrite
+        fixed = {k: v for k, v in (("quantization", quantization), ("kv_cache_dtype", kv_cache_dtype)) if v}
         return artifact.load(model, backend=backend, dtype=dtype, max_model_len=max_model_len,
-                             trust_remote_code=trust_remote_code, **options)
+                             trust_remote_code=trust_remote_code, **fixed, **options)
     # Imported only now: starting from an artifact needs none of this (the model stack, export, passes,
     # codegen), and importing it is most of an artifact's cold start.
     from kiln.codegen.lower import LowerToTriton
@@ -46,6 +51,7 @@ def compile(
     from kiln.models.registry import layer_windows
     from kiln.passes.base import PassContext, PassReport, run_passes
     from kiln.passes.pipeline import build_pipeline
+    from kiln.passes.quantize import QuantConfig
 
     from .capture import capture
 
@@ -60,13 +66,14 @@ def compile(
         max_model_len = limit
     elif not 1 <= max_model_len <= limit:
         raise ValueError(f"max_model_len: {max_model_len} is outside 1..{limit} (the model's position limit)")
-    passes = build_pipeline(options)
+    passes = build_pipeline(options, QuantConfig.parse(quantization, kv_cache_dtype))
     if backend == "triton":
         passes.append(LowerToTriton())
     gm = capture(loaded.model, max_model_len)
     ctx = PassContext(config=config, layer_windows=layer_windows(config))
     report = PassReport(num_layers=config.num_hidden_layers)
     run_passes(gm, passes, ctx, report)
+    report.quantization = ctx.state.get("quantization", {})
     layouts = [KVLayout(*shape) for shape in ctx.state["kv_shapes"]]
     compiled = CompiledModel(
         graph_module=gm,
@@ -79,6 +86,7 @@ def compile(
         backend=backend,
         tokenizer=loaded.tokenizer,
         eos_token_ids=_eos_ids(loaded.generation_config, config),
+        kv_cache_dtype=ctx.state.get("kv_cache_dtype"),
     )
     compiled.generation_config = loaded.generation_config  # saved into artifacts as generation_config.json
     return compiled

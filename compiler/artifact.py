@@ -164,7 +164,7 @@ def _write(compiled: CompiledModel, gm: fx.GraphModule, root: Path, options: dic
                     "max_model_len": compiled.max_model_len, **({"target": target} if target else {}),
                     **options},
         "model": {"device": str(compiled.device), "kv_layouts": [vars(layout) for layout in compiled.kv_layouts],
-                  "eos_token_ids": compiled.eos_token_ids},
+                  "eos_token_ids": compiled.eos_token_ids, "kv_cache_dtype": compiled.kv_cache_dtype},
         "submodules": submodules,
         "weights": {"parameters": params, "aliases": aliases},
         "kernels": {name: "binary" if isinstance(c, bytes) else "text" for name, c in kernels.items()},
@@ -319,6 +319,7 @@ def load(path: str | Path, *, backend: str = "auto", dtype: str | torch.dtype | 
         backend=saved["backend"],
         tokenizer=tokenizer,
         eos_token_ids=model["eos_token_ids"],
+        kv_cache_dtype=model.get("kv_cache_dtype"),
     )
     compiled.generation_config = GenerationConfig.from_pretrained(root)
     setattr(compiled, KERNELS_ATTR, {

@@ -8,6 +8,7 @@ import torch.fx as fx
 
 from kiln.passes.base import PassReport
 
+from . import quant_ops  # registers the quantized kiln:: ops (artifacts' forwards call them too)
 from .metadata import AttentionMetadata
 
 
@@ -35,6 +36,7 @@ class CompiledModel:
         backend: str,
         tokenizer: object | None = None,
         eos_token_ids: list[int] | None = None,
+        kv_cache_dtype: str | None = None,
     ) -> None:
         self.graph_module = graph_module
         self.report = report
@@ -47,6 +49,7 @@ class CompiledModel:
         self.tokenizer = tokenizer
         self.eos_token_ids = eos_token_ids or []
         self.vocab_size = int(hf_config.vocab_size)
+        self.kv_cache_dtype = kv_cache_dtype  # "int8" / "fp8_e4m3": vectors stored [D values | fp32 scale]
 
     @property
     def num_layers(self) -> int:
@@ -62,15 +65,23 @@ class CompiledModel:
 
     def kv_cache_bytes_per_block(self, block_size: int) -> int:
         """Bytes one block takes across all layers, K and V: what sizes the pool from a memory budget."""
-        elem = torch.empty((), dtype=self.dtype).element_size()
-        return sum(block_size * l.kv_heads * (l.head_dim + l.v_head_dim) * elem for l in self.kv_layouts)
+        dtype, extra = self._cache_dtype()
+        elem = torch.empty((), dtype=dtype).element_size()
+        return sum(block_size * l.kv_heads * (l.head_dim + l.v_head_dim + 2 * extra) * elem for l in self.kv_layouts)
+
+    def _cache_dtype(self) -> tuple[torch.dtype, int]:
+        """The cache element type and the elements each K/V vector carries beyond its values (its scale)."""
+        if self.kv_cache_dtype is None:
+            return self.dtype, 0
+        return quant_ops.KV_CACHE_DTYPES[self.kv_cache_dtype], quant_ops.SCALE_BYTES
 
     def allocate_kv_cache(self, num_blocks: int, block_size: int) -> list[torch.Tensor]:
         """Zeroed K and V caches for every layer, in the order the graph takes them."""
         caches = []
+        dtype, extra = self._cache_dtype()
         for layout in self.kv_layouts:
             for dim in (layout.head_dim, layout.v_head_dim):
-                caches.append(torch.zeros(num_blocks, block_size, layout.kv_heads, dim, dtype=self.dtype, device=self.device))
+                caches.append(torch.zeros(num_blocks, block_size, layout.kv_heads, dim + extra, dtype=dtype, device=self.device))
         return caches
 
     @torch.inference_mode()

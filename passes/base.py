@@ -100,6 +100,7 @@ class PassReport:
     ops_final: Counter = field(default_factory=Counter)
     num_layers: int = 0
     layer_ops: tuple[list[int], list[int]] = ([], [])  # compute ops per decoder layer, before and after
+    quantization: dict[str, Any] = field(default_factory=dict)  # passes/quantize.py: accuracy and memory
 
     def format(self) -> str:
         lines = ["pass               what it matched/removed/added              graph ops (all calls)"]
@@ -113,6 +114,14 @@ class PassReport:
             before, after = self.layer_ops
             lines.append(f"compute ops per decoder layer: {before} -> {after}")
         lines.append("final ops: " + ", ".join(f"{k} x{v}" for k, v in self.ops_final.most_common()))
+        if self.quantization:
+            q = self.quantization
+            before, after = q["weight_bytes"]
+            lines.append(f"quantization {q['mode']} (kv cache {q['kv_cache_dtype'] or 'model dtype'}): quantized "
+                         f"weights {before / 2**20:.1f} -> {after / 2**20:.1f} MiB, teacher-forced top-1 agreement "
+                         f"{q['top1_agreement']:.1%} over {q['calibration_tokens']} calibration tokens")
+            lines.append("relative output error per layer (worst linear): "
+                         + ", ".join(f"{e:.4f}" for e in q["layer_errors"]))
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
@@ -122,6 +131,7 @@ class PassReport:
             "ops_final": dict(self.ops_final),
             "num_layers": self.num_layers,
             "layer_ops": self.layer_ops,
+            "quantization": self.quantization,
         }
 
     @classmethod
@@ -133,6 +143,7 @@ class PassReport:
             ops_final=Counter(data["ops_final"]),
             num_layers=data["num_layers"],
             layer_ops=tuple(data.get("layer_ops", ([], []))),
+            quantization=data.get("quantization", {}),
         )
 
 

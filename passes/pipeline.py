@@ -10,6 +10,7 @@ from .fuse_regions import FuseRegions
 from .fuse_rope import FuseRope
 from .paged_attention import PagedAttention
 from .prune_logits import PruneLogits
+from .quantize import Quantize, QuantConfig
 
 # Flags a user may turn off; the paged-attention rewrite and the final cleanup are the contract, not options.
 PASS_FLAGS = {
@@ -20,6 +21,7 @@ PASS_FLAGS = {
     "fuse_norm": True,
     "fuse_rope": True,
     "fuse_regions": True,
+    "quantize": True,  # runs only when a quantization or kv_cache_dtype is asked for
 }
 
 # Fusions in the order they run: activation fusion matches the halves fuse_linears makes; region fusion takes
@@ -28,8 +30,8 @@ _FUSIONS = [("fuse_linears", FuseLinears), ("fuse_activation", FuseActivation), 
             ("fuse_rope", FuseRope), ("fuse_regions", FuseRegions)]
 
 
-def build_pipeline(options: dict[str, bool]) -> list[GraphPass]:
-    """The passes to run for these flags; unknown flags are refused by name."""
+def build_pipeline(options: dict[str, bool], quant: QuantConfig | None = None) -> list[GraphPass]:
+    """The passes to run for these flags; unknown flags are refused by name. Quantization runs after fusion."""
     unknown = sorted(set(options) - set(PASS_FLAGS))
     if unknown:
         raise ValueError(f"unknown compile option(s): {', '.join(unknown)}; known: {', '.join(PASS_FLAGS)}")
@@ -41,6 +43,8 @@ def build_pipeline(options: dict[str, bool]) -> list[GraphPass]:
     if flags["prune_logits"]:
         passes.append(PruneLogits())
     passes += [cls() for flag, cls in _FUSIONS if flags[flag]]
+    if quant is not None and quant.enabled and flags["quantize"]:
+        passes.append(Quantize(quant))
     final = Cleanup()
     final.name = "final_cleanup"
     passes.append(final)
