@@ -14,6 +14,9 @@ $(STAMP): pyproject.toml
 	# The CPU build of torch first, pinned, so nothing later pulls a CUDA build.
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e '.[dev]'
+	# Optional: torch-mlir for `kiln export` (extra `mlir`); --no-deps so it cannot replace the pinned torch.
+	$(BIN)/python -m pip install -q --no-deps torch-mlir==20261001 && $(BIN)/python -m pip install -q numpy packaging \
+		|| echo "WARNING: torch-mlir not installed; 'kiln export' (MLIR) is unavailable, everything else works"
 	touch $(STAMP)
 
 demo: install

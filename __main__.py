@@ -123,6 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("-o", "--output", required=True, metavar="FILE", help="the .mlir file to write")
     export.add_argument("--block-size", type=int, default=16, metavar="N",
                         help="tokens per KV block, fixed in the cache shapes (default: 16)")
+    export.add_argument("--static", default=None, metavar="T,S,B,N",
+                        help="static functions prefill (T tokens, S seqs) and decode (S tokens), B blocks per "
+                             "sequence, N cache blocks, instead of one dynamic forward (tosa: always; "
+                             "default 128,4,8,33)")
     export.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                         help="weight/activation dtype (default: the checkpoint's own)")
     export.add_argument("--max-model-len", type=int, default=None, metavar="N",

@@ -210,11 +210,15 @@ def export(args: argparse.Namespace) -> int:
     problem = _checkpoint_problem(args.model_dir)
     if problem:
         return _fail(problem)
+    try:
+        static = mlir_export.StaticShape(*map(int, args.static.split(","))) if args.static else None
+    except (TypeError, ValueError):
+        return _fail(f"export --static: {args.static!r} is not four integers T,S,B,N")
     args.backend = "reference"  # the export decomposes the reference graph's kiln ops
     try:
         compiled = _compile(args, args.model_dir)
         _progress(f"lowering to {args.format} MLIR through torch-mlir")
-        path = mlir_export.write_mlir(compiled, args.output, args.format, args.block_size)
+        path = mlir_export.write_mlir(compiled, args.output, args.format, args.block_size, static)
     except (ValueError, FileNotFoundError, NotImplementedError) as err:
         return _fail(str(err))
     print(f"wrote {path} ({args.format}, {path.stat().st_size / 1e6:.1f} MB)")

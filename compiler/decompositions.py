@@ -44,7 +44,10 @@ def paged_attention(
     context_lens = seq_lens.long() - (ends - starts)
     q_pos = context_lens[seq_id] + token - starts[seq_id]  # absolute position of each token
 
-    slots = block_tables.long()[seq_id]  # [T, max_blocks]
+    # Rows of block_tables picked out of its flattened form: a gather of whole rows of a dynamic width has no
+    # static slice size, which StableHLO's gather needs.
+    width = block_tables.shape[1]
+    slots = block_tables.long().flatten()[seq_id[:, None] * width + torch.arange(width, device=q.device)]
     slots = (slots[:, :, None] * block_size + torch.arange(block_size, device=q.device)).flatten(1)  # [T, C]
     k_pos = torch.arange(slots.shape[1], device=q.device)
     allowed = k_pos[None, :] <= q_pos[:, None]
