@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from .launch import device_shared_limit, pick, run
-from .templates import cache_write, gated_act, paged_attention as attn, rms_norm as rms_desc, rope as rope_desc
+from .templates import cache_write, gated_act, paged_attention as attn, quant_matmul, rms_norm as rms_desc, rope as rope_desc
 
 
 def _rows(x: Tensor) -> Tensor:
@@ -101,4 +101,5 @@ LOWERINGS = {
     "kiln.gelu_mul": gelu_mul,
     "kiln.rope": rope,
     "kiln.paged_attention": paged_attention,
+    **quant_matmul.LOWERINGS,  # kiln::linear_int8 / linear_w8a8 / linear_int4
 }

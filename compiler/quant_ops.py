@@ -71,10 +71,15 @@ def quantize_int4(w: Tensor, group_size: int, zero_point: bool) -> tuple[Tensor,
 
 
 def dequantize_int4(qweight: Tensor, scales: Tensor, qzeros: Optional[Tensor], group_size: int) -> Tensor:
-    """fp32 W^T [K, N] from the GPTQ layout."""
-    q = unpack_int4(qweight, dim=0).float()
-    zeros = unpack_int4(qzeros, dim=1).float() if qzeros is not None else torch.full_like(scales, 8.0)
-    return (q - zeros.repeat_interleave(group_size, 0)) * scales.repeat_interleave(group_size, 0)
+    """fp32 W^T [K, N] from the GPTQ layout (scales and zeros broadcast per group, never expanded)."""
+    k, n = qweight.shape[0] * 8, qweight.shape[1]
+    q = unpack_int4(qweight, dim=0).view(k // group_size, group_size, n).float()
+    zeros = unpack_int4(qzeros, dim=1).float() if qzeros is not None else 8.0
+    if qzeros is not None:
+        q -= zeros[:, None, :]
+    else:
+        q -= zeros
+    return q.mul_(scales[:, None, :]).view(k, n)
 
 
 def quantize_tokens(x: Tensor) -> tuple[Tensor, Tensor]:

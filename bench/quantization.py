@@ -1,0 +1,141 @@
+"""Quantized engines against fp32 on the reference backend (CPU), HF fp32 in the same run.
+
+A ~110M-parameter random Llama (hidden 768, 12 layers, 12 heads / 4 KV heads of 64, vocab 32000, intermediate
+2048). Per engine: weight memory (every tensor the forward holds), batch-1 decode tokens/s (median step over
+rounds that alternate the engines, so bursts of load from other processes hit all alike), teacher-forced
+top-1 agreement with HF fp32 over 64 tokens (the prompt plus HF's greedy continuation, one packed prefill),
+greedy agreement (tokens equal to HF's free-running greedy output), and KV blocks in a fixed memory budget.
+
+    python -m kiln.bench.quantization --threads 1 --rounds 3 --steps 16
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import transformers
+
+import kiln
+from kiln.compiler.metadata import AttentionMetadata
+from kiln.models.testing import build_tiny_checkpoint
+
+MODEL_SHAPE = dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
+                   num_attention_heads=12, num_key_value_heads=4, head_dim=64, max_position_embeddings=1024)
+ENGINES = {  # name -> (quantization, kv_cache_dtype)
+    "fp32": (None, None), "int8": ("int8", None), "w8a8": ("w8a8", None), "w8a8:smooth": ("w8a8:smooth", None),
+    "int4": ("int4", None), "int4:zp": ("int4:zp", None), "int4:awq": ("int4:awq", None),
+    "fp32+kv int8": (None, "int8"), "fp32+kv fp8": (None, "fp8_e4m3"), "w8a8+kv int8": ("w8a8", "int8"),
+}
+BLOCK, TOKENS, PROMPT = 16, 64, 8
+
+
+def weight_bytes(compiled: kiln.CompiledModel) -> int:
+    gm = compiled.graph_module
+    seen = {t.data_ptr(): t.nbytes for t in [*gm.parameters(), *gm.buffers()]}
+    return sum(seen.values())
+
+
+def hf_greedy(model: torch.nn.Module, prompt: list[int], steps: int) -> tuple[list[int], float]:
+    """HF's greedy continuation and its median decode step time."""
+    tokens, times, past = list(prompt), [], None
+    with torch.inference_mode():
+        ids = torch.tensor([prompt])
+        for _ in range(steps):
+            start = time.perf_counter()
+            out = model(input_ids=ids, past_key_values=past, use_cache=True)
+            times.append(time.perf_counter() - start)
+            past, nxt = out.past_key_values, int(out.logits[0, -1].argmax())
+            tokens.append(nxt)
+            ids = torch.tensor([[nxt]])
+    return tokens[len(prompt):], statistics.median(times[1:])
+
+
+class Decoder:
+    """Batch-1 decode of one sequence over a paged cache, one step at a time."""
+
+    def __init__(self, compiled: kiln.CompiledModel, prompt: list[int], max_len: int) -> None:
+        self.compiled, self.tokens = compiled, list(prompt)
+        self.table = [list(range(-(-max_len // BLOCK)))]
+        self.caches = compiled.allocate_kv_cache(len(self.table[0]), BLOCK)
+        meta = AttentionMetadata.build([len(prompt)], [0], self.table, BLOCK)
+        self.last = compiled(torch.tensor(prompt), torch.arange(len(prompt)), meta, self.caches)
+
+    def step(self) -> float:
+        nxt = int(self.last[0].argmax())
+        pos = len(self.tokens)
+        self.tokens.append(nxt)
+        meta = AttentionMetadata.build([1], [pos], self.table, BLOCK)
+        start = time.perf_counter()
+        self.last = self.compiled(torch.tensor([nxt]), torch.tensor([pos]), meta, self.caches)
+        return time.perf_counter() - start
+
+
+def teacher_forced(compiled: kiln.CompiledModel, sequence: list[int], targets: list[int]) -> float:
+    """Top-1 agreement at each of the last len(targets) positions, all logits from one packed prefill."""
+    table = [list(range(-(-len(sequence) // BLOCK)))]
+    meta = AttentionMetadata.build([len(sequence)], [0], table, BLOCK)
+    meta.logits_indices = torch.arange(len(sequence))
+    logits = compiled(torch.tensor(sequence), torch.arange(len(sequence)), meta,
+                      compiled.allocate_kv_cache(len(table[0]), BLOCK))
+    predicted = logits.argmax(-1)[len(sequence) - len(targets) - 1: -1]
+    return float((predicted == torch.tensor(targets)).float().mean())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: stable on a shared machine)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=16, help="decode steps timed per engine per round")
+    parser.add_argument("--kv-budget-mib", type=int, default=64)
+    parser.add_argument("--engines", default=",".join(ENGINES))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, "
+          f"load average {os.getloadavg()[0]:.2f}; torch {torch.__version__}, transformers {transformers.__version__}")
+    prompt = list(range(10, 10 + PROMPT))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = build_tiny_checkpoint("llama", Path(tmp) / "llama-110m", with_tokenizer=False, **MODEL_SHAPE)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).eval()
+        engines: dict[str, kiln.CompiledModel] = {}
+        for name in args.engines.split(","):
+            start = time.perf_counter()
+            engines[name] = kiln.compile(path, quantization=ENGINES[name][0], kv_cache_dtype=ENGINES[name][1])
+            q = engines[name].report.quantization
+            print(f"compiled {name} in {time.perf_counter() - start:.1f}s"
+                  + (f"; calibration top-1 {q['top1_agreement']:.1%}, worst layer error {max(q['layer_errors'] or [0]):.4f}"
+                     if q else ""), flush=True)
+    target, hf_step = hf_greedy(hf, prompt, TOKENS)
+    print(f"HF fp32: {1 / hf_step:.1f} tok/s batch-1 decode, weights {sum(p.nbytes for p in hf.parameters()) / 2**20:.0f} MiB")
+    max_len = PROMPT + TOKENS + args.rounds * args.steps + 8
+    decoders = {name: Decoder(e, prompt, max_len) for name, e in engines.items()}
+    times: dict[str, list[float]] = {name: [] for name in engines}
+    with torch.inference_mode():
+        for r in range(args.rounds):
+            print(f"round {r}: load average {os.getloadavg()[0]:.2f}", flush=True)
+            for name in list(decoders)[:: 1 if r % 2 else -1]:
+                times[name] += [decoders[name].step() for _ in range(args.steps)]
+    base = statistics.median(times[next(iter(engines))])
+    print(f"\n{'engine':<14}{'weights MiB':>12}{'tok/s':>8}{'vs first':>9}{'vs HF':>7}{'teacher-forced':>16}"
+          f"{'greedy':>8}{'KV blocks':>11}")
+    budget = args.kv_budget_mib * 2**20
+    for name, e in engines.items():
+        step = statistics.median(times[name])
+        greedy = Decoder(e, prompt, PROMPT + TOKENS + 1)
+        for _ in range(TOKENS - 1):
+            greedy.step()
+        generated = greedy.tokens[PROMPT:] + [int(greedy.last[0].argmax())]
+        same = sum(a == b for a, b in zip(generated, target)) / TOKENS
+        print(f"{name:<14}{weight_bytes(e) / 2**20:>12.0f}{1 / step:>8.1f}{base / step:>8.2f}x{hf_step / step:>6.2f}x"
+              f"{teacher_forced(e, prompt + target, target):>16.1%}{same:>8.1%}"
+              f"{budget // e.kv_cache_bytes_per_block(BLOCK):>11}")
+    print(f"load average at the end {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()

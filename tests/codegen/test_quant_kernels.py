@@ -1,0 +1,87 @@
+"""Quantized matmul kernels (codegen/templates/quant_matmul) against the kiln:: op references, under the Triton
+interpreter on CPU; and cross-compiled for sm_90 at Llama-3.2-1B's MLP size."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import kernel_checks  # noqa: F401  (sets TRITON_INTERPRET before kiln.codegen is imported)
+import pytest
+import torch
+
+from kernel_checks import DEVICE, randn
+from kiln.codegen.launch import run
+from kiln.codegen.templates import quant_matmul as qm
+from kiln.compiler import quant_ops as Q
+
+K, N = 256, 96
+
+
+def close(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """fp32 accumulation in another order (TF32 on a GPU): loose absolute, tight relative to the output norm."""
+    err = float((actual.float() - expected.float()).norm() / expected.float().norm())
+    assert err < (5e-3 if DEVICE == "cuda" else 1e-5), err
+
+
+@pytest.mark.parametrize("m", [1, 20])
+def test_int8_dequant_matmul(m: int) -> None:
+    x, w, bias = randn(m, K), randn(N, K), randn(N)
+    q, s = Q.quantize_int8(w)
+    close(qm.linear_int8(x, q, s, bias), Q.linear_int8(x, q, s, bias))
+
+
+@pytest.mark.parametrize("group,zero_point", [(32, True), (64, False)])
+def test_int4_dequant_matmul(group: int, zero_point: bool) -> None:
+    x, w = randn(3, K), randn(N, K)
+    qweight, scales, qzeros = Q.quantize_int4(w, group, zero_point)
+    input_scale = torch.rand(K, device=DEVICE) + 0.5
+    close(qm.linear_int4(x, qweight, scales, qzeros, input_scale, None, group),
+          Q.linear_int4(x, qweight, scales, qzeros, input_scale, None, group))
+
+
+def test_split_k_adds_partials_once() -> None:
+    x, w, bias = randn(2, 1024), randn(N, 1024), randn(N)
+    q, s = Q.quantize_int8(w)
+    config = qm.configs(2)[0]
+    assert qm.split_k_for(2, N, 1024, config) > 1  # what the launcher picks for this decode-sized M
+    out = torch.zeros(2, N, device=DEVICE)
+    run(qm.plan(x, q, s, out, "int8", config, split_k=2, bias=bias))
+    close(out, Q.linear_int8(x, q, s, bias))
+
+
+def test_quantize_rows_is_exact() -> None:
+    x = randn(5, K, scale=3.0)
+    x[0, :4] = torch.tensor([0.5, 1.5, -2.5, 127.0])  # ties round half to even, as torch.round does
+    input_scale = torch.rand(K, device=DEVICE) + 0.5
+    q, s = torch.empty(5, K, dtype=torch.int8, device=DEVICE), torch.empty(5, device=DEVICE)
+    run(qm.plan_quantize_rows(x, q, s, input_scale))
+    ref_q, ref_s = Q.quantize_tokens(x * input_scale)
+    assert torch.equal(q, ref_q)
+    torch.testing.assert_close(s, ref_s, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("m", [1, 20])
+def test_w8a8_scaled_int8_matmul(m: int) -> None:
+    x, w, bias = randn(m, K), randn(N, K), randn(N)
+    q, s = Q.quantize_int8(w)
+    input_scale = torch.rand(K, device=DEVICE) + 0.5
+    close(qm.linear_w8a8(x, q, s, input_scale, bias), Q.linear_w8a8(x, q, s, input_scale, bias))
+
+
+def test_kernels_cross_compile_for_h100(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = (f"import json; from kiln.codegen.templates import quant_matmul as q; "
+            f"print(json.dumps(q.cross_compile({str(tmp_path)!r})))")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    records = json.loads(done.stdout.strip().splitlines()[-1])
+    names = {r["name"] for r in records}
+    assert {f"quant_{m}_{p}" for m in ("int8", "int4", "int4_zp", "w8a8") for p in ("decode", "prefill")} <= names
+    assert "quantize_rows" in names
+    for r in records:
+        assert r["shared_bytes"] <= 227 * 1024 and r["spill_bytes"] == 0 and r["registers"] > 0, r
+        assert Path(r["cubin"]).read_bytes()[:4] == b"\x7fELF"
+    decode = next(r for r in records if r["name"] == "quant_w8a8_decode")
+    assert decode["config"]["SPLIT_K"] > 1  # decode splits K to fill the SMs
