@@ -23,7 +23,7 @@ from kiln.compiler import quant_ops as Q
 
 from . import quant_calibrate as cal
 from .base import GraphPass, PassContext, is_op
-from .fuse_common import call, new_attr, param
+from .fuse_common import new_attr, param
 
 MODES = ("int8", "w8a8", "int4")
 GROUP_SIZES = (32, 64, 128)
@@ -164,7 +164,8 @@ class Quantize(GraphPass):
                      "w8a8": (torch.ops.kiln.linear_w8a8.default, ()),
                      "int4": (torch.ops.kiln.linear_int4.default, (cfg.group_size,))}[cfg.mode]
         with gm.graph.inserting_before(node):
-            new = call(gm.graph, op, (node.args[0], *attrs.values(), bias, *extra), node)
+            new = gm.graph.call_function(op, (node.args[0], *attrs.values(), bias, *extra))
+        new.meta = dict(node.meta)  # same output as the linear (its fake value, its layer's module stack)
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
         self._drop_weight(gm, weight_node)

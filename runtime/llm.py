@@ -17,16 +17,18 @@ class LLM:
     """Compile a model (a path, a PreTrainedModel, or an already compiled CompiledModel) and serve it.
 
     Engine options: block_size, num_kv_blocks, kv_cache_memory, max_num_seqs, max_num_batched_tokens,
-    enable_prefix_caching, enable_chunked_prefill, max_model_len. Compile options: backend, dtype.
+    enable_prefix_caching, enable_chunked_prefill, max_model_len. Compile options: backend, dtype, quantization,
+    kv_cache_dtype (see `kiln.compile`).
     """
 
     def __init__(self, model: Any, *, backend: str = "auto", dtype: Any = None, max_model_len: int | None = None,
-                 **engine_options: Any) -> None:
+                 quantization: str | None = None, kv_cache_dtype: str | None = None, **engine_options: Any) -> None:
         if _is_compiled(model):
             compiled = model
         else:
             from ..compiler.api import compile as kiln_compile
-            compiled = kiln_compile(model, backend=backend, dtype=dtype, max_model_len=max_model_len)
+            compiled = kiln_compile(model, backend=backend, dtype=dtype, max_model_len=max_model_len,
+                                    quantization=quantization, kv_cache_dtype=kv_cache_dtype)
         self.model = compiled
         self.engine = LLMEngine(compiled, max_model_len=max_model_len, **engine_options)
         self._ids = itertools.count()

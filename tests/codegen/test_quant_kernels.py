@@ -85,3 +85,19 @@ def test_kernels_cross_compile_for_h100(tmp_path: Path) -> None:
         assert Path(r["cubin"]).read_bytes()[:4] == b"\x7fELF"
     decode = next(r for r in records if r["name"] == "quant_w8a8_decode")
     assert decode["config"]["SPLIT_K"] > 1  # decode splits K to fill the SMs
+
+
+@pytest.mark.parametrize("spec", ["w8a8:smooth", "int4:g32:zp:awq"])
+def test_triton_backend_runs_quantized_models_like_the_reference(checkpoint, spec: str) -> None:
+    import kiln
+    from hf_reference import run_prefill_then_decode
+
+    path = checkpoint("llama")
+    reference, triton = (kiln.compile(path, backend=b, quantization=spec) for b in ("reference", "triton"))
+    assert "torch.ops.kiln.linear" not in triton.code and "quant_matmul_linear" in triton.code
+    prompts = [[1, 5, 9, 200, 31, 7, 8], [3, 4]]
+    want, want_logits = run_prefill_then_decode(reference, prompts, steps=2)
+    got, got_logits = run_prefill_then_decode(triton, prompts, steps=2)
+    assert got == want
+    for a, b in zip(got_logits, want_logits):
+        torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-3)
