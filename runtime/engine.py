@@ -26,7 +26,8 @@ class LLMEngine:
     def __init__(self, model: Any, *, block_size: int = 16, num_kv_blocks: int | None = None,
                  kv_cache_memory: int | None = None, max_num_seqs: int = 64,
                  max_num_batched_tokens: int | None = None, enable_prefix_caching: bool = True,
-                 enable_chunked_prefill: bool = True, max_model_len: int | None = None) -> None:
+                 enable_chunked_prefill: bool = True, max_model_len: int | None = None,
+                 enforce_eager: bool = False) -> None:
         self.model = model
         self.tokenizer = getattr(model, "tokenizer", None)
         self.eos_token_ids = list(model.eos_token_ids or [])
@@ -47,6 +48,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens,
                                    enable_chunked_prefill)
         self.kv_caches = model.allocate_kv_cache(num_blocks, block_size)
+        self.runner = model.forward if enforce_eager else _decode_graphs(model, self.kv_caches, self.max_model_len, block_size)
         self.sampler = Sampler(self.eos_token_ids)
         self.detokenizer = Detokenizer(self.tokenizer, self.eos_token_ids)
         self.requests: dict[str, Request] = {}
@@ -157,7 +159,7 @@ class LLMEngine:
         now = time.time()
         input_ids, positions, meta = prepare_inputs(sched.seqs, sched.num_new_tokens, self.block_size,
                                                     self.model.device)
-        logits = self.model.forward(input_ids, positions, meta, self.kv_caches)
+        logits = self.runner(input_ids, positions, meta, self.kv_caches)
         ready: list[int] = []
         for i, (seq, num_new) in enumerate(zip(sched.seqs, sched.num_new_tokens)):
             if seq.request.metrics.first_scheduled_time is None:
@@ -229,3 +231,15 @@ class LLMEngine:
             "num_steps": self.num_steps,
             "num_generated_tokens": self.num_generated_tokens,
         }
+
+
+def _decode_graphs(model: Any, kv_caches: list, max_model_len: int, block_size: int) -> Any:
+    """On a GPU with generated kernels, decode steps replay CUDA graphs (one per batch bucket); else run eagerly."""
+    if getattr(model, "backend", None) != "triton" or getattr(model, "device", None) is None \
+            or model.device.type != "cuda":
+        return model.forward
+    from kiln.codegen.cuda_graphs import DecodeGraphs
+
+    graphs = DecodeGraphs(model, kv_caches, max_blocks_per_seq=-(-max_model_len // block_size))
+    graphs.capture()
+    return graphs

@@ -16,7 +16,7 @@ PromptType = str | list[int]
 class LLM:
     """Compile a model (a path, a PreTrainedModel, or an already compiled CompiledModel) and serve it.
 
-    Engine options: block_size, num_kv_blocks, kv_cache_memory, max_num_seqs, max_num_batched_tokens,
+    Engine options: block_size, num_kv_blocks, kv_cache_memory, max_num_seqs, max_num_batched_tokens, enforce_eager,
     enable_prefix_caching, enable_chunked_prefill, max_model_len. Compile options: backend, dtype, quantization,
     kv_cache_dtype (see `kiln.compile`).
     """

@@ -38,3 +38,16 @@ def test_graph_replay_matches_eager_decode(checkpoint) -> None:
         torch.testing.assert_close(logits, eager, atol=1e-4, rtol=1e-4)
         assert all(torch.equal(a, b) for a, b in zip(caches, eager_caches))  # the padded row wrote nothing
         lens = [n + 1 for n in lens]
+
+
+def test_engine_uses_graphs_and_keeps_greedy_tokens(checkpoint) -> None:
+    model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint("llama")).cuda().eval()
+    compiled = kiln.compile(model, backend="triton")
+    prompts = [[1, 5, 9, 200, 31], [3, 4], [100, 101, 102, 7, 8, 9, 10]]
+    params = kiln.SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    graphed = kiln.LLM(compiled, num_kv_blocks=64)
+    assert isinstance(graphed.engine.runner, DecodeGraphs)
+    eager = kiln.LLM(compiled, num_kv_blocks=64, enforce_eager=True)
+    got = [o.outputs[0].token_ids for o in graphed.generate(prompts, params, use_tqdm=False)]
+    want = [o.outputs[0].token_ids for o in eager.generate(prompts, params, use_tqdm=False)]
+    assert got == want
