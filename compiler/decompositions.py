@@ -10,6 +10,7 @@ later, as long as their reference is traceable).
 from __future__ import annotations
 
 import operator
+from typing import Any, Callable
 
 import torch
 import torch.fx as fx
@@ -17,6 +18,7 @@ from torch import Tensor
 from torch._library.custom_ops import OPDEFS
 
 from . import fused_ops, ops  # noqa: F401  (registers the kiln:: ops)
+from .metadata import AttentionMetadata
 
 PAGED_ATTENTION = torch.ops.kiln.paged_attention.default
 
@@ -66,7 +68,7 @@ def paged_attention(
             k_flat.reshape(k_cache.shape), v_flat.reshape(v_cache.shape))
 
 
-def _reference(op: torch._ops.OpOverload):
+def _reference(op: torch._ops.OpOverload) -> Callable[..., Any]:
     """The torch body a pure `kiln::` op was defined with: tracing it yields the op's aten formula."""
     name = op._schema.name
     if any(a.alias_info is not None and a.alias_info.is_write for a in op._schema.arguments):
@@ -76,20 +78,25 @@ def _reference(op: torch._ops.OpOverload):
     return OPDEFS[name]._init_fn
 
 
+# input_ids and positions, then the metadata tensors; the caches follow.
+NUM_STEP_INPUTS = 2 + len(AttentionMetadata.input_names())
+
+
 def is_kiln_op(target: object) -> bool:
+    """Whether an FX node target is one of kiln's custom ops (any overload in the `kiln` namespace)."""
     return isinstance(target, torch._ops.OpOverload) and target.namespace == "kiln"
 
 
-def decompose(gm: fx.GraphModule, num_fixed_inputs: int = 7) -> fx.GraphModule:
+def decompose(gm: fx.GraphModule) -> fx.GraphModule:
     """A new GraphModule over the same weights: no `kiln::` ops, caches returned instead of written.
 
-    The placeholders after the first `num_fixed_inputs` are the caches; the new graph returns the logits
+    The placeholders after the step inputs are the caches; the new graph returns the logits
     followed by each cache's final value, in placeholder order. `gm` itself is left untouched.
     """
     graph = fx.Graph()
     remap: dict[fx.Node, fx.Node] = {}
     output = graph.graph_copy(gm.graph, remap)
-    caches = [n for n in graph.nodes if n.op == "placeholder"][num_fixed_inputs:]
+    caches = [n for n in graph.nodes if n.op == "placeholder"][NUM_STEP_INPUTS:]
     latest = {c: c for c in caches}  # each cache's value after the writes so far (a layer could share one)
     for node in list(graph.nodes):
         if node.op != "call_function" or not is_kiln_op(node.target):
