@@ -52,7 +52,7 @@ def _compile_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     kwargs: dict[str, Any] = {"backend": args.backend, "dtype": getattr(torch, args.dtype) if args.dtype else None,
                               "max_model_len": args.max_model_len}
     if getattr(args, "quantize", None) is not None:
-        kwargs["quantize"] = args.quantize
+        kwargs["quantization"] = args.quantize
     return kwargs
 
 
@@ -86,7 +86,7 @@ def _unavailable_feature(args: argparse.Namespace) -> str | None:
     import kiln
     from kiln.compiler import artifact
 
-    if args.quantize is not None and "quantize" not in inspect.signature(kiln.compile).parameters:
+    if args.quantize is not None and "quantization" not in inspect.signature(kiln.compile).parameters:
         return ("compile --quantize: not available in this kiln build (kiln.compile has no quantize option "
                 "yet); run without --quantize")
     if args.target is not None and not artifact.can_cross_compile():
@@ -114,7 +114,7 @@ def compile_cmd(args: argparse.Namespace) -> int:
     if output is not None:
         from kiln.compiler import artifact
 
-        options = {"quantize": args.quantize} if args.quantize is not None else {}
+        options = {"quantization": args.quantize} if args.quantize is not None else {}
         try:
             artifact.save(compiled, output, options=options, progress=_progress, target=args.target)
         except ValueError as err:

@@ -161,7 +161,7 @@ def test_unavailable_quantization_is_refused(tiny_llama: Path, capsys: pytest.Ca
 
     import kiln
 
-    if "quantize" in inspect.signature(kiln.compile).parameters:
+    if "quantization" in inspect.signature(kiln.compile).parameters:
         pytest.skip("kiln.compile supports --quantize now")
     assert main(["compile", str(tiny_llama), "--quantize", "int8"]) == 2
     assert "compile --quantize: not available" in capsys.readouterr().err
