@@ -66,7 +66,10 @@ def compile(
         max_model_len = limit
     elif not 1 <= max_model_len <= limit:
         raise ValueError(f"max_model_len: {max_model_len} is outside 1..{limit} (the model's position limit)")
-    passes = build_pipeline(options, QuantConfig.parse(quantization, kv_cache_dtype))
+    quant = QuantConfig.parse(quantization, kv_cache_dtype)
+    if loaded.prequantized is not None:  # a GPTQ / AWQ checkpoint: int4 from its own packed weights
+        quant = loaded.prequantized.quant_config(quant, quantization)
+    passes = build_pipeline(options, quant)
     if backend == "triton":
         passes.append(LowerToTriton())
     gm = capture(loaded.model, max_model_len)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedModel
@@ -20,6 +21,7 @@ class LoadedModel:
     tokenizer: object | None
     generation_config: GenerationConfig | None
     source: str
+    prequantized: Any = None  # models/prequantized.Prequantized: a GPTQ / AWQ checkpoint's packed weights
 
 
 def _resolve_dtype(dtype: str | torch.dtype | None, config_dtype: object) -> torch.dtype:
@@ -58,16 +60,22 @@ def load_model(
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     family = family_for(config)
     target = _resolve_dtype(dtype, getattr(config, "dtype", None) or getattr(config, "torch_dtype", None))
-    hf = AutoModelForCausalLM.from_pretrained(
-        path, dtype=target, attn_implementation=family.attn_implementation, trust_remote_code=trust_remote_code
-    ).eval()
+    prequantized = None
+    if getattr(config, "quantization_config", None) is not None:  # GPTQ / AWQ, loaded without their libraries
+        from .prequantized import load_prequantized
+
+        hf, prequantized = load_prequantized(path, config, target, family.attn_implementation)
+    else:
+        hf = AutoModelForCausalLM.from_pretrained(
+            path, dtype=target, attn_implementation=family.attn_implementation, trust_remote_code=trust_remote_code
+        ).eval()
     tokenizer = None
     if any((path / f).is_file() for f in _TOKENIZER_FILES):
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     generation_config = None
     if (path / "generation_config.json").is_file():
         generation_config = GenerationConfig.from_pretrained(path)
-    return LoadedModel(hf, family, tokenizer, generation_config, str(path))
+    return LoadedModel(hf, family, tokenizer, generation_config, str(path), prequantized)
 
 
 __all__ = ["LoadedModel", "UnsupportedModelError", "load_model"]

@@ -55,6 +55,7 @@ class FuseLinears(GraphPass):
         weights = [n.args[1] for n in linears]
         name = _fused_name([w.target for w in weights])
         attrs = [new_attr(gm, f"{name}_weight", torch.cat([param(gm, w) for w in weights]), first)]
+        attrs[0].meta["fused_from"] = [w.target for w in weights]  # passes/quantize.py: pre-quantized parts
         if has_bias:
             attrs.append(new_attr(gm, f"{name}_bias", torch.cat([param(gm, n.args[2]) for n in linears]), first))
         with graph.inserting_before(first):

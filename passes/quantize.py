@@ -8,13 +8,14 @@ strings such as `"int4:g64:zp:awq"`, see QuantConfig.parse):
 Embeddings stay full precision, and so does the LM head unless `head` is given. The graph is run on
 calibration tokens before and after: the per-layer relative output error of the quantized linears on their
 calibration activations and the teacher-forced top-1 agreement land in ctx.state["quantization"], which the
-compile report carries.
+compile report carries. A pre-quantized checkpoint (models/prequantized.py, GPTQ / AWQ) brings its own packed int4
+weights: exactly the linears it packed are rewritten, with those weights, and nothing is quantized here.
 """
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.fx as fx
@@ -24,6 +25,9 @@ from kiln.compiler import quant_ops as Q
 from . import quant_calibrate as cal
 from .base import GraphPass, PassContext, is_op
 from .fuse_common import new_attr, param
+
+if TYPE_CHECKING:
+    from kiln.models.prequantized import PackedLinear, Prequantized
 
 MODES = ("int8", "w8a8", "int4")
 GROUP_SIZES = (32, 64, 128)
@@ -42,6 +46,7 @@ class QuantConfig:
     lm_head: bool = False
     kv_cache_dtype: str | None = None
     calibration: tuple[tuple[int, ...], ...] | None = None
+    prequantized: Prequantized | None = field(default=None, compare=False, repr=False)  # the checkpoint's weights
 
     @classmethod
     def parse(cls, spec: str | None, kv_cache_dtype: str | None = None) -> "QuantConfig":
@@ -85,6 +90,7 @@ class Quantize(GraphPass):
 
     def __init__(self, config: QuantConfig) -> None:
         self.config = config
+        self._packed: dict[fx.Node, PackedLinear | None] = {}
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> dict[str, int]:
         cfg = self.config
@@ -124,6 +130,7 @@ class Quantize(GraphPass):
             "top1_agreement": float((logits.argmax(-1) == ref_logits.argmax(-1)).float().mean()),
             "weight_bytes": [before, after], "layer_errors": [layers[i] for i in sorted(layers)],
             "linear_errors": errors,
+            "prequantized": cfg.prequantized.describe() if cfg.prequantized is not None else None,
         }
         return {"linears": len(linears), "attentions": attentions, "weight_kib_before": before // 1024,
                 "weight_kib_after": after // 1024}
@@ -133,9 +140,20 @@ class Quantize(GraphPass):
         if not is_op(node, "linear"):
             return False
         w = param(gm, node.args[1])
+        if self.config.prequantized is not None:  # exactly the linears the checkpoint packed
+            return w is not None and self._from_checkpoint(node) is not None
         if w is None or w.dim() != 2 or (w.shape[0] == vocab and not self.config.lm_head):
             return False
         return self.config.mode != "int4" or (w.shape[1] % self.config.group_size == 0 and w.shape[0] % 8 == 0)
+
+    def _from_checkpoint(self, node: fx.Node) -> PackedLinear | None:
+        """The checkpoint's packed weight for a linear: one HF linear's, or several fused along N."""
+        if node not in self._packed:
+            weight = node.args[1]
+            targets = weight.meta.get("fused_from", [weight.target])  # set by fuse_linears
+            # Graph attributes are the HF names under capture's wrapper module `model`.
+            self._packed[node] = self.config.prequantized.lookup([t.removeprefix("model.") for t in targets])
+        return self._packed[node]
 
     def _rewrite(self, gm: fx.GraphModule, node: fx.Node, x: torch.Tensor) -> tuple[int, float]:
         """Replace one linear; returns (bytes of the new tensors, relative output error on x)."""
@@ -150,7 +168,10 @@ class Quantize(GraphPass):
         original = w
         if scale is not None:
             w = w * scale
-        if cfg.mode == "int4":
+        packed = self._packed.pop(node, None)
+        if packed is not None:  # pre-quantized: the checkpoint's codes, as they are
+            tensors = {"qweight": packed.qweight, "scales": packed.scales, "qzeros": packed.qzeros}
+        elif cfg.mode == "int4":
             qweight, scales, qzeros = Q.quantize_int4(w, cfg.group_size, cfg.zero_point)
             tensors = {"qweight": qweight, "scales": scales, "qzeros": qzeros}
         else:
@@ -163,6 +184,8 @@ class Quantize(GraphPass):
         op, extra = {"int8": (torch.ops.kiln.linear_int8.default, ()),
                      "w8a8": (torch.ops.kiln.linear_w8a8.default, ()),
                      "int4": (torch.ops.kiln.linear_int4.default, (cfg.group_size,))}[cfg.mode]
+        if packed is not None:
+            extra = (packed.group_size,)
         with gm.graph.inserting_before(node):
             new = gm.graph.call_function(op, (node.args[0], *attrs.values(), bias, *extra))
         new.meta = dict(node.meta)  # same output as the linear (its fake value, its layer's module stack)
