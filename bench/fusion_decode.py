@@ -1,11 +1,12 @@
 """Decode-step time on the reference backend, with and without the fusion passes, in the same run.
 
 A ~30M-parameter random Llama (hidden 512, 8 layers, 8 heads / 4 KV heads, vocab 8192, intermediate 1408);
-a batch of S sequences each at context C decodes one token per step. The two engines alternate step by step
-(in alternating order) so that bursts of load from other processes hit both alike; the figure is the median
-step time.
+batches of S sequences, each at context C, decode one token per step. The two engines alternate step by step
+(in alternating order) so that bursts of load from other processes hit both alike. Figures are medians of the
+wall time and of the CPU time of the stepping thread (with --threads 1 all work runs on it, so CPU time is
+not inflated by other processes taking the core).
 
-    python -m kiln.bench.fusion_decode --batch 32 --context 128 --steps 100 --threads 1
+    python -m kiln.bench.fusion_decode --batch 1 8 32 --context 128 --steps 200 --threads 1
 """
 from __future__ import annotations
 
@@ -43,17 +44,34 @@ def decode_inputs(compiled: kiln.CompiledModel, batch: int, context: int) -> tup
     return ids, torch.full((batch,), context), meta, caches
 
 
-def step_time(compiled: kiln.CompiledModel, inputs: tuple) -> float:
-    start = time.perf_counter()
+def step_time(compiled: kiln.CompiledModel, inputs: tuple) -> tuple[float, float]:
+    """(wall seconds, this thread's CPU seconds) of one decode step."""
+    wall, cpu = time.perf_counter(), time.thread_time()
     compiled(*inputs)
-    return time.perf_counter() - start
+    return time.perf_counter() - wall, time.thread_time() - cpu
+
+
+def compare(engines: dict[str, kiln.CompiledModel], batch: int, context: int, steps: int) -> None:
+    inputs = {name: decode_inputs(e, batch, context) for name, e in engines.items()}
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in engines}
+    with torch.inference_mode():
+        for name, e in engines.items():  # warm-up
+            for _ in range(3):
+                step_time(e, inputs[name])
+        for step in range(steps):
+            for name in list(engines)[:: 1 if step % 2 else -1]:
+                times[name].append(step_time(engines[name], inputs[name]))
+    medians = {name: [statistics.median(t[i] for t in ts) * 1e3 for i in (0, 1)] for name, ts in times.items()}
+    (fw, fc), (uw, uc) = medians["fused"], medians["unfused"]
+    print(f"| {batch:5} | {context:7} | {fw:10.2f} | {uw:12.2f} | {uw / fw:7.2f}x | {fc:9.2f} | {uc:11.2f} | "
+          f"{uc / fc:7.2f}x |")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--context", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=100, help="decode steps timed per engine")
+    parser.add_argument("--steps", type=int, default=200, help="decode steps timed per engine and batch")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: stable on a shared machine)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -64,23 +82,13 @@ def main() -> None:
         path = build_tiny_checkpoint("llama", Path(tmp) / "llama-30m", with_tokenizer=False, **MODEL_SHAPE)
         engines = {"fused": kiln.compile(path), "unfused": kiln.compile(path, **NO_FUSION)}
     params = sum(p.numel() for p in engines["fused"].graph_module.parameters())
-    print(f"model: Llama {params / 1e6:.1f}M params; decode batch {args.batch} at context {args.context}, "
-          f"{args.steps} steps per engine")
-    inputs = {name: decode_inputs(e, args.batch, args.context) for name, e in engines.items()}
-    times: dict[str, list[float]] = {name: [] for name in engines}
-    with torch.inference_mode():
-        for name, e in engines.items():  # warm-up
-            for _ in range(3):
-                step_time(e, inputs[name])
-        for step in range(args.steps):
-            for name in list(engines)[:: 1 if step % 2 else -1]:
-                times[name].append(step_time(engines[name], inputs[name]))
-    for name, e in engines.items():
-        ops = layer_op_counts(e.graph_module, e.num_layers)
-        print(f"{name:>8}: median decode step {statistics.median(times[name]) * 1e3:7.2f} ms "
-              f"(p10 {sorted(times[name])[len(times[name]) // 10] * 1e3:.2f} ms), ops per layer {max(ops)}")
-    speedup = statistics.median(times["unfused"]) / statistics.median(times["fused"])
-    print(f"fusion speedup: {speedup:.2f}x")
+    ops = {name: max(layer_op_counts(e.graph_module, e.num_layers)) for name, e in engines.items()}
+    print(f"model: Llama {params / 1e6:.1f}M params; ops per decoder layer: fused {ops['fused']}, unfused "
+          f"{ops['unfused']}; {args.steps} steps per engine and batch; median ms per decode step\n")
+    print("| batch | context | fused wall | unfused wall | speedup | fused CPU | unfused CPU | speedup |")
+    print("|------:|--------:|-----------:|-------------:|--------:|----------:|------------:|--------:|")
+    for batch in args.batch:
+        compare(engines, batch, args.context, args.steps)
 
 
 if __name__ == "__main__":

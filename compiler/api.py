@@ -46,7 +46,7 @@ def compile(
                              trust_remote_code=trust_remote_code, **fixed, **options)
     # Imported only now: starting from an artifact needs none of this (the model stack, export, passes,
     # codegen), and importing it is most of an artifact's cold start.
-    from kiln.codegen.lower import LowerToTriton
+    from kiln.codegen.lower import LowerToReference, LowerToTriton
     from kiln.models.loader import load_model
     from kiln.models.registry import layer_windows
     from kiln.passes.base import PassContext, PassReport, run_passes
@@ -70,8 +70,7 @@ def compile(
     if loaded.prequantized is not None:  # a GPTQ / AWQ checkpoint: int4 from its own packed weights
         quant = loaded.prequantized.quant_config(quant, quantization)
     passes = build_pipeline(options, quant)
-    if backend == "triton":
-        passes.append(LowerToTriton())
+    passes.append(LowerToTriton() if backend == "triton" else LowerToReference())
     gm = capture(loaded.model, max_model_len)
     ctx = PassContext(config=config, layer_windows=layer_windows(config))
     report = PassReport(num_layers=config.num_hidden_layers)

@@ -18,6 +18,7 @@ from torch import Tensor
 from torch._library.custom_ops import OPDEFS
 
 from . import fused_ops, ops  # noqa: F401  (registers the kiln:: ops)
+from .ops import reference_calls
 from .metadata import AttentionMetadata
 
 PAGED_ATTENTION = torch.ops.kiln.paged_attention.default
@@ -97,6 +98,10 @@ def decompose(gm: fx.GraphModule) -> fx.GraphModule:
     remap: dict[fx.Node, fx.Node] = {}
     output = graph.graph_copy(gm.graph, remap)
     caches = [n for n in graph.nodes if n.op == "placeholder"][NUM_STEP_INPUTS:]
+    declared = {fn: op for op, fn in reference_calls().items()}  # undo backend "reference"'s direct calls
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target in declared:
+            node.target = declared[node.target]
     latest = {c: c for c in caches}  # each cache's value after the writes so far (a layer could share one)
     for node in list(graph.nodes):
         if node.op != "call_function" or not is_kiln_op(node.target):

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import cpu_kernels
+
 
 def _rms(x: Tensor, weight: Tensor, eps: float, weight_offset: float) -> Tensor:
     normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
@@ -21,32 +23,40 @@ def _rms(x: Tensor, weight: Tensor, eps: float, weight_offset: float) -> Tensor:
     return (normed * (weight.float() + weight_offset)).to(x.dtype)  # Gemma: normed * (1 + w) in float32
 
 
-@torch.library.custom_op("kiln::rms_norm", mutates_args=())
 def rms_norm(x: Tensor, weight: Tensor, eps: float, weight_offset: float) -> Tensor:
     """RMSNorm over the last dim, statistics in float32.
 
     weight_offset 0.0: Llama form, `weight * normed.to(x.dtype)`; weight_offset 1.0: Gemma form,
     `(normed * (1 + weight.float())).to(x.dtype)`. x [..., hidden], weight [hidden]; returns x's shape and dtype.
     """
+    if cpu_kernels.applies(x, weight):
+        return cpu_kernels.rms_norm(x, None, weight, eps, weight_offset)[0]
     return _rms(x, weight, eps, weight_offset)
 
 
-@rms_norm.register_fake
+rms_norm_op = torch.library.custom_op("kiln::rms_norm", rms_norm, mutates_args=())
+
+
+@rms_norm_op.register_fake
 def _(x, weight, eps, weight_offset):
     return torch.empty_like(x)
 
 
-@torch.library.custom_op("kiln::add_rms_norm", mutates_args=())
 def add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float, weight_offset: float) -> tuple[Tensor, Tensor]:
     """The residual add before a norm: residual_out = x + residual (in x's dtype), out = rms_norm(residual_out).
 
     Returns (out, residual_out); residual_out is the next layer's residual stream.
     """
+    if cpu_kernels.applies(x, residual, weight) and x.shape == residual.shape:
+        return cpu_kernels.rms_norm(x, residual, weight, eps, weight_offset)
     residual_out = x + residual
     return _rms(residual_out, weight, eps, weight_offset), residual_out
 
 
-@add_rms_norm.register_fake
+add_rms_norm_op = torch.library.custom_op("kiln::add_rms_norm", add_rms_norm, mutates_args=())
+
+
+@add_rms_norm_op.register_fake
 def _(x, residual, weight, eps, weight_offset):
     return torch.empty_like(x), torch.empty_like(x)
 
@@ -55,7 +65,6 @@ def _ln(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float)
     return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
 
 
-@torch.library.custom_op("kiln::layer_norm", mutates_args=())
 def layer_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float) -> Tensor:
     """LayerNorm over the last dim with optional affine weight/bias (None for OLMo's non-parametric norm).
 
@@ -64,12 +73,14 @@ def layer_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps:
     return _ln(x, weight, bias, eps)
 
 
-@layer_norm.register_fake
+layer_norm_op = torch.library.custom_op("kiln::layer_norm", layer_norm, mutates_args=())
+
+
+@layer_norm_op.register_fake
 def _(x, weight, bias, eps):
     return torch.empty_like(x)
 
 
-@torch.library.custom_op("kiln::add_layer_norm", mutates_args=())
 def add_layer_norm(
     x: Tensor, residual: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float
 ) -> tuple[Tensor, Tensor]:
@@ -78,7 +89,10 @@ def add_layer_norm(
     return _ln(residual_out, weight, bias, eps), residual_out
 
 
-@add_layer_norm.register_fake
+add_layer_norm_op = torch.library.custom_op("kiln::add_layer_norm", add_layer_norm, mutates_args=())
+
+
+@add_layer_norm_op.register_fake
 def _(x, residual, weight, bias, eps):
     return torch.empty_like(x), torch.empty_like(x)
 
@@ -88,26 +102,32 @@ def _halves(gate_up: Tensor) -> tuple[Tensor, Tensor]:
     return gate_up[..., :half], gate_up[..., half:]
 
 
-@torch.library.custom_op("kiln::silu_mul", mutates_args=())
 def silu_mul(gate_up: Tensor) -> Tensor:
     """Gated SiLU MLP activation on the fused gate/up projection: gate_up [T, 2I] -> silu(gate) * up [T, I]."""
+    if cpu_kernels.applies(gate_up):
+        return cpu_kernels.silu_mul(gate_up)
     gate, up = _halves(gate_up)
     return F.silu(gate) * up
 
 
-@silu_mul.register_fake
+silu_mul_op = torch.library.custom_op("kiln::silu_mul", silu_mul, mutates_args=())
+
+
+@silu_mul_op.register_fake
 def _(gate_up):
     return gate_up.new_empty(*gate_up.shape[:-1], gate_up.shape[-1] // 2)
 
 
-@torch.library.custom_op("kiln::gelu_mul", mutates_args=())
 def gelu_mul(gate_up: Tensor, approximate: str) -> Tensor:
     """Gated GELU: gate_up [T, 2I] -> gelu(gate, approximate) * up [T, I]; approximate is "none" or "tanh"."""
     gate, up = _halves(gate_up)
     return F.gelu(gate, approximate=approximate) * up
 
 
-@gelu_mul.register_fake
+gelu_mul_op = torch.library.custom_op("kiln::gelu_mul", gelu_mul, mutates_args=())
+
+
+@gelu_mul_op.register_fake
 def _(gate_up, approximate):
     return gate_up.new_empty(*gate_up.shape[:-1], gate_up.shape[-1] // 2)
 
@@ -122,7 +142,6 @@ def _rotate(x: Tensor, cos: Tensor, sin: Tensor, rotary_dim: int, neox_style: bo
     return torch.cat(parts + [x[..., rotary_dim:]] if rotary_dim < x.shape[-1] else parts, -1)
 
 
-@torch.library.custom_op("kiln::rope", mutates_args=())
 def rope(
     q: Tensor, k: Tensor, positions: Tensor, cos_sin_cache: Tensor, rotary_dim: int, neox_style: bool
 ) -> tuple[Tensor, Tensor]:
@@ -133,11 +152,17 @@ def rope(
     the rotation runs in q's dtype. Only the first rotary_dim of D dims rotate (partial rotary); the rest pass
     through.
     """
+    if cpu_kernels.applies(q, k, cos_sin_cache):
+        return cpu_kernels.rope(q, positions, cos_sin_cache, rotary_dim, neox_style), cpu_kernels.rope(
+            k, positions, cos_sin_cache, rotary_dim, neox_style)
     cs = cos_sin_cache[positions.long()].to(q.dtype)[:, None, :]  # [T, 1, rotary_dim]
     cos, sin = cs.chunk(2, dim=-1)
     return _rotate(q, cos, sin, rotary_dim, neox_style), _rotate(k, cos, sin, rotary_dim, neox_style)
 
 
-@rope.register_fake
+rope_op = torch.library.custom_op("kiln::rope", rope, mutates_args=())
+
+
+@rope_op.register_fake
 def _(q, k, positions, cos_sin_cache, rotary_dim, neox_style):
     return torch.empty_like(q), torch.empty_like(k)

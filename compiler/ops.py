@@ -1,14 +1,19 @@
 """The op vocabulary of kiln's IR: `torch.library` custom ops with a torch reference and a fake implementation.
 
-The reference implementations are what backend "reference" runs; they are vectorised over the whole packed
-batch (no per-sequence Python loops), so they double as a usable CPU engine.
+Each op is declared from a plain module-level function (`paged_attention_op = custom_op(..., paged_attention)`),
+its reference. The references are what backend "reference" runs, called directly (see `reference_calls`);
+they are vectorised over the whole packed batch (no per-sequence Python loops) and hand float32 CPU work to the
+C kernels of `cpu_kernels`, so they double as a usable CPU engine.
 """
 from __future__ import annotations
+
+import importlib
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
-from . import cpu_attention
+from . import cpu_kernels
 
 
 def _token_layout(query_start_loc: Tensor, seq_lens: Tensor, num_tokens: int) -> tuple[Tensor, Tensor, Tensor, int]:
@@ -24,7 +29,6 @@ def _token_layout(query_start_loc: Tensor, seq_lens: Tensor, num_tokens: int) ->
     return seq_id, row, positions, max_query_len
 
 
-@torch.library.custom_op("kiln::paged_attention", mutates_args=("k_cache", "v_cache"))
 def paged_attention(
     q: Tensor,
     k: Tensor,
@@ -47,15 +51,16 @@ def paged_attention(
     """
     num_tokens = q.shape[0]
     _, _, kv_heads, head_dim = k_cache.shape
-    k_cache.view(-1, kv_heads, head_dim).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
-    v_cache.view(-1, kv_heads, v_cache.shape[-1]).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
     args = (scale, window, softcap)
-    if not cpu_attention.decode_supported(q, k_cache, v_cache):
+    if not (cpu_kernels.applies(q, k, v, k_cache, v_cache) and k_cache.is_contiguous() and v_cache.is_contiguous()):
+        k_cache.view(-1, kv_heads, head_dim).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+        v_cache.view(-1, kv_heads, v_cache.shape[-1]).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
         return _attend_padded(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, *args)
+    cpu_kernels.cache_write(k, v, k_cache, v_cache, slot_mapping)
     # Decode rows (one new token) read the cache blocks in place through the C kernel; only sequences with
     # several new tokens (prefill chunks) pay for the padded torch formulation.
     if num_tokens == seq_lens.numel():
-        return cpu_attention.paged_decode(q, k_cache, v_cache, block_tables, seq_lens, *args)
+        return cpu_kernels.paged_decode(q, k_cache, v_cache, block_tables, seq_lens, *args)
     query_lens = query_start_loc[1:] - query_start_loc[:-1]
     decode = query_lens == 1
     if not bool(decode.any()):
@@ -63,7 +68,7 @@ def paged_attention(
     out = q.new_empty(num_tokens, q.shape[1], v_cache.shape[-1])
     dec_seqs, pre_seqs = decode.nonzero().squeeze(1), (~decode).nonzero().squeeze(1)
     dec_tokens = query_start_loc[:-1].long()[dec_seqs]
-    out[dec_tokens] = cpu_attention.paged_decode(
+    out[dec_tokens] = cpu_kernels.paged_decode(
         q[dec_tokens], k_cache, v_cache, block_tables[dec_seqs], seq_lens[dec_seqs], *args)
     pre_tokens = (~decode).repeat_interleave(query_lens.long(), output_size=num_tokens).nonzero().squeeze(1)
     pre_lens = query_lens[pre_seqs]
@@ -71,6 +76,10 @@ def paged_attention(
     out[pre_tokens] = _attend_padded(
         q[pre_tokens], k_cache, v_cache, block_tables[pre_seqs], seq_lens[pre_seqs], pre_starts, *args)
     return out
+
+
+paged_attention_op = torch.library.custom_op(
+    "kiln::paged_attention", paged_attention, mutates_args=("k_cache", "v_cache"))
 
 
 def _attend_padded(
@@ -120,6 +129,22 @@ def _attend_padded(
     return out.transpose(1, 2)[seq_id, row]
 
 
-@paged_attention.register_fake
+@paged_attention_op.register_fake
 def _(q, k, v, k_cache, v_cache, slot_mapping, block_tables, seq_lens, query_start_loc, scale, window, softcap):
     return q.new_empty(q.shape[0], q.shape[1], v_cache.shape[-1])
+
+
+def reference_calls() -> dict[Any, Callable[..., Any]]:
+    """What backend "reference" calls in place of each graph target: every kiln op's defining function (the
+    same code without the dispatcher's round trip, about 10 us a call, as much as a fused op's whole work at
+    decode sizes), and for `aten.linear` kiln's CPU linear (a C loop for small-batch decode, else torch)."""
+    from torch._library.custom_ops import OPDEFS
+
+    from . import cpu_kernels, fused_ops, quant_ops  # noqa: F401  (declares their ops)
+
+    found: dict[Any, Callable[..., Any]] = {torch.ops.aten.linear.default: cpu_kernels.linear}
+    for name, opdef in OPDEFS.items():
+        fn = opdef._init_fn
+        if name.startswith("kiln::") and getattr(importlib.import_module(fn.__module__), fn.__qualname__, None) is fn:
+            found[getattr(torch.ops.kiln, name.removeprefix("kiln::")).default] = fn
+    return found

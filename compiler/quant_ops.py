@@ -105,14 +105,15 @@ def int8_mm(a: Tensor, b_t: Tensor) -> Tensor:
     return (a.double() @ b_t.double()).to(torch.int32)  # exact: sums of int8 products fit in float64
 
 
-@torch.library.custom_op("kiln::linear_int8", mutates_args=())
 def linear_int8(x: Tensor, weight: Tensor, scale: Tensor, bias: Optional[Tensor]) -> Tensor:
     """Weight-only int8: y = (x @ weightᵀ) * scale + bias, activations exact, fp32 accumulation."""
     y = torch.nn.functional.linear(_rows(x, None).float(), weight.float()) * scale
     return _finish(y, x, bias)
 
 
-@torch.library.custom_op("kiln::linear_w8a8", mutates_args=())
+linear_int8_op = torch.library.custom_op("kiln::linear_int8", linear_int8, mutates_args=())
+
+
 def linear_w8a8(x: Tensor, weight: Tensor, scale: Tensor, input_scale: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
     """W8A8: x (times input_scale) quantized per token to int8, int8 x int8 -> int32, then token x channel scales."""
     xq, x_scale = quantize_tokens(_rows(x, input_scale))
@@ -120,7 +121,9 @@ def linear_w8a8(x: Tensor, weight: Tensor, scale: Tensor, input_scale: Optional[
     return _finish(y, x, bias)
 
 
-@torch.library.custom_op("kiln::linear_int4", mutates_args=())
+linear_w8a8_op = torch.library.custom_op("kiln::linear_w8a8", linear_w8a8, mutates_args=())
+
+
 def linear_int4(x: Tensor, qweight: Tensor, scales: Tensor, qzeros: Optional[Tensor], input_scale: Optional[Tensor],
                 bias: Optional[Tensor], group_size: int) -> Tensor:
     """Weight-only group-wise int4 (GPTQ layout): y = (x * input_scale) @ dequant(W) + bias, fp32 accumulation."""
@@ -128,17 +131,20 @@ def linear_int4(x: Tensor, qweight: Tensor, scales: Tensor, qzeros: Optional[Ten
     return _finish(y, x, bias)
 
 
-@linear_int8.register_fake
+linear_int4_op = torch.library.custom_op("kiln::linear_int4", linear_int4, mutates_args=())
+
+
+@linear_int8_op.register_fake
 def _(x, weight, scale, bias):
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
-@linear_w8a8.register_fake
+@linear_w8a8_op.register_fake
 def _(x, weight, scale, input_scale, bias):
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
-@linear_int4.register_fake
+@linear_int4_op.register_fake
 def _(x, qweight, scales, qzeros, input_scale, bias, group_size):
     return x.new_empty(*x.shape[:-1], qweight.shape[1])
 
@@ -163,7 +169,6 @@ def dequantize_kv(packed: Tensor) -> Tensor:
     return packed[..., :dim].float() * packed[..., dim:].view(torch.float32)
 
 
-@torch.library.custom_op("kiln::paged_attention_quant", mutates_args=("k_cache", "v_cache"))
 def paged_attention_quant(
     q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor, block_tables: Tensor,
     seq_lens: Tensor, query_start_loc: Tensor, scale: float, window: int, softcap: float,
@@ -185,6 +190,10 @@ def paged_attention_quant(
     return out.to(q.dtype)
 
 
-@paged_attention_quant.register_fake
+paged_attention_quant_op = torch.library.custom_op(
+    "kiln::paged_attention_quant", paged_attention_quant, mutates_args=("k_cache", "v_cache"))
+
+
+@paged_attention_quant_op.register_fake
 def _(q, k, v, k_cache, v_cache, slot_mapping, block_tables, seq_lens, query_start_loc, scale, window, softcap):
     return q.new_empty(q.shape[0], q.shape[1], v_cache.shape[-1] - SCALE_BYTES)

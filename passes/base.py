@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import abc
 import re
-
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 import torch
@@ -27,7 +27,20 @@ def op_name(node: fx.Node) -> str:
         return f"{target.namespace}.{target._schema.name.split('::')[-1]}"
     if isinstance(target, torch._ops.OpOverloadPacket):
         return f"{target._qualified_op_name.replace('::', '.')}"
-    return getattr(target, "__name__", str(target))
+    lowered = _lowered_names().get(target) if callable(target) else None
+    if lowered is not None:  # backend "reference" calls this function in place of the op: same name
+        return lowered
+    name = getattr(target, "__name__", str(target))
+    if getattr(target, "__module__", "").startswith("kiln."):  # a Triton launcher of kiln op `name`
+        return f"kiln.{name}"
+    return name
+
+
+@lru_cache(maxsize=1)
+def _lowered_names() -> dict[Any, str]:
+    from kiln.compiler.ops import reference_calls
+
+    return {fn: f"{op.namespace}.{op._schema.name.split('::')[-1]}" for op, fn in reference_calls().items()}
 
 
 def is_view(node: fx.Node) -> bool:
@@ -122,6 +135,9 @@ class PassReport:
                          f"{q['top1_agreement']:.1%} over {q['calibration_tokens']} calibration tokens")
             lines.append("relative output error per layer (worst linear): "
                          + ", ".join(f"{e:.4f}" for e in q["layer_errors"]))
+            if q.get("prequantized"):
+                lines.append("weights pre-quantized in the checkpoint: "
+                             + ", ".join(f"{k}={v}" for k, v in q["prequantized"].items()))
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:

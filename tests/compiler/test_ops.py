@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kiln.compiler import cpu_attention, ops
+from kiln.compiler import cpu_kernels, ops
 from kiln.compiler.metadata import AttentionMetadata
 
 
@@ -25,10 +25,10 @@ def _naive(q, keys, values, start, scale, window, softcap):
 @pytest.mark.parametrize("use_c", [True, False])
 @pytest.mark.parametrize("window,softcap", [(0, 0.0), (6, 0.0), (0, 4.0)])
 def test_paged_attention_ragged_prefill_then_decode(monkeypatch, use_c, window, softcap):
-    if use_c and cpu_attention._library() is None:
+    if use_c and cpu_kernels._library() is None:
         pytest.skip("no C compiler on this machine: the C decode path cannot be built")
     if not use_c:
-        monkeypatch.setattr(cpu_attention, "decode_supported", lambda *a: False)
+        monkeypatch.setattr(cpu_kernels, "applies", lambda *a: False)
     gen = torch.Generator().manual_seed(0)
     heads, kv_heads, dim, block = 4, 2, 8, 4
     prompt_lens, cached = [9, 1, 14], [0, 0, 5]  # the third sequence already holds 5 cached tokens

@@ -120,6 +120,7 @@ def test_checkpoint_codes_logits_and_tokens_match_the_reference(checkpoint, tmp_
     report = compiled.report.quantization
     assert report["prequantized"] == {"method": method, "bits": 4, "group_size": group, "sym": sym,
                                       "checkpoint_format": "gptq" if method == "gptq" else "gemm", "linears": 14}
+    assert f"weights pre-quantized in the checkpoint: method={method}, bits=4" in compiled.report.format()
     gm, checked = compiled.graph_module, 0
     assert op_counts(gm)["kiln.linear_int4"] == 8  # q/k/v, o, gate/up, down per layer
     head = [param(gm, n) for n in gm.graph.nodes if n.op == "get_attr" and "lm_head" in n.target]

@@ -1,0 +1,324 @@
+/* float32 CPU kernels behind kiln's ops on the reference backend, as a small CPython extension module (the
+ * bindings at the end take data pointers and sizes; a call costs well under a microsecond, where ctypes
+ * costs several). Built on first use by compiler/cpu_kernels.py; the torch references in compiler/ops.py and
+ * compiler/fused_ops.py are the specification, and every function here is tested against them.
+ *
+ * paged_decode_f32: one query token per sequence, read straight from the cache blocks, so no per-step
+ * gather of the whole context. Each sequence is one task that reads every cached token's K (all KV heads,
+ * contiguous) once for the scores and its V once for the weighted sum. */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* Every kernel takes `threads` (torch's intra-op thread count, so kiln's C and torch's ops use the same cores);
+ * rows below PARALLEL_MIN elements in total run on one thread: forking costs more than the work. */
+#define PARALLEL_MIN 65536
+
+/* exp written so the compiler vectorises loops that call it: 2^n * p(r) with r = x - n ln 2 in
+ * [-ln2/2, ln2/2] and a degree-6 polynomial (within 2 ulp of expf over the clamped range). */
+static inline float vexpf(float x)
+{
+    x = x < -87.f ? -87.f : (x > 88.f ? 88.f : x);
+    const float n = (x * 1.44269504089f + 12582912.f) - 12582912.f; /* round to nearest: 1.5 * 2^23 */
+    const float r = (x - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
+    float p = 1.f / 720.f;
+    p = p * r + 1.f / 120.f;
+    p = p * r + 1.f / 24.f;
+    p = p * r + 1.f / 6.f;
+    p = p * r + 0.5f;
+    p = p * r + 1.f;
+    p = p * r + 1.f;
+    union { int32_t i; float f; } scale = {.i = ((int32_t)n + 127) << 23};
+    return p * scale.f;
+}
+
+static void paged_decode_f32(
+    const float *restrict q,              /* [S, Hq, D] */
+    const float *restrict k_cache,        /* [num_blocks, block_size, Hkv, D] */
+    const float *restrict v_cache,        /* [num_blocks, block_size, Hkv, Dv] */
+    const int32_t *restrict block_tables, /* [S, table_width] */
+    const int32_t *restrict seq_lens,     /* [S] */
+    float *restrict out,                  /* [S, Hq, Dv] */
+    int64_t num_seqs, int64_t num_heads, int64_t kv_heads, int64_t head_dim, int64_t v_dim,
+    int64_t block_size, int64_t table_width, float scale, int64_t window, float softcap, int64_t threads)
+{
+    const int64_t group = num_heads / kv_heads;
+#pragma omp parallel for schedule(dynamic) num_threads(threads)
+    for (int64_t s = 0; s < num_seqs; ++s) {
+        const int64_t len = seq_lens[s];
+        const int64_t start = (window > 0 && len > window) ? len - window : 0;
+        const int64_t n = len - start > 0 ? len - start : 1;
+        float *scores = malloc(sizeof(float) * num_heads * n); /* [Hq, n] */
+        const float *qs = q + s * num_heads * head_dim;
+        for (int64_t j = start; j < len; ++j) {
+            const int64_t slot = block_tables[s * table_width + j / block_size] * block_size + j % block_size;
+            const float *kj = k_cache + slot * kv_heads * head_dim;
+            for (int64_t hq = 0; hq < num_heads; ++hq) {
+                const float *qh = qs + hq * head_dim, *kh = kj + (hq / group) * head_dim;
+                float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+                for (int64_t d = 0; d < head_dim; ++d) dot += qh[d] * kh[d];
+                dot *= scale;
+                if (softcap > 0.f) dot = tanhf(dot / softcap) * softcap;
+                scores[hq * n + (j - start)] = dot;
+            }
+        }
+        for (int64_t hq = 0; hq < num_heads; ++hq) {
+            float *sh = scores + hq * n, m = -INFINITY, total = 0.f;
+            for (int64_t i = 0; i < len - start; ++i) m = sh[i] > m ? sh[i] : m;
+#pragma omp simd reduction(+ : total)
+            for (int64_t i = 0; i < len - start; ++i) { sh[i] = vexpf(sh[i] - m); total += sh[i]; }
+            const float inv = total > 0.f ? 1.f / total : 0.f;
+            for (int64_t i = 0; i < len - start; ++i) sh[i] *= inv;
+        }
+        float *o = out + s * num_heads * v_dim;
+        for (int64_t i = 0; i < num_heads * v_dim; ++i) o[i] = 0.f;
+        for (int64_t j = start; j < len; ++j) {
+            const int64_t slot = block_tables[s * table_width + j / block_size] * block_size + j % block_size;
+            const float *vj = v_cache + slot * kv_heads * v_dim;
+            for (int64_t hq = 0; hq < num_heads; ++hq) {
+                const float p = scores[hq * n + (j - start)], *vh = vj + (hq / group) * v_dim;
+                float *oh = o + hq * v_dim;
+#pragma omp simd
+                for (int64_t d = 0; d < v_dim; ++d) oh[d] += p * vh[d];
+            }
+        }
+        free(scores);
+    }
+}
+
+/* The step's K and V rows into their cache slots (a row is all KV heads of one token). k and v may be
+ * strided views (a split of the fused qkv projection): row strides are passed, the last dims contiguous.
+ * Slot -1 is a padding row and is skipped; any other slot outside [0, num_slots) writes nothing and returns
+ * -1, so a bad slot mapping is an error, never a write out of bounds. */
+static int64_t cache_write_f32(
+    const float *restrict k, const float *restrict v, float *restrict k_cache, float *restrict v_cache,
+    const int64_t *restrict slots, int64_t num_tokens, int64_t num_slots, int64_t k_row, int64_t v_row,
+    int64_t k_stride, int64_t v_stride)
+{
+    for (int64_t t = 0; t < num_tokens; ++t)
+        if (slots[t] < -1 || slots[t] >= num_slots) return -1;
+    for (int64_t t = 0; t < num_tokens; ++t) {
+        if (slots[t] < 0) continue;
+        memcpy(k_cache + slots[t] * k_row, k + t * k_stride, sizeof(float) * k_row);
+        memcpy(v_cache + slots[t] * v_row, v + t * v_stride, sizeof(float) * v_row);
+    }
+    return 0;
+}
+
+/* RMSNorm of each row, statistics in float32: out = x * rsqrt(mean(x^2) + eps) * (w + weight_offset).
+ * With residual != NULL the row is first x + residual, stored to residual_out (the add before the norm). */
+static void rms_norm_f32(
+    const float *restrict x, const float *restrict residual, const float *restrict w, float *restrict out,
+    float *restrict residual_out, int64_t rows, int64_t dim, int64_t x_stride, int64_t res_stride, float eps,
+    float weight_offset, int64_t threads)
+{
+#pragma omp parallel for num_threads(threads) if (rows * dim >= PARALLEL_MIN)
+    for (int64_t r = 0; r < rows; ++r) {
+        const float *xr = x + r * x_stride;
+        float *o = out + r * dim;
+        if (residual) {
+            const float *rr = residual + r * res_stride;
+            float *ro = residual_out + r * dim;
+#pragma omp simd
+            for (int64_t i = 0; i < dim; ++i) ro[i] = xr[i] + rr[i];
+            xr = ro;
+        }
+        float sq = 0.f;
+#pragma omp simd reduction(+ : sq)
+        for (int64_t i = 0; i < dim; ++i) sq += xr[i] * xr[i];
+        const float inv = 1.f / sqrtf(sq / (float)dim + eps);
+#pragma omp simd
+        for (int64_t i = 0; i < dim; ++i) o[i] = xr[i] * inv * (w[i] + weight_offset);
+    }
+}
+
+/* Gated SiLU on the fused gate/up projection: out[r, i] = silu(gate[r, i]) * up[r, i], gate_up [rows, 2I]. */
+static void silu_mul_f32(
+    const float *restrict gate_up, float *restrict out, int64_t rows, int64_t inter, int64_t stride, int64_t threads)
+{
+#pragma omp parallel for num_threads(threads) if (rows * inter >= PARALLEL_MIN)
+    for (int64_t r = 0; r < rows; ++r) {
+        const float *g = gate_up + r * stride, *u = g + inter;
+        float *o = out + r * inter;
+#pragma omp simd
+        for (int64_t i = 0; i < inter; ++i) o[i] = g[i] / (1.f + vexpf(-g[i])) * u[i];
+    }
+}
+
+/* Rotary embedding of one [T, H, D] tensor (row stride x_stride, heads contiguous) into a contiguous out.
+ * cos_sin [max_pos, rotary_dim] holds cos then sin; neox pairs (i, i + rotary_dim/2), else (2i, 2i + 1).
+ * A position outside [0, max_pos) returns -1 before anything is read. */
+__attribute__((optimize("fp-contract=off"))) /* exactly torch's mul-then-add arithmetic */
+static int64_t rope_f32(
+    const float *restrict x, float *restrict out, const int64_t *restrict positions, const float *restrict cos_sin,
+    int64_t tokens, int64_t heads, int64_t dim, int64_t x_stride, int64_t rotary_dim, int64_t neox,
+    int64_t max_pos, int64_t threads)
+{
+    for (int64_t t = 0; t < tokens; ++t)
+        if (positions[t] < 0 || positions[t] >= max_pos) return -1;
+    const int64_t half = rotary_dim / 2;
+#pragma omp parallel for num_threads(threads) if (tokens * heads * dim >= PARALLEL_MIN)
+    for (int64_t t = 0; t < tokens; ++t) {
+        const float *c = cos_sin + positions[t] * rotary_dim, *s = c + half;
+        for (int64_t h = 0; h < heads; ++h) {
+            const float *xh = x + t * x_stride + h * dim;
+            float *o = out + (t * heads + h) * dim;
+            if (neox) {
+#pragma omp simd
+                for (int64_t i = 0; i < half; ++i) {
+                    o[i] = xh[i] * c[i] - xh[i + half] * s[i];
+                    o[i + half] = xh[i + half] * c[i] + xh[i] * s[i];
+                }
+            } else {
+                for (int64_t i = 0; i < half; ++i) {
+                    o[2 * i] = xh[2 * i] * c[i] - xh[2 * i + 1] * s[i];
+                    o[2 * i + 1] = xh[2 * i + 1] * c[i] + xh[2 * i] * s[i];
+                }
+            }
+            for (int64_t i = rotary_dim; i < dim; ++i) o[i] = xh[i];
+        }
+    }
+    return 0;
+}
+
+/* out = x @ w.T (+ bias) for a few rows of x (decode at small batch), w [n, k] in HF's layout. Eight weight
+ * rows at a time are streamed once and dotted with every row of x: at 1 to 8 rows torch's GEMM over this
+ * layout runs well below memory speed, and this loop reaches it. */
+static void small_linear_f32(
+    const float *restrict x, const float *restrict w, const float *restrict bias, float *restrict out,
+    int64_t rows, int64_t n, int64_t k, int64_t x_stride, int64_t threads)
+{
+#pragma omp parallel for num_threads(threads) if (n * k >= 262144) schedule(static)
+    for (int64_t j = 0; j < n; j += 8) {
+        const int64_t jn = n - j < 8 ? n - j : 8;
+        const float *wj = w + j * k;
+        for (int64_t m = 0; m < rows; ++m) {
+            const float *xm = x + m * x_stride;
+            float *o = out + m * n + j;
+            if (jn == 8) {
+                float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f, s4 = 0.f, s5 = 0.f, s6 = 0.f, s7 = 0.f;
+#pragma omp simd reduction(+ : s0, s1, s2, s3, s4, s5, s6, s7)
+                for (int64_t i = 0; i < k; ++i) {
+                    const float xi = xm[i];
+                    s0 += wj[i] * xi; s1 += wj[k + i] * xi; s2 += wj[2 * k + i] * xi; s3 += wj[3 * k + i] * xi;
+                    s4 += wj[4 * k + i] * xi; s5 += wj[5 * k + i] * xi; s6 += wj[6 * k + i] * xi;
+                    s7 += wj[7 * k + i] * xi;
+                }
+                o[0] = s0; o[1] = s1; o[2] = s2; o[3] = s3; o[4] = s4; o[5] = s5; o[6] = s6; o[7] = s7;
+            } else {
+                for (int64_t jj = 0; jj < jn; ++jj) {
+                    float s = 0.f;
+#pragma omp simd reduction(+ : s)
+                    for (int64_t i = 0; i < k; ++i) s += wj[jj * k + i] * xm[i];
+                    o[jj] = s;
+                }
+            }
+            if (bias)
+                for (int64_t jj = 0; jj < jn; ++jj) o[jj] += bias[j + jj];
+        }
+    }
+}
+
+/* ---- Python bindings: each takes the kernel's arguments in order (pointers as ints, None for NULL). ---- */
+
+static int64_t arg_i(PyObject *o) { return PyLong_AsLongLong(o); }
+static void *arg_p(PyObject *o) { return o == Py_None ? NULL : PyLong_AsVoidPtr(o); }
+static float arg_f(PyObject *o) { return (float)PyFloat_AsDouble(o); }
+
+static int arity(const char *name, Py_ssize_t nargs, Py_ssize_t expected)
+{
+    if (nargs == expected) return 1;
+    PyErr_Format(PyExc_TypeError, "%s takes %zd arguments (%zd given)", name, expected, nargs);
+    return 0;
+}
+
+static PyObject *py_paged_decode(PyObject *self, PyObject *const *a, Py_ssize_t n)
+{
+    if (!arity("paged_decode", n, 17)) return NULL;
+    const float *q = arg_p(a[0]), *k = arg_p(a[1]), *v = arg_p(a[2]);
+    const int32_t *tables = arg_p(a[3]), *lens = arg_p(a[4]);
+    float *out = arg_p(a[5]);
+    int64_t s = arg_i(a[6]), hq = arg_i(a[7]), hkv = arg_i(a[8]), d = arg_i(a[9]), dv = arg_i(a[10]);
+    int64_t bs = arg_i(a[11]), width = arg_i(a[12]), window = arg_i(a[14]), threads = arg_i(a[16]);
+    float scale = arg_f(a[13]), softcap = arg_f(a[15]);
+    if (PyErr_Occurred()) return NULL;
+    paged_decode_f32(q, k, v, tables, lens, out, s, hq, hkv, d, dv, bs, width, scale, window, softcap, threads);
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_cache_write(PyObject *self, PyObject *const *a, Py_ssize_t n)
+{
+    if (!arity("cache_write", n, 11)) return NULL;
+    const float *k = arg_p(a[0]), *v = arg_p(a[1]);
+    float *kc = arg_p(a[2]), *vc = arg_p(a[3]);
+    const int64_t *slots = arg_p(a[4]);
+    int64_t t = arg_i(a[5]), num_slots = arg_i(a[6]), k_row = arg_i(a[7]), v_row = arg_i(a[8]);
+    int64_t k_stride = arg_i(a[9]), v_stride = arg_i(a[10]);
+    if (PyErr_Occurred()) return NULL;
+    return PyLong_FromLongLong(cache_write_f32(k, v, kc, vc, slots, t, num_slots, k_row, v_row, k_stride, v_stride));
+}
+
+static PyObject *py_rms_norm(PyObject *self, PyObject *const *a, Py_ssize_t n)
+{
+    if (!arity("rms_norm", n, 12)) return NULL;
+    const float *x = arg_p(a[0]), *res = arg_p(a[1]), *w = arg_p(a[2]);
+    float *out = arg_p(a[3]), *res_out = arg_p(a[4]);
+    int64_t rows = arg_i(a[5]), dim = arg_i(a[6]), x_stride = arg_i(a[7]), res_stride = arg_i(a[8]);
+    float eps = arg_f(a[9]), offset = arg_f(a[10]);
+    int64_t threads = arg_i(a[11]);
+    if (PyErr_Occurred()) return NULL;
+    rms_norm_f32(x, res, w, out, res_out, rows, dim, x_stride, res_stride, eps, offset, threads);
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_silu_mul(PyObject *self, PyObject *const *a, Py_ssize_t n)
+{
+    if (!arity("silu_mul", n, 6)) return NULL;
+    const float *gate_up = arg_p(a[0]);
+    float *out = arg_p(a[1]);
+    int64_t rows = arg_i(a[2]), inter = arg_i(a[3]), stride = arg_i(a[4]), threads = arg_i(a[5]);
+    if (PyErr_Occurred()) return NULL;
+    silu_mul_f32(gate_up, out, rows, inter, stride, threads);
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_rope(PyObject *self, PyObject *const *a, Py_ssize_t n)
+{
+    if (!arity("rope", n, 12)) return NULL;
+    const float *x = arg_p(a[0]), *cos_sin = arg_p(a[3]);
+    float *out = arg_p(a[1]);
+    const int64_t *pos = arg_p(a[2]);
+    int64_t t = arg_i(a[4]), h = arg_i(a[5]), d = arg_i(a[6]), stride = arg_i(a[7]), rd = arg_i(a[8]);
+    int64_t neox = arg_i(a[9]), max_pos = arg_i(a[10]), threads = arg_i(a[11]);
+    if (PyErr_Occurred()) return NULL;
+    return PyLong_FromLongLong(rope_f32(x, out, pos, cos_sin, t, h, d, stride, rd, neox, max_pos, threads));
+}
+
+static PyObject *py_small_linear(PyObject *self, PyObject *const *a, Py_ssize_t n)
+{
+    if (!arity("small_linear", n, 9)) return NULL;
+    const float *x = arg_p(a[0]), *w = arg_p(a[1]), *bias = arg_p(a[2]);
+    float *out = arg_p(a[3]);
+    int64_t rows = arg_i(a[4]), cols = arg_i(a[5]), k = arg_i(a[6]), stride = arg_i(a[7]), threads = arg_i(a[8]);
+    if (PyErr_Occurred()) return NULL;
+    small_linear_f32(x, w, bias, out, rows, cols, k, stride, threads);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"small_linear", (PyCFunction)(void (*)(void))py_small_linear, METH_FASTCALL, NULL},
+    {"paged_decode", (PyCFunction)(void (*)(void))py_paged_decode, METH_FASTCALL, NULL},
+    {"cache_write", (PyCFunction)(void (*)(void))py_cache_write, METH_FASTCALL, NULL},
+    {"rms_norm", (PyCFunction)(void (*)(void))py_rms_norm, METH_FASTCALL, NULL},
+    {"silu_mul", (PyCFunction)(void (*)(void))py_silu_mul, METH_FASTCALL, NULL},
+    {"rope", (PyCFunction)(void (*)(void))py_rope, METH_FASTCALL, NULL},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "kiln_cpu", NULL, -1, methods};
+
+PyMODINIT_FUNC PyInit_kiln_cpu(void) { return PyModule_Create(&module); }

@@ -1,0 +1,175 @@
+"""Compiled C kernels for kiln's ops on CPU (float32), used by the op references when they apply.
+
+Decode reads each sequence's whole context every step; the torch formulation has to gather it into a padded
+tensor first, which costs more than the attention itself, so the C loop reads the cache blocks in place. The
+fused ops (RMSNorm with its residual add, gated SiLU, rotary embedding, the cache write) are each one pass over
+memory in C where torch needs several ops and temporaries: that is what makes fusion pay on the reference
+backend. `cpu_kernels.c` is built once with the system C compiler, as a CPython extension module, into kiln's
+cache directory; when no compiler or Python headers are found (or KILN_DISABLE_CPU_KERNELS=1), or a call is
+outside a kernel (not float32 on CPU, not contiguous in its last dim), the torch reference runs instead.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.machinery
+import importlib.util
+import os
+import shutil
+import subprocess
+import sysconfig
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+_SOURCE = Path(__file__).with_name("cpu_kernels.c")
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("KILN_CACHE_DIR")
+    return (Path(root) if root else Path.home() / ".cache" / "kiln") / "cpu"
+
+
+@lru_cache(maxsize=1)
+def _library() -> ModuleType | None:
+    """The compiled extension module, building it on first use; None when it cannot be had."""
+    if os.environ.get("KILN_DISABLE_CPU_KERNELS") == "1":
+        return None
+    compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
+    include = sysconfig.get_paths()["include"]
+    if compiler is None or not (Path(include) / "Python.h").exists():
+        return None
+    flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", f"-I{include}"]
+    digest = hashlib.sha256(_SOURCE.read_bytes() + " ".join(flags).encode()).hexdigest()[:16]
+    target = _cache_dir() / digest / f"kiln_cpu{sysconfig.get_config_var('EXT_SUFFIX') or '.so'}"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            built = Path(tmp) / target.name
+            result = subprocess.run([compiler, *flags, str(_SOURCE), "-o", str(built), "-lm"], capture_output=True)
+            if result.returncode != 0:
+                return None
+            os.replace(built, target)  # atomic: concurrent builders never see half a library
+    loader = importlib.machinery.ExtensionFileLoader("kiln_cpu", str(target))
+    module = importlib.util.module_from_spec(importlib.util.spec_from_file_location("kiln_cpu", target, loader=loader))
+    loader.exec_module(module)
+    return module
+
+
+def applies(*tensors: Tensor | None) -> bool:
+    """Whether the C kernels cover these tensors: plain float32 CPU tensors (not fake or functional ones, as
+    under torch.export), last dim contiguous; and the library could be built."""
+    for t in tensors:
+        if t is not None and not (type(t) in _PLAIN and t.dtype is torch.float32 and t.is_cpu
+                                  and t.stride(-1) == 1):
+            return False
+    return _library() is not None
+
+
+def _rows(x: Tensor) -> tuple[Tensor, int, int]:
+    """(x, rows, row stride) for x read as [rows, last dim]: strided splits such as a slice of the fused qkv
+    projection are read in place; only layouts that are not one row stride are copied."""
+    if x.dim() == 2 or (x.dim() == 3 and x.shape[0] == 1):
+        return x, x.shape[-2], x.stride(-2)
+    x = x.reshape(-1, x.shape[-1]).contiguous()
+    return x, x.shape[0], x.shape[1]
+
+
+SMALL_LINEAR_ROWS = 16  # up to here the C loop beats torch's GEMM on this layout (bench/small_linear.py)
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """`aten.linear` for backend "reference": a few rows (small-batch decode) run the C loop, the rest torch."""
+    if x.numel() <= SMALL_LINEAR_ROWS * x.shape[-1] and weight.is_contiguous() and applies(x, weight, bias):
+        x2, rows, stride = _rows(x)
+        shape = list(x.shape)
+        shape[-1] = weight.shape[0]
+        out = torch.empty(shape, dtype=x.dtype)
+        _library().small_linear(
+            x2.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(), out.data_ptr(), rows,
+            weight.shape[0], weight.shape[1], stride, torch.get_num_threads(),
+        )
+        return out
+    return torch.nn.functional.linear(x, weight, bias)
+
+
+def paged_decode(
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, seq_lens: Tensor, scale: float, window: int,
+    softcap: float,
+) -> Tensor:
+    """One query token per sequence: q [S, Hq, D] -> [S, Hq, Dv]. Caches must be contiguous."""
+    q = q.contiguous()
+    tables = block_tables.to(torch.int32).contiguous()
+    lens = seq_lens.to(torch.int32).contiguous()
+    num_seqs, num_heads, head_dim = q.shape
+    _, block_size, kv_heads, _ = k_cache.shape
+    v_dim = v_cache.shape[-1]
+    out = torch.empty(num_seqs, num_heads, v_dim, dtype=q.dtype)
+    _library().paged_decode(
+        q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(), lens.data_ptr(), out.data_ptr(),
+        num_seqs, num_heads, kv_heads, head_dim, v_dim, block_size, tables.shape[1], scale, window, softcap,
+        torch.get_num_threads(),
+    )
+    return out
+
+
+def cache_write(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor) -> None:
+    """k/v [T, Hkv, D] into the contiguous caches at `slot_mapping` [T]; slot -1 (padding) is skipped."""
+    k2, v2 = k.flatten(1), v.flatten(1)
+    k2 = k2 if k2.stride(-1) == 1 else k2.contiguous()
+    v2 = v2 if v2.stride(-1) == 1 else v2.contiguous()
+    slots = slot_mapping.to(torch.int64).contiguous()
+    num_slots = k_cache.shape[0] * k_cache.shape[1]
+    if _library().cache_write(
+        k2.data_ptr(), v2.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), slots.data_ptr(), slots.numel(),
+        num_slots, k2.shape[1], v2.shape[1], k2.stride(0), v2.stride(0),
+    ):
+        raise IndexError(f"slot_mapping holds a slot outside the KV cache's {num_slots} slots")
+
+
+def rms_norm(
+    x: Tensor, residual: Tensor | None, weight: Tensor, eps: float, weight_offset: float
+) -> tuple[Tensor, Tensor | None]:
+    """(norm(x + residual), x + residual) or (norm(x), None); weight contiguous [hidden]. Outputs are x's shape."""
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    x2, rows, x_stride = _rows(x)
+    res_ptr = res_out_ptr = None
+    res_stride, res_out = 0, None
+    if residual is not None:
+        res_out = torch.empty_like(x, memory_format=torch.contiguous_format)
+        residual, _, res_stride = _rows(residual)
+        res_ptr, res_out_ptr = residual.data_ptr(), res_out.data_ptr()
+    _library().rms_norm(
+        x2.data_ptr(), res_ptr, weight.contiguous().data_ptr(), out.data_ptr(), res_out_ptr, rows, x.shape[-1],
+        x_stride, res_stride, eps, weight_offset, torch.get_num_threads(),
+    )
+    return out, res_out
+
+
+def silu_mul(gate_up: Tensor) -> Tensor:
+    """gate_up [..., 2I] -> silu(gate) * up [..., I]."""
+    shape = list(gate_up.shape)
+    inter = shape[-1] // 2
+    shape[-1] = inter
+    out = torch.empty(shape, dtype=gate_up.dtype)
+    gate_up, rows, stride = _rows(gate_up)
+    _library().silu_mul(gate_up.data_ptr(), out.data_ptr(), rows, inter, stride, torch.get_num_threads())
+    return out
+
+
+def rope(x: Tensor, positions: Tensor, cos_sin_cache: Tensor, rotary_dim: int, neox_style: bool) -> Tensor:
+    """x [T, H, D] (heads contiguous within a token) rotated at `positions` [T] into a new contiguous tensor."""
+    if x.stride(1) != x.shape[2]:
+        x = x.contiguous()
+    pos = positions.to(torch.int64).contiguous()
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    if _library().rope(
+        x.data_ptr(), out.data_ptr(), pos.data_ptr(), cos_sin_cache.contiguous().data_ptr(), x.shape[0], x.shape[1],
+        x.shape[2], x.stride(0), rotary_dim, int(neox_style), cos_sin_cache.shape[0], torch.get_num_threads(),
+    ):
+        raise IndexError(f"a position is outside the rotary cache's {cos_sin_cache.shape[0]} positions")
+    return out

@@ -1,0 +1,98 @@
+"""The C kernels behind the fused ops on CPU against the ops' own torch references (the specification)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kiln.compiler import cpu_kernels, fused_ops
+
+pytestmark = pytest.mark.skipif(cpu_kernels._library() is None, reason="no C compiler: the torch references run")
+
+
+def _both(monkeypatch, kernel, fn, *args):
+    """(C result, torch reference result) of one op on the same inputs; checks that `kernel` ran for the first."""
+    calls = []
+    with monkeypatch.context() as m:
+        real = getattr(cpu_kernels, kernel)
+        m.setattr(cpu_kernels, kernel, lambda *a: calls.append(1) or real(*a))
+        fast = fn(*args)
+    assert calls, f"the C kernel {kernel} did not run"
+    with monkeypatch.context() as m:
+        m.setattr(cpu_kernels, "applies", lambda *a: False)
+        return fast, fn(*args)
+
+
+def _assert_close(fast, ref):
+    for a, b in zip(fast if isinstance(fast, tuple) else (fast,), ref if isinstance(ref, tuple) else (ref,)):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        torch.testing.assert_close(a, b, rtol=2e-6, atol=2e-6)
+
+
+@pytest.mark.parametrize("rows", [1, 7, 300])  # 300 x 384 crosses the multi-threaded size
+@pytest.mark.parametrize("weight_offset", [0.0, 1.0])
+def test_rms_norm_and_residual_add(monkeypatch, rows, weight_offset):
+    gen = torch.Generator().manual_seed(rows)
+    base = torch.randn(rows, 3 * 384, generator=gen)
+    x, residual = base[:, :384], torch.randn(rows, 384, generator=gen)  # x is a strided view, as after a split
+    weight = torch.randn(384, generator=gen)
+    _assert_close(*_both(monkeypatch, "rms_norm", fused_ops.rms_norm, x, weight, 1e-6, weight_offset))
+    _assert_close(*_both(monkeypatch, "rms_norm", fused_ops.add_rms_norm, x, residual, weight, 1e-6, weight_offset))
+
+
+@pytest.mark.parametrize("rows", [1, 5, 64])
+def test_silu_mul_including_saturated_inputs(monkeypatch, rows):
+    gate_up = torch.randn(rows, 2 * 1408, generator=torch.Generator().manual_seed(rows)) * 8
+    gate_up[0, :4] = torch.tensor([-200.0, 200.0, 0.0, -88.5])
+    _assert_close(*_both(monkeypatch, "silu_mul", fused_ops.silu_mul, gate_up))
+
+
+@pytest.mark.parametrize("neox_style", [True, False])
+@pytest.mark.parametrize("rotary_dim", [64, 32])  # full and partial rotary
+def test_rope_on_strided_qkv_split(monkeypatch, neox_style, rotary_dim):
+    gen = torch.Generator().manual_seed(rotary_dim)
+    tokens, heads, kv_heads, dim = 9, 4, 2, 64
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim, generator=gen)
+    q, k, _ = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], -1)
+    q, k = q.view(tokens, heads, dim), k.view(tokens, kv_heads, dim)
+    cache = torch.randn(50, rotary_dim, generator=gen)
+    positions = torch.randint(0, 50, (tokens,), generator=gen)
+    _assert_close(*_both(monkeypatch, "rope", fused_ops.rope, q, k, positions, cache, rotary_dim, neox_style))
+
+
+def test_out_of_range_positions_and_slots_are_errors_not_writes():
+    q = torch.randn(2, 1, 8)
+    with pytest.raises(IndexError, match="position"):
+        cpu_kernels.rope(q, torch.tensor([0, 50]), torch.randn(50, 8), 8, True)
+    k_cache, v_cache = torch.zeros(2, 4, 1, 8), torch.zeros(2, 4, 1, 8)
+    with pytest.raises(IndexError, match="slot"):
+        cpu_kernels.cache_write(q, q, k_cache, v_cache, torch.tensor([3, 8]))
+    assert not k_cache.any()  # nothing written before the error
+    cpu_kernels.cache_write(q, q, k_cache, v_cache, torch.tensor([-1, 5]))  # -1: a padding row, skipped
+    assert torch.equal(k_cache.view(8, 8)[5], q[1, 0]) and k_cache.view(8, 8)[torch.arange(8) != 5].eq(0).all()
+
+
+@pytest.mark.parametrize("rows", [1, 5, cpu_kernels.SMALL_LINEAR_ROWS])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_small_linear_matches_torch(rows, with_bias):
+    gen = torch.Generator().manual_seed(rows)
+    weight = torch.randn(203, 96, generator=gen)  # 203 outputs: a remainder after the blocks of eight
+    bias = torch.randn(203, generator=gen) if with_bias else None
+    x = torch.randn(1, rows, 2 * 96, generator=gen)[..., 96:]  # [1, T, K] as in the graph, strided rows
+    out = cpu_kernels.linear(x, weight, bias)
+    assert out.shape == (1, rows, 203)
+    torch.testing.assert_close(out, torch.nn.functional.linear(x, weight, bias), rtol=1e-5, atol=1e-5)
+
+
+def test_linear_hands_many_rows_and_other_dtypes_to_torch(monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "_library", lambda: pytest.fail("the C loop ran"))
+    many = torch.randn(cpu_kernels.SMALL_LINEAR_ROWS + 1, 8)
+    for x, w in [(many, torch.randn(4, 8)), (torch.randn(2, 8, dtype=torch.float64), torch.randn(4, 8).double())]:
+        torch.testing.assert_close(cpu_kernels.linear(x, w), torch.nn.functional.linear(x, w))
+
+
+def test_per_head_norm_on_4d_input_keeps_its_shape(monkeypatch):
+    """Qwen3 / OLMo2 normalise q and k per head: x [1, T, H, D], not two-dimensional."""
+    x = torch.randn(1, 5, 4, 16, generator=torch.Generator().manual_seed(3)).transpose(1, 2)  # strided, 4-D
+    _assert_close(*_both(monkeypatch, "rms_norm", fused_ops.rms_norm, x, torch.randn(16), 1e-6, 0.0))
+    gate_up = torch.randn(2, 3, 32)  # leading dims that are not [1, T]
+    _assert_close(*_both(monkeypatch, "silu_mul", fused_ops.silu_mul, gate_up))
