@@ -64,7 +64,7 @@ def paged_attention(
     query_lens = query_start_loc[1:] - query_start_loc[:-1]
     decode = query_lens == 1
     if not bool(decode.any()):
-        return _attend_padded(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, *args)
+        return _attend_prefill(q, k, v, k_cache, v_cache, block_tables, seq_lens, query_start_loc, *args)
     out = q.new_empty(num_tokens, q.shape[1], v_cache.shape[-1])
     dec_seqs, pre_seqs = decode.nonzero().squeeze(1), (~decode).nonzero().squeeze(1)
     dec_tokens = query_start_loc[:-1].long()[dec_seqs]
@@ -73,9 +73,30 @@ def paged_attention(
     pre_tokens = (~decode).repeat_interleave(query_lens.long(), output_size=num_tokens).nonzero().squeeze(1)
     pre_lens = query_lens[pre_seqs]
     pre_starts = torch.cat([pre_lens.new_zeros(1), pre_lens.cumsum(0)])
-    out[pre_tokens] = _attend_padded(
-        q[pre_tokens], k_cache, v_cache, block_tables[pre_seqs], seq_lens[pre_seqs], pre_starts, *args)
+    out[pre_tokens] = _attend_prefill(q[pre_tokens], k[pre_tokens], v[pre_tokens], k_cache, v_cache,
+                                      block_tables[pre_seqs], seq_lens[pre_seqs], pre_starts, *args)
     return out
+
+
+def _attend_prefill(
+    q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, seq_lens: Tensor,
+    query_start_loc: Tensor, scale: float, window: int, softcap: float,
+) -> Tensor:
+    """Prefill chunks. When no sequence has cached context (a fresh prompt, the common case), its keys are this
+    step's own k/v: causal SDPA per sequence, with no cache gather, no padding and no mask tensor. Otherwise
+    (continued chunks, prefix-cache hits, windows, soft-capping, or callers such as the quantized-cache op that
+    pass no k/v of their own and attend over what they wrote) the padded formulation over the cache."""
+    starts = query_start_loc.tolist()
+    fresh = seq_lens.tolist() == [b - a for a, b in zip(starts, starts[1:])]
+    if window == 0 and softcap == 0.0 and k.shape[0] == q.shape[0] and fresh:
+        out = q.new_empty(q.shape[0], q.shape[1], v.shape[-1])
+        gqa = k.shape[1] != q.shape[1]
+        for a, b in zip(starts, starts[1:]):
+            out[a:b] = torch.nn.functional.scaled_dot_product_attention(
+                q[a:b].transpose(0, 1), k[a:b].transpose(0, 1).to(q.dtype), v[a:b].transpose(0, 1).to(q.dtype),
+                is_causal=True, scale=scale, enable_gqa=gqa).transpose(0, 1)
+        return out
+    return _attend_padded(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, window, softcap)
 
 
 paged_attention_op = torch.library.custom_op(

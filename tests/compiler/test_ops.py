@@ -62,3 +62,30 @@ def test_paged_attention_ragged_prefill_then_decode(monkeypatch, use_c, window, 
     step(mixed, done)
     for i in range(3):
         step([1, 1, 1], [d + m + i for d, m in zip(done, mixed)])
+
+
+@pytest.mark.parametrize("kv_heads", [2, 4])
+def test_fresh_prompts_attend_over_their_own_keys(kv_heads):
+    """No cached context: the per-sequence causal SDPA path (mixed with a decode row, which reads the cache)."""
+    gen = torch.Generator().manual_seed(kv_heads)
+    heads, dim, block, lens = 4, 8, 4, [9, 2, 14]
+    tables = [[1 + s + b * 3 for b in range(4)] for s in range(3)]
+    k_cache = torch.zeros(16, block, kv_heads, dim)
+    v_cache = torch.zeros_like(k_cache)
+    keys = [torch.randn(n, kv_heads, dim, generator=gen) for n in lens]
+    values = [torch.randn(n, kv_heads, dim, generator=gen) for n in lens]
+    first = AttentionMetadata.build([1], [0], [tables[1]], block)  # sequence 1's first token, cached before
+    ops.paged_attention(torch.randn(1, heads, dim), keys[1][:1], values[1][:1], k_cache, v_cache,
+                        first.slot_mapping, first.block_tables, first.seq_lens, first.query_start_loc, 0.3, 0, 0.0)
+    for query_lens, context in [([9, 1, 14], [0, 1, 0]), ([9, 14], None)]:  # with and without a decode row
+        seqs = [0, 1, 2] if context else [0, 2]
+        context = context or [0, 0]
+        meta = AttentionMetadata.build(query_lens, context, [tables[s] for s in seqs], block)
+        q = torch.randn(sum(query_lens), heads, dim, generator=gen)
+        pick = lambda xs: torch.cat([xs[s][c:c + n] for s, c, n in zip(seqs, context, query_lens)])  # noqa: E731
+        out = ops.paged_attention(q, pick(keys), pick(values), k_cache, v_cache, meta.slot_mapping,
+                                  meta.block_tables, meta.seq_lens, meta.query_start_loc, 0.3, 0, 0.0)
+        starts = meta.query_start_loc.tolist()
+        for i, (s, c, n) in enumerate(zip(seqs, context, query_lens)):
+            expect = _naive(q[starts[i]:starts[i + 1]], keys[s][:c + n], values[s][:c + n], c, 0.3, 0, 0.0)
+            torch.testing.assert_close(out[starts[i]:starts[i + 1]], expect, rtol=1e-5, atol=1e-5)
