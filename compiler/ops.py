@@ -82,21 +82,30 @@ def _attend_prefill(
     q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, seq_lens: Tensor,
     query_start_loc: Tensor, scale: float, window: int, softcap: float,
 ) -> Tensor:
-    """Prefill chunks. When no sequence has cached context (a fresh prompt, the common case), its keys are this
-    step's own k/v: causal SDPA per sequence, with no cache gather, no padding and no mask tensor. Otherwise
-    (continued chunks, prefix-cache hits, windows, soft-capping, or callers such as the quantized-cache op that
-    pass no k/v of their own and attend over what they wrote) the padded formulation over the cache."""
-    starts = query_start_loc.tolist()
-    fresh = seq_lens.tolist() == [b - a for a, b in zip(starts, starts[1:])]
-    if window == 0 and softcap == 0.0 and k.shape[0] == q.shape[0] and fresh:
-        out = q.new_empty(q.shape[0], q.shape[1], v.shape[-1])
-        gqa = k.shape[1] != q.shape[1]
-        for a, b in zip(starts, starts[1:]):
-            out[a:b] = torch.nn.functional.scaled_dot_product_attention(
-                q[a:b].transpose(0, 1), k[a:b].transpose(0, 1).to(q.dtype), v[a:b].transpose(0, 1).to(q.dtype),
-                is_causal=True, scale=scale, enable_gqa=gqa).transpose(0, 1)
-        return out
-    return _attend_padded(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, window, softcap)
+    """Prefill chunks. A sequence with no cached context (a fresh prompt, the common case) has this step's own
+    k/v as its keys: causal SDPA per sequence, with no cache gather, no padding and no mask tensor. The others
+    (continued chunks, prefix-cache hits) take the padded formulation over the cache, as do windows,
+    soft-capping, and callers such as the quantized-cache op that pass no k/v and attend over what they wrote."""
+    args = (scale, window, softcap)
+    if window > 0 or softcap > 0.0 or k.shape[0] != q.shape[0]:
+        return _attend_padded(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, *args)
+    starts, lens = query_start_loc.tolist(), seq_lens.tolist()
+    out = q.new_empty(q.shape[0], q.shape[1], v.shape[-1])
+    continued = []
+    for i, (a, b) in enumerate(zip(starts, starts[1:])):
+        if lens[i] != b - a:
+            continued.append(i)
+            continue
+        out[a:b] = torch.nn.functional.scaled_dot_product_attention(
+            q[a:b].transpose(0, 1), k[a:b].transpose(0, 1).to(q.dtype), v[a:b].transpose(0, 1).to(q.dtype),
+            is_causal=True, scale=scale, enable_gqa=k.shape[1] != q.shape[1]).transpose(0, 1)
+    if continued:
+        rows = torch.cat([torch.arange(starts[i], starts[i + 1], device=q.device) for i in continued])
+        sizes = torch.tensor([0] + [starts[i + 1] - starts[i] for i in continued], device=q.device)
+        seqs = torch.tensor(continued, device=q.device)
+        out[rows] = _attend_padded(q[rows], k_cache, v_cache, block_tables[seqs], seq_lens[seqs],
+                                   sizes.cumsum(0).to(query_start_loc.dtype), *args)
+    return out
 
 
 paged_attention_op = torch.library.custom_op(

@@ -89,3 +89,27 @@ def test_fresh_prompts_attend_over_their_own_keys(kv_heads):
         for i, (s, c, n) in enumerate(zip(seqs, context, query_lens)):
             expect = _naive(q[starts[i]:starts[i + 1]], keys[s][:c + n], values[s][:c + n], c, 0.3, 0, 0.0)
             torch.testing.assert_close(out[starts[i]:starts[i + 1]], expect, rtol=1e-5, atol=1e-5)
+
+
+def test_fresh_and_continued_prefill_in_one_step():
+    """A chunk continuing a sequence beside fresh prompts: each takes its own path, both exact."""
+    gen = torch.Generator().manual_seed(7)
+    heads, kv_heads, dim, block, lens = 4, 2, 8, 4, [6, 11, 3]
+    tables = [[1 + s + b * 3 for b in range(4)] for s in range(3)]
+    k_cache = torch.zeros(16, block, kv_heads, dim)
+    v_cache = torch.zeros_like(k_cache)
+    keys = [torch.randn(n, kv_heads, dim, generator=gen) for n in lens]
+    values = [torch.randn(n, kv_heads, dim, generator=gen) for n in lens]
+    first = AttentionMetadata.build([5], [0], [tables[1]], block)  # sequence 1's first chunk, 5 tokens
+    ops.paged_attention(torch.randn(5, heads, dim), keys[1][:5], values[1][:5], k_cache, v_cache,
+                        first.slot_mapping, first.block_tables, first.seq_lens, first.query_start_loc, 0.3, 0, 0.0)
+    query_lens, context = [6, 6, 3], [0, 5, 0]
+    meta = AttentionMetadata.build(query_lens, context, tables, block)
+    q = torch.randn(sum(query_lens), heads, dim, generator=gen)
+    pick = lambda xs: torch.cat([x[c:c + n] for x, c, n in zip(xs, context, query_lens)])  # noqa: E731
+    out = ops.paged_attention(q, pick(keys), pick(values), k_cache, v_cache, meta.slot_mapping, meta.block_tables,
+                              meta.seq_lens, meta.query_start_loc, 0.3, 0, 0.0)
+    starts = meta.query_start_loc.tolist()
+    for s, (c, n) in enumerate(zip(context, query_lens)):
+        expect = _naive(q[starts[s]:starts[s + 1]], keys[s][:c + n], values[s][:c + n], c, 0.3, 0, 0.0)
+        torch.testing.assert_close(out[starts[s]:starts[s + 1]], expect, rtol=1e-5, atol=1e-5)
