@@ -185,43 +185,51 @@ static int64_t rope_f32(
     return 0;
 }
 
-/* out = x @ w.T (+ bias) for a few rows of x (decode at small batch), w [n, k] in HF's layout. Eight weight
- * rows at a time are streamed once and dotted with every row of x: at 1 to 8 rows torch's GEMM over this
- * layout runs well below memory speed, and this loop reaches it. */
-static void small_linear_f32(
-    const float *restrict x, const float *restrict w, const float *restrict bias, float *restrict out,
-    int64_t rows, int64_t n, int64_t k, int64_t x_stride, int64_t threads)
-{
-#pragma omp parallel for num_threads(threads) if (n * k >= 262144) schedule(static)
-    for (int64_t j = 0; j < n; j += 8) {
-        const int64_t jn = n - j < 8 ? n - j : 8;
-        const float *wj = w + j * k;
-        for (int64_t m = 0; m < rows; ++m) {
-            const float *xm = x + m * x_stride;
-            float *o = out + m * n + j;
-            if (jn == 8) {
-                float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f, s4 = 0.f, s5 = 0.f, s6 = 0.f, s7 = 0.f;
-#pragma omp simd reduction(+ : s0, s1, s2, s3, s4, s5, s6, s7)
-                for (int64_t i = 0; i < k; ++i) {
-                    const float xi = xm[i];
-                    s0 += wj[i] * xi; s1 += wj[k + i] * xi; s2 += wj[2 * k + i] * xi; s3 += wj[3 * k + i] * xi;
-                    s4 += wj[4 * k + i] * xi; s5 += wj[5 * k + i] * xi; s6 += wj[6 * k + i] * xi;
-                    s7 += wj[7 * k + i] * xi;
-                }
-                o[0] = s0; o[1] = s1; o[2] = s2; o[3] = s3; o[4] = s4; o[5] = s5; o[6] = s6; o[7] = s7;
-            } else {
-                for (int64_t jj = 0; jj < jn; ++jj) {
-                    float s = 0.f;
-#pragma omp simd reduction(+ : s)
-                    for (int64_t i = 0; i < k; ++i) s += wj[jj * k + i] * xm[i];
-                    o[jj] = s;
-                }
-            }
-            if (bias)
-                for (int64_t jj = 0; jj < jn; ++jj) o[jj] += bias[j + jj];
-        }
+/* out = (x @ w.T) * scale + bias for a few rows of x (decode at small batch), w [n, k] in HF's layout: float32,
+ * or int8 with one scale per output channel (weight-only int8: a quarter of the bytes to stream). Eight weight
+ * rows at a time are streamed once and dotted with every row of x: at 1 to 16 rows torch's GEMM over this
+ * layout runs well below memory speed, and this loop reaches it. scale and bias may be NULL. */
+#define SMALL_LINEAR(NAME, WT)                                                                                      \
+    static void NAME(const float *restrict x, const WT *restrict w, const float *restrict scale,                   \
+                     const float *restrict bias, float *restrict out, int64_t rows, int64_t n, int64_t k,          \
+                     int64_t x_stride, int64_t threads)                                                            \
+    {                                                                                                              \
+        _Pragma("omp parallel for num_threads(threads) if (n * k >= 262144) schedule(static)")                    \
+        for (int64_t j = 0; j < n; j += 8) {                                                                       \
+            const int64_t jn = n - j < 8 ? n - j : 8;                                                              \
+            const WT *wj = w + j * k;                                                                              \
+            for (int64_t m = 0; m < rows; ++m) {                                                                   \
+                const float *xm = x + m * x_stride;                                                                \
+                float *o = out + m * n + j;                                                                        \
+                if (jn == 8) {                                                                                     \
+                    float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f, s4 = 0.f, s5 = 0.f, s6 = 0.f, s7 = 0.f;          \
+                    _Pragma("omp simd reduction(+ : s0, s1, s2, s3, s4, s5, s6, s7)")                              \
+                    for (int64_t i = 0; i < k; ++i) {                                                              \
+                        const float xi = xm[i];                                                                    \
+                        s0 += (float)wj[i] * xi; s1 += (float)wj[k + i] * xi;                                      \
+                        s2 += (float)wj[2 * k + i] * xi; s3 += (float)wj[3 * k + i] * xi;                          \
+                        s4 += (float)wj[4 * k + i] * xi; s5 += (float)wj[5 * k + i] * xi;                          \
+                        s6 += (float)wj[6 * k + i] * xi; s7 += (float)wj[7 * k + i] * xi;                          \
+                    }                                                                                              \
+                    o[0] = s0; o[1] = s1; o[2] = s2; o[3] = s3; o[4] = s4; o[5] = s5; o[6] = s6; o[7] = s7;        \
+                } else {                                                                                           \
+                    for (int64_t jj = 0; jj < jn; ++jj) {                                                          \
+                        float s = 0.f;                                                                             \
+                        _Pragma("omp simd reduction(+ : s)")                                                       \
+                        for (int64_t i = 0; i < k; ++i) s += (float)wj[jj * k + i] * xm[i];                        \
+                        o[jj] = s;                                                                                 \
+                    }                                                                                              \
+                }                                                                                                  \
+                for (int64_t jj = 0; jj < jn; ++jj) {                                                              \
+                    if (scale) o[jj] *= scale[j + jj];                                                             \
+                    if (bias) o[jj] += bias[j + jj];                                                               \
+                }                                                                                                  \
+            }                                                                                                      \
+        }                                                                                                          \
     }
-}
+
+SMALL_LINEAR(small_linear_f32, float)
+SMALL_LINEAR(small_linear_i8, int8_t)
 
 /* ---- Python bindings: each takes the kernel's arguments in order (pointers as ints, None for NULL). ---- */
 
@@ -300,12 +308,17 @@ static PyObject *py_rope(PyObject *self, PyObject *const *a, Py_ssize_t n)
 
 static PyObject *py_small_linear(PyObject *self, PyObject *const *a, Py_ssize_t n)
 {
-    if (!arity("small_linear", n, 9)) return NULL;
-    const float *x = arg_p(a[0]), *w = arg_p(a[1]), *bias = arg_p(a[2]);
-    float *out = arg_p(a[3]);
-    int64_t rows = arg_i(a[4]), cols = arg_i(a[5]), k = arg_i(a[6]), stride = arg_i(a[7]), threads = arg_i(a[8]);
+    if (!arity("small_linear", n, 11)) return NULL;
+    const float *x = arg_p(a[0]), *scale = arg_p(a[2]), *bias = arg_p(a[3]);
+    const void *w = arg_p(a[1]);
+    float *out = arg_p(a[4]);
+    int64_t rows = arg_i(a[5]), cols = arg_i(a[6]), k = arg_i(a[7]), stride = arg_i(a[8]), threads = arg_i(a[9]);
+    int64_t int8 = arg_i(a[10]);
     if (PyErr_Occurred()) return NULL;
-    small_linear_f32(x, w, bias, out, rows, cols, k, stride, threads);
+    if (int8)
+        small_linear_i8(x, w, scale, bias, out, rows, cols, k, stride, threads);
+    else
+        small_linear_f32(x, w, scale, bias, out, rows, cols, k, stride, threads);
     Py_RETURN_NONE;
 }
 

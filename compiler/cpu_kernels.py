@@ -85,16 +85,23 @@ SMALL_LINEAR_ROWS = 16  # up to here the C loop beats torch's GEMM on this layou
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """`aten.linear` for backend "reference": a few rows (small-batch decode) run the C loop, the rest torch."""
     if x.numel() <= SMALL_LINEAR_ROWS * x.shape[-1] and weight.is_contiguous() and applies(x, weight, bias):
-        x2, rows, stride = _rows(x)
-        shape = list(x.shape)
-        shape[-1] = weight.shape[0]
-        out = torch.empty(shape, dtype=x.dtype)
-        _library().small_linear(
-            x2.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(), out.data_ptr(), rows,
-            weight.shape[0], weight.shape[1], stride, torch.get_num_threads(),
-        )
-        return out
+        return small_linear(x, weight, None, bias)
     return torch.nn.functional.linear(x, weight, bias)
+
+
+def small_linear(x: Tensor, weight: Tensor, scale: Tensor | None, bias: Tensor | None) -> Tensor:
+    """(x @ weight.T) * scale + bias through the C loop: weight [N, K] contiguous, float32 or int8 (with a float32
+    scale per output channel); x float32 with at most SMALL_LINEAR_ROWS rows. The caller checks both."""
+    x2, rows, stride = _rows(x)
+    shape = list(x.shape)
+    shape[-1] = weight.shape[0]
+    out = torch.empty(shape, dtype=x.dtype)
+    _library().small_linear(
+        x2.data_ptr(), weight.data_ptr(), None if scale is None else scale.data_ptr(),
+        None if bias is None else bias.data_ptr(), out.data_ptr(), rows, weight.shape[0], weight.shape[1], stride,
+        torch.get_num_threads(), int(weight.dtype is torch.int8),
+    )
+    return out
 
 
 def paged_decode(

@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import ops
+from . import cpu_kernels, ops
 
 SCALE_BYTES = 4  # the fp32 scale stored after each quantized K/V vector
 KV_CACHE_DTYPES = {"int8": torch.int8, "fp8_e4m3": torch.float8_e4m3fn}
@@ -106,7 +106,13 @@ def int8_mm(a: Tensor, b_t: Tensor) -> Tensor:
 
 
 def linear_int8(x: Tensor, weight: Tensor, scale: Tensor, bias: Optional[Tensor]) -> Tensor:
-    """Weight-only int8: y = (x @ weightᵀ) * scale + bias, activations exact, fp32 accumulation."""
+    """Weight-only int8: y = (x @ weightᵀ) * scale + bias, activations exact, fp32 accumulation.
+
+    On CPU at decode sizes the C loop streams the int8 weights (a quarter of float32's bytes) in place; otherwise
+    the weight is dequantized for torch's GEMM."""
+    if (x.numel() <= cpu_kernels.SMALL_LINEAR_ROWS * x.shape[-1] and weight.is_contiguous()
+            and cpu_kernels.applies(x, scale, bias) and scale.is_contiguous() and weight.is_cpu):
+        return cpu_kernels.small_linear(x, weight, scale, bias)
     y = torch.nn.functional.linear(_rows(x, None).float(), weight.float()) * scale
     return _finish(y, x, bias)
 

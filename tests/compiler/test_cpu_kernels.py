@@ -96,3 +96,18 @@ def test_per_head_norm_on_4d_input_keeps_its_shape(monkeypatch):
     _assert_close(*_both(monkeypatch, "rms_norm", fused_ops.rms_norm, x, torch.randn(16), 1e-6, 0.0))
     gate_up = torch.randn(2, 3, 32)  # leading dims that are not [1, T]
     _assert_close(*_both(monkeypatch, "silu_mul", fused_ops.silu_mul, gate_up))
+
+
+@pytest.mark.parametrize("rows", [1, cpu_kernels.SMALL_LINEAR_ROWS])
+def test_weight_only_int8_small_linear_matches_dequantized_torch(monkeypatch, rows):
+    from kiln.compiler import quant_ops
+
+    calls, real = [], cpu_kernels.small_linear
+    monkeypatch.setattr(cpu_kernels, "small_linear", lambda *a: calls.append(a[1].dtype) or real(*a))
+    gen = torch.Generator().manual_seed(rows)
+    weight, scale = quant_ops.quantize_int8(torch.randn(203, 96, generator=gen))
+    bias, x = torch.randn(203, generator=gen), torch.randn(1, rows, 96, generator=gen)
+    out = quant_ops.linear_int8(x, weight, scale, bias)
+    expect = torch.nn.functional.linear(x, weight.float() * scale[:, None], bias)
+    torch.testing.assert_close(out, expect, rtol=1e-5, atol=1e-4)
+    assert calls == [torch.int8]  # the C loop ran over the int8 weights
