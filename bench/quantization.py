@@ -32,7 +32,7 @@ MODEL_SHAPE = dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, nu
                    initializer_range=0.02)
 ENGINES = {  # name -> (quantization, kv_cache_dtype)
     "fp32": (None, None), "int8": ("int8", None), "w8a8": ("w8a8", None), "w8a8:smooth": ("w8a8:smooth", None),
-    "w8a8:head": ("w8a8:head", None),
+    "int8:head": ("int8:head", None), "w8a8:head": ("w8a8:head", None),
     "int4": ("int4", None), "int4:zp": ("int4:zp", None), "int4:awq": ("int4:awq", None),
     "fp32+kv int8": (None, "int8"), "fp32+kv fp8": (None, "fp8_e4m3"), "w8a8+kv int8": ("w8a8", "int8"),
 }
