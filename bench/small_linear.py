@@ -37,10 +37,7 @@ def main() -> None:
         inputs = {k: torch.randn(rows, k) for k in {shape[1] for shape in SHAPES}}
 
         def small(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-            out = torch.empty(x.shape[0], w.shape[0])
-            cpu_kernels._library().small_linear(x.data_ptr(), w.data_ptr(), None, out.data_ptr(), x.shape[0],
-                                                w.shape[0], w.shape[1], x.stride(0), args.threads)
-            return out
+            return cpu_kernels.small_linear(x, w, None, None)
 
         times: dict[str, list[float]] = {"torch": [], "kiln": []}
         with torch.inference_mode():

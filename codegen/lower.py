@@ -8,23 +8,49 @@ so the generated forward says what runs.
 """
 from __future__ import annotations
 
+import torch
 import torch.fx as fx
 
+from kiln.compiler import quant_ops as Q
 from kiln.compiler.ops import reference_calls
 from kiln.passes.base import GraphPass, PassContext, op_name
+from kiln.passes.fuse_common import drop_attr, new_attr, param
 
 
 class LowerToReference(GraphPass):
     name = "lower_reference"
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> dict[str, int]:
+        packed = _pack_w8a8_weights(gm)
         found = reference_calls()
         called = 0
         for node in gm.graph.nodes:
             if node.op == "call_function" and node.target in found:
                 node.target = found[node.target]
                 called += 1
-        return {"called_directly": called}
+        return {"called_directly": called, "w8a8_weights_tiled": packed}
+
+
+def _pack_w8a8_weights(gm: fx.GraphModule) -> int:
+    """W8A8 linears over CPU weights take the CPU kernel's tile layout (`kiln::linear_w8a8_packed`): the
+    weight is rewritten once here, so the artifact stores it that way and no step ever repacks it."""
+    w8a8, packed_op = torch.ops.kiln.linear_w8a8.default, torch.ops.kiln.linear_w8a8_packed.default
+    count = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target != w8a8:
+            continue
+        weight_node = node.args[1]
+        weight = param(gm, weight_node)
+        if (weight is None or not weight.is_cpu or not Q.packs_w8a8(weight)
+                or any(user.target != w8a8 for user in weight_node.users)):
+            continue
+        tiled = new_attr(gm, f"{weight_node.target}_tiled", Q.pack_w8a8(weight), node, buffer=True)
+        for user in list(weight_node.users):
+            user.target = packed_op
+            user.args = (user.args[0], tiled, *user.args[2:])
+        drop_attr(gm, weight_node)
+        count += 1
+    return count
 
 
 class LowerToTriton(GraphPass):

@@ -104,6 +104,23 @@ def small_linear(x: Tensor, weight: Tensor, scale: Tensor | None, bias: Tensor |
     return out
 
 
+def linear_w8a8_packed(x: Tensor, packed: Tensor, scale: Tensor, input_scale: Tensor | None,
+                       bias: Tensor | None) -> Tensor:
+    """kiln::linear_w8a8_packed through the C loop (VNNI where the CPU has it), bit for bit: x float32 [..., K],
+    packed int8 weight tiles [N/4, K/64, 4, 64] contiguous, float32 scale [N]. The caller checks all three."""
+    x2, rows, stride = _rows(x)
+    n, k = packed.shape[0] * packed.shape[2], packed.shape[1] * packed.shape[3]
+    shape = list(x.shape)
+    shape[-1] = n
+    out = torch.empty(shape, dtype=x.dtype)
+    _library().linear_w8a8_packed(
+        x2.data_ptr(), None if input_scale is None else input_scale.data_ptr(), packed.data_ptr(),
+        scale.data_ptr(), None if bias is None else bias.data_ptr(), out.data_ptr(), rows, n, k, stride,
+        torch.get_num_threads(),
+    )
+    return out
+
+
 def paged_decode(
     q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, seq_lens: Tensor, scale: float, window: int,
     softcap: float,

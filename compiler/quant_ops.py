@@ -129,6 +129,38 @@ def linear_w8a8(x: Tensor, weight: Tensor, scale: Tensor, input_scale: Optional[
 
 linear_w8a8_op = torch.library.custom_op("kiln::linear_w8a8", linear_w8a8, mutates_args=())
 
+W8A8_TILE = (4, 64)  # weight rows x columns of one tile of the CPU layout (cpu_kernels.c, linear_w8a8_packed)
+
+
+def packs_w8a8(weight: Tensor) -> bool:
+    """Whether an int8 [N, K] weight fits the CPU tile layout."""
+    return weight.dim() == 2 and weight.shape[0] % W8A8_TILE[0] == 0 and weight.shape[1] % W8A8_TILE[1] == 0
+
+
+def pack_w8a8(weight: Tensor) -> Tensor:
+    """int8 [N, K] -> [N/4, K/64, 4, 64]: each 4-row block read front to back by the CPU kernel."""
+    (n, k), (tr, tc) = weight.shape, W8A8_TILE
+    return weight.reshape(n // tr, tr, k // tc, tc).transpose(1, 2).contiguous()
+
+
+def unpack_w8a8(packed: Tensor) -> Tensor:
+    """The inverse of pack_w8a8."""
+    nb, kb, tr, tc = packed.shape
+    return packed.transpose(1, 2).reshape(nb * tr, kb * tc)
+
+
+def linear_w8a8_packed(x: Tensor, packed: Tensor, scale: Tensor, input_scale: Optional[Tensor],
+                       bias: Optional[Tensor]) -> Tensor:
+    """kiln::linear_w8a8 with its weight in the CPU tile layout (backend "reference" repacks it when it lowers
+    the graph): the C kernel where it applies, else the reference over the unpacked weight. Same numbers."""
+    if packed.is_cpu and packed.is_contiguous() and cpu_kernels.applies(x, scale, input_scale, bias) \
+            and scale.is_contiguous() and (input_scale is None or input_scale.is_contiguous()):
+        return cpu_kernels.linear_w8a8_packed(x, packed, scale, input_scale, bias)
+    return linear_w8a8(x, unpack_w8a8(packed), scale, input_scale, bias)
+
+
+linear_w8a8_packed_op = torch.library.custom_op("kiln::linear_w8a8_packed", linear_w8a8_packed, mutates_args=())
+
 
 def linear_int4(x: Tensor, qweight: Tensor, scales: Tensor, qzeros: Optional[Tensor], input_scale: Optional[Tensor],
                 bias: Optional[Tensor], group_size: int) -> Tensor:
@@ -148,6 +180,11 @@ def _(x, weight, scale, bias):
 @linear_w8a8_op.register_fake
 def _(x, weight, scale, input_scale, bias):
     return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+@linear_w8a8_packed_op.register_fake
+def _(x, packed, scale, input_scale, bias):
+    return x.new_empty(*x.shape[:-1], packed.shape[0] * packed.shape[2])
 
 
 @linear_int4_op.register_fake

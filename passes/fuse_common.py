@@ -82,7 +82,12 @@ def new_attr(gm: fx.GraphModule, qualified: str, tensor: torch.Tensor, like: fx.
 
 
 def drop_attr(gm: fx.GraphModule, node: fx.Node) -> None:
-    """Erase an unused get_attr node and the tensor it read."""
-    module_path, _, attr = node.target.rpartition(".")
+    """Erase a get_attr node nothing reads any more, and its tensor unless another node reads that (a tied
+    embedding)."""
+    target = node.target
+    if node.users:
+        return
     gm.graph.erase_node(node)
-    delattr(gm.get_submodule(module_path) if module_path else gm, attr)
+    if not any(n.op == "get_attr" and n.target == target for n in gm.graph.nodes):
+        owner, _, attr = target.rpartition(".")
+        delattr(gm.get_submodule(owner) if owner else gm, attr)

@@ -24,7 +24,7 @@ from kiln.compiler import quant_ops as Q
 
 from . import quant_calibrate as cal
 from .base import GraphPass, PassContext, is_op
-from .fuse_common import new_attr, param
+from .fuse_common import drop_attr, new_attr, param
 
 if TYPE_CHECKING:
     from kiln.models.prequantized import PackedLinear, Prequantized
@@ -191,19 +191,7 @@ class Quantize(GraphPass):
         new.meta = dict(node.meta)  # same output as the linear (its fake value, its layer's module stack)
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
-        self._drop_weight(gm, weight_node)
+        drop_attr(gm, weight_node)
         args = [x, *tensors.values(), None, *extra]
         error = cal.relative_error(op(*args).float(), x @ original.t())
         return sum(t.nbytes for t in tensors.values() if t is not None), error
-
-    @staticmethod
-    def _drop_weight(gm: fx.GraphModule, weight_node: fx.Node) -> None:
-        """Erase the fp weight unless something else (a tied embedding) still reads it."""
-        target = weight_node.target
-        if weight_node.users:
-            return
-        gm.graph.erase_node(weight_node)
-        if not any(n.op == "get_attr" and n.target == target for n in gm.graph.nodes):
-            owner, _, attr = target.rpartition(".")
-            delattr(gm.get_submodule(owner) if owner else gm, attr)
-

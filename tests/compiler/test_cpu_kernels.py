@@ -111,3 +111,31 @@ def test_weight_only_int8_small_linear_matches_dequantized_torch(monkeypatch, ro
     expect = torch.nn.functional.linear(x, weight.float() * scale[:, None], bias)
     torch.testing.assert_close(out, expect, rtol=1e-5, atol=1e-4)
     assert calls == [torch.int8]  # the C loop ran over the int8 weights
+
+
+@pytest.mark.parametrize("rows, with_extras", [(1, False), (5, True), (37, True)])
+def test_w8a8_tile_kernel_equals_the_reference_bit_for_bit(rows, with_extras):
+    from kiln.compiler import quant_ops
+
+    gen = torch.Generator().manual_seed(rows)
+    weight, scale = quant_ops.quantize_int8(torch.randn(132, 192, generator=gen))
+    packed = quant_ops.pack_w8a8(weight)
+    assert packed.shape == (33, 3, 4, 64) and torch.equal(quant_ops.unpack_w8a8(packed), weight)
+    x = torch.randn(1, rows, 192, generator=gen)
+    bias = torch.randn(132, generator=gen) if with_extras else None
+    input_scale = torch.rand(192, generator=gen) + 0.5 if with_extras else None
+    expect = quant_ops.linear_w8a8(x, weight, scale, input_scale, bias)  # torch._int_mm over the HF layout
+    fast, unpacked = _both_w8a8(packed, x, scale, input_scale, bias)
+    assert torch.equal(fast, expect) and torch.equal(unpacked, expect)
+
+
+def _both_w8a8(packed, x, scale, input_scale, bias):
+    from kiln.compiler import quant_ops
+
+    calls, real = [], cpu_kernels.linear_w8a8_packed
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(cpu_kernels, "linear_w8a8_packed", lambda *a: calls.append(1) or real(*a))
+        fast = quant_ops.linear_w8a8_packed(x, packed, scale, input_scale, bias)
+        assert calls, "the C kernel did not run"
+        m.setattr(cpu_kernels, "applies", lambda *a: False)
+        return fast, quant_ops.linear_w8a8_packed(x, packed, scale, input_scale, bias)

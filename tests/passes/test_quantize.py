@@ -94,6 +94,17 @@ def test_quantized_kv_cache_doubles_blocks_and_keeps_greedy_tokens(checkpoint, k
     assert quant.report.quantization["top1_agreement"] >= 0.9
 
 
+def test_reference_backend_tiles_w8a8_weights_for_the_cpu_kernel(checkpoint) -> None:
+    compiled = kiln.compile(checkpoint("llama"), quantization="w8a8")
+    ops = op_counts(compiled.graph_module)
+    assert ops["kiln.linear_w8a8_packed"] == 2 * 4 and ops["kiln.linear_w8a8"] == 0
+    record = next(r for r in compiled.report.records if r.name == "lower_reference")
+    assert record.counters["w8a8_weights_tiled"] == 2 * 4
+    names = {n for n, _ in compiled.graph_module.named_buffers()}
+    assert "model.model.layers.0.self_attn.q_k_v_proj_weight_qweight_tiled" in names
+    assert "model.model.layers.0.self_attn.q_k_v_proj_weight_qweight" not in names  # repacked, not duplicated
+
+
 def test_llm_takes_quantization_options(checkpoint) -> None:
     llm = kiln.LLM(checkpoint("llama"), quantization="w8a8", kv_cache_dtype="int8", num_kv_blocks=16)
     assert llm.model.kv_cache_dtype == "int8" and llm.model.report.quantization["mode"] == "w8a8"
