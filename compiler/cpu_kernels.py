@@ -80,13 +80,38 @@ def _rows(x: Tensor) -> tuple[Tensor, int, int]:
 
 
 SMALL_LINEAR_ROWS = 16  # up to here the C loop beats torch's GEMM on this layout (bench/small_linear.py)
+C_LINEAR_ROWS = 4  # float32: above this oneDNN over its own weight layout is faster than the C loop
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """`aten.linear` for backend "reference": a few rows (small-batch decode) run the C loop, the rest torch."""
-    if x.numel() <= SMALL_LINEAR_ROWS * x.shape[-1] and weight.is_contiguous() and applies(x, weight, bias):
+    """`aten.linear` for backend "reference": the C loop for the few rows of small-batch decode, oneDNN over a
+    weight reordered once into its blocked layout for the rest (MKL's sgemm, behind torch's `linear`, runs at
+    half its speed at decode sizes here), torch where neither applies."""
+    rows = x.numel() // x.shape[-1]
+    if rows <= C_LINEAR_ROWS and weight.is_contiguous() and applies(x, weight, bias):
         return small_linear(x, weight, None, bias)
+    blocked = _onednn_weight(weight)
+    if blocked is not None and type(x) in _PLAIN and x.dtype is torch.float32 and (bias is None or bias.dtype is x.dtype):
+        return torch.ops.mkldnn._linear_pointwise(x if x.is_contiguous() else x.contiguous(), blocked, bias,
+                                                  "none", [], "")
     return torch.nn.functional.linear(x, weight, bias)
+
+
+def _onednn_weight(weight: Tensor) -> Tensor | None:
+    """weight in oneDNN's blocked layout, made on first use and kept on the tensor; None where oneDNN does not
+    apply (no mkldnn build, not a plain float32 CPU matrix, KILN_ONEDNN=0). The blocked copy doubles the
+    memory of float32 linear weights: the plain one stays, for the C loop and for saving artifacts."""
+    blocked = getattr(weight, "_kiln_onednn", None)
+    if blocked is None and _onednn_enabled() and type(weight) in _PLAIN and weight.dtype is torch.float32 \
+            and weight.is_cpu and weight.dim() == 2:
+        blocked = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 64)
+        weight._kiln_onednn = blocked
+    return blocked
+
+
+@lru_cache(maxsize=1)
+def _onednn_enabled() -> bool:
+    return torch.backends.mkldnn.is_available() and os.environ.get("KILN_ONEDNN", "1") != "0"
 
 
 def small_linear(x: Tensor, weight: Tensor, scale: Tensor | None, bias: Tensor | None) -> Tensor:

@@ -96,9 +96,11 @@ def _attend_prefill(
         if lens[i] != b - a:
             continued.append(i)
             continue
+        # [1, H, L, D] with a batch dim: torch's CPU flash kernel (3-D inputs take the slower math path).
         out[a:b] = torch.nn.functional.scaled_dot_product_attention(
-            q[a:b].transpose(0, 1), k[a:b].transpose(0, 1).to(q.dtype), v[a:b].transpose(0, 1).to(q.dtype),
-            is_causal=True, scale=scale, enable_gqa=k.shape[1] != q.shape[1]).transpose(0, 1)
+            q[None, a:b].transpose(1, 2), k[None, a:b].transpose(1, 2).to(q.dtype),
+            v[None, a:b].transpose(1, 2).to(q.dtype), is_causal=True, scale=scale,
+            enable_gqa=k.shape[1] != q.shape[1])[0].transpose(0, 1)
     if continued:
         rows = torch.cat([torch.arange(starts[i], starts[i + 1], device=q.device) for i in continued])
         sizes = torch.tensor([0] + [starts[i + 1] - starts[i] for i in continued], device=q.device)
