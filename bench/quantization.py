@@ -4,7 +4,9 @@ A ~110M-parameter random Llama (hidden 768, 12 layers, 12 heads / 4 KV heads of 
 2048). Per engine: weight memory (every tensor the forward holds), batch-1 decode tokens/s (median step over
 rounds that alternate the engines, so bursts of load from other processes hit all alike), teacher-forced
 top-1 agreement with HF fp32 over 64 tokens (the prompt plus HF's greedy continuation, one packed prefill),
-greedy agreement (tokens equal to HF's free-running greedy output), and KV blocks in a fixed memory budget.
+the mean absolute logit error there, greedy agreement (tokens equal to HF's free-running greedy output), and
+KV blocks in a fixed memory budget. HF's own top-1 margins are printed beside them: on random weights they are
+a few hundredths of a logit, so agreement measures how far a mode's error reaches past them.
 
     python -m kiln.bench.quantization --threads 1 --rounds 3 --steps 16
 """
@@ -80,15 +82,31 @@ class Decoder:
         return time.perf_counter() - start
 
 
-def teacher_forced(compiled: kiln.CompiledModel, sequence: list[int], targets: list[int]) -> float:
-    """Top-1 agreement at each of the last len(targets) positions, all logits from one packed prefill."""
+def teacher_forced(compiled: kiln.CompiledModel, sequence: list[int], targets: list[int],
+                   reference: torch.Tensor) -> tuple[float, float]:
+    """(top-1 agreement, mean |logit - HF's logit|) at each of the last len(targets) positions, all logits
+    from one packed prefill; `reference` holds HF fp32's logits at those positions."""
     table = [list(range(-(-len(sequence) // BLOCK)))]
     meta = AttentionMetadata.build([len(sequence)], [0], table, BLOCK)
     meta.logits_indices = torch.arange(len(sequence))
     logits = compiled(torch.tensor(sequence), torch.arange(len(sequence)), meta,
-                      compiled.allocate_kv_cache(len(table[0]), BLOCK))
-    predicted = logits.argmax(-1)[len(sequence) - len(targets) - 1: -1]
-    return float((predicted == torch.tensor(targets)).float().mean())
+                      compiled.allocate_kv_cache(len(table[0]), BLOCK))[len(sequence) - len(targets) - 1: -1]
+    agree = float((logits.argmax(-1) == torch.tensor(targets)).float().mean())
+    return agree, float((logits.float() - reference).abs().mean())
+
+
+def margins(model: torch.nn.Module, sequence: list[int], steps: int) -> torch.Tensor:
+    """HF fp32's logits at the last `steps` positions that predict, and a line on their top-1 margins: how far
+    the best logit is ahead of the second, next to the logits' spread. A random-weight model is nearly
+    uniform, so small errors flip its argmax; a trained model's margins are far wider."""
+    with torch.inference_mode():
+        logits = model(input_ids=torch.tensor([sequence])).logits[0, len(sequence) - steps - 1: -1].float()
+    top = logits.topk(2, -1).values
+    gap = top[:, 0] - top[:, 1]
+    print(f"HF fp32 top-1 margin over the {steps} teacher-forced positions: median {gap.median():.3f}, "
+          f"10th percentile {gap.quantile(0.1):.3f} (logit std {logits.std():.3f}, top-1 probability median "
+          f"{logits.softmax(-1).max(-1).values.median():.5f})")
+    return logits
 
 
 def main() -> None:
@@ -116,6 +134,7 @@ def main() -> None:
                      if q else ""), flush=True)
     target, hf_step = hf_greedy(hf, prompt, TOKENS)
     print(f"HF fp32: {1 / hf_step:.1f} tok/s batch-1 decode, weights {sum(p.nbytes for p in hf.parameters()) / 2**20:.0f} MiB")
+    reference = margins(hf, prompt + target, TOKENS)
     max_len = PROMPT + TOKENS + args.rounds * args.steps + 8
     decoders = {name: Decoder(e, prompt, max_len) for name, e in engines.items()}
     times: dict[str, list[float]] = {name: [] for name in engines}
@@ -126,7 +145,7 @@ def main() -> None:
                 times[name] += [decoders[name].step() for _ in range(args.steps)]
     base = statistics.median(times[next(iter(engines))])
     print(f"\n{'engine':<14}{'weights MiB':>12}{'tok/s':>8}{'vs first':>9}{'vs HF':>7}{'teacher-forced':>16}"
-          f"{'greedy':>8}{'KV blocks':>11}")
+          f"{'logit err':>10}{'greedy':>8}{'KV blocks':>11}")
     budget = args.kv_budget_mib * 2**20
     for name, e in engines.items():
         step = statistics.median(times[name])
@@ -136,7 +155,7 @@ def main() -> None:
         generated = greedy.tokens[PROMPT:] + [int(greedy.last[0].argmax())]
         same = sum(a == b for a, b in zip(generated, target)) / TOKENS
         print(f"{name:<14}{weight_bytes(e) / 2**20:>12.0f}{1 / step:>8.1f}{base / step:>8.2f}x{hf_step / step:>6.2f}x"
-              f"{teacher_forced(e, prompt + target, target):>16.1%}{same:>8.1%}"
+              "{:>16.1%}{:>10.4f}".format(*teacher_forced(e, prompt + target, target, reference)) + f"{same:>8.1%}"
               f"{budget // e.kv_cache_bytes_per_block(BLOCK):>11}")
     print(f"load average at the end {os.getloadavg()[0]:.2f}")
 

@@ -101,11 +101,13 @@ def _onednn_weight(weight: Tensor) -> Tensor | None:
     """weight in oneDNN's blocked layout, made on first use and kept on the tensor; None where oneDNN does not
     apply (no mkldnn build, not a plain float32 CPU matrix, KILN_ONEDNN=0). The blocked copy doubles the
     memory of float32 linear weights: the plain one stays, for the C loop and for saving artifacts."""
-    blocked = getattr(weight, "_kiln_onednn", None)
-    if blocked is None and _onednn_enabled() and type(weight) in _PLAIN and weight.dtype is torch.float32 \
-            and weight.is_cpu and weight.dim() == 2:
-        blocked = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 64)
-        weight._kiln_onednn = blocked
+    version, blocked = getattr(weight, "_kiln_onednn", (None, None))
+    if version != weight._version:  # never made, or the weight was written in place since
+        blocked = None
+        if _onednn_enabled() and type(weight) in _PLAIN and weight.dtype is torch.float32 and weight.is_cpu \
+                and weight.dim() == 2:
+            blocked = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 64)
+        weight._kiln_onednn = (weight._version, blocked)
     return blocked
 
 

@@ -139,3 +139,19 @@ def _both_w8a8(packed, x, scale, input_scale, bias):
         assert calls, "the C kernel did not run"
         m.setattr(cpu_kernels, "applies", lambda *a: False)
         return fast, quant_ops.linear_w8a8_packed(x, packed, scale, input_scale, bias)
+
+
+def test_float32_linear_above_the_c_rows_runs_onednn_and_follows_in_place_writes():
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("torch built without oneDNN: torch's linear runs")
+    gen = torch.Generator().manual_seed(7)
+    weight, bias = torch.randn(96, 64, generator=gen), torch.randn(96, generator=gen)
+    x = torch.randn(1, cpu_kernels.C_LINEAR_ROWS + 3, 64, generator=gen)
+    out = cpu_kernels.linear(x, weight, bias)
+    assert weight._kiln_onednn[1] is not None  # the blocked copy was made and kept
+    torch.testing.assert_close(out, torch.nn.functional.linear(x, weight, bias), rtol=1e-5, atol=1e-5)
+    weight.mul_(2.0)  # a stale blocked copy would still give the old result
+    torch.testing.assert_close(cpu_kernels.linear(x, weight, bias), torch.nn.functional.linear(x, weight, bias),
+                               rtol=1e-5, atol=1e-5)
+    strided = torch.randn(64, cpu_kernels.C_LINEAR_ROWS + 3, generator=gen).t()  # not contiguous
+    torch.testing.assert_close(cpu_kernels.linear(strided, weight), strided @ weight.t(), rtol=1e-5, atol=1e-5)
