@@ -225,7 +225,11 @@ def test_operational_endpoints(live) -> None:
         assert name in names
 
 
-def test_dropped_stream_is_aborted_and_frees_its_blocks(live, client) -> None:
+def test_dropped_stream_is_aborted_and_frees_its_blocks(live, client, monkeypatch) -> None:
+    # Each step takes 5 ms at least, so the 480-token requests below are still running when their clients give
+    # up, however fast the model is.
+    step = live.engine.engine.step
+    monkeypatch.setattr(live.engine.engine, "step", lambda: time.sleep(0.005) or step())
     aborted = 'kiln_request_finished_total{finished_reason="abort"}'
     before = live.metric(aborted) if aborted in live.http.get("/metrics").text else 0.0
     stream = client.completions.create(model=MODEL, prompt="The kiln", max_tokens=480, stream=True,
@@ -241,6 +245,7 @@ def test_dropped_stream_is_aborted_and_frees_its_blocks(live, client) -> None:
         live.http.post("/v1/completions", json=body, timeout=httpx.Timeout(60, read=0.5))
     live.wait_idle()
     assert live.metric(aborted) == before + 2
+    monkeypatch.undo()
     res = client.completions.create(model=MODEL, prompt="Still there?", max_tokens=3, **GREEDY)
     assert res.usage.completion_tokens >= 1
 
