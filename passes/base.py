@@ -135,6 +135,8 @@ class PassReport:
                          f"{q['top1_agreement']:.1%} over {q['calibration_tokens']} calibration tokens")
             lines.append("relative output error per layer (worst linear): "
                          + ", ".join(f"{e:.4f}" for e in q["layer_errors"]))
+            if q.get("cpu_kernel"):
+                lines.append(f"on CPU (backend reference) {q['mode']} runs {q['cpu_kernel']}")
             if q.get("prequantized"):
                 lines.append("weights pre-quantized in the checkpoint: "
                              + ", ".join(f"{k}={v}" for k, v in q["prequantized"].items()))

@@ -34,6 +34,16 @@ GROUP_SIZES = (32, 64, 128)
 _LAYER = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)[._]")
 
 
+# What runs each mode's linears on CPU (backend "reference"), measured by bench/quantization.py: the report
+# says so, so nobody picks a mode for speed that only saves memory here.
+CPU_KERNELS = {
+    "int8": "kiln's C loop over the int8 weights at 1-16 rows (bound by the int8-to-float conversion, ~1.2x "
+            "fp32), dequantize + float GEMM above",
+    "w8a8": "kiln's AVX-512 VNNI kernel over 4x64 weight tiles at every batch size (~2.4x fp32 at batch 1)",
+    "int4": "dequantize + float GEMM: no fast torch CPU kernel exists for it, so it is slower than fp32 here "
+            "and saves memory only",
+}
+
 @dataclass(frozen=True)
 class QuantConfig:
     """What to quantize and how; `calibration` is token-id prompts (seeded random tokens when None)."""
@@ -131,6 +141,7 @@ class Quantize(GraphPass):
             "weight_bytes": [before, after], "layer_errors": [layers[i] for i in sorted(layers)],
             "linear_errors": errors,
             "prequantized": cfg.prequantized.describe() if cfg.prequantized is not None else None,
+            "cpu_kernel": CPU_KERNELS.get(cfg.mode),
         }
         return {"linears": len(linears), "attentions": attentions, "weight_kib_before": before // 1024,
                 "weight_kib_after": after // 1024}

@@ -35,6 +35,7 @@ def test_int8_rewrites_every_linear_but_the_head(checkpoint) -> None:
     assert q["weight_bytes"][1] < q["weight_bytes"][0] / 3.5
     assert q["top1_agreement"] >= 0.9 and len(q["layer_errors"]) == 2 and max(q["layer_errors"]) < 0.02
     assert "teacher-forced top-1 agreement" in compiled.report.format()
+    assert "on CPU (backend reference) int8 runs kiln's C loop" in compiled.report.format()
 
 
 def test_int4_with_head_and_w8a8_stay_close_to_fp32(checkpoint) -> None:
