@@ -21,32 +21,37 @@ class LowerToReference(GraphPass):
     name = "lower_reference"
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> dict[str, int]:
-        packed = _pack_w8a8_weights(gm)
+        tiled = _tile_int8_weights(gm)
         found = reference_calls()
         called = 0
         for node in gm.graph.nodes:
             if node.op == "call_function" and node.target in found:
                 node.target = found[node.target]
                 called += 1
-        return {"called_directly": called, "w8a8_weights_tiled": packed}
+        return {"called_directly": called, "int8_weights_tiled": tiled}
 
 
-def _pack_w8a8_weights(gm: fx.GraphModule) -> int:
-    """W8A8 linears over CPU weights take the CPU kernel's tile layout (`kiln::linear_w8a8_packed`): the
-    weight is rewritten once here, so the artifact stores it that way and no step ever repacks it."""
-    w8a8, packed_op = torch.ops.kiln.linear_w8a8.default, torch.ops.kiln.linear_w8a8_packed.default
+def _tile_int8_weights(gm: fx.GraphModule) -> int:
+    """int8 and W8A8 linears over CPU weights take their CPU kernel's tile layout (`kiln::linear_int8_packed`,
+    `kiln::linear_w8a8_packed`): the weight is rewritten once here, so artifacts store it that way and no step
+    ever repacks it."""
+    layouts = {  # op -> (op over the tiled weight, whether a weight fits, packing)
+        torch.ops.kiln.linear_int8.default: (torch.ops.kiln.linear_int8_packed.default, Q.packs_int8, Q.pack_int8),
+        torch.ops.kiln.linear_w8a8.default: (torch.ops.kiln.linear_w8a8_packed.default, Q.packs_w8a8, Q.pack_w8a8),
+    }
     count = 0
     for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target != w8a8:
+        if node.op != "call_function" or node.target not in layouts:
             continue
+        tiled_op, fits, pack = layouts[node.target]
         weight_node = node.args[1]
         weight = param(gm, weight_node)
-        if (weight is None or not weight.is_cpu or not Q.packs_w8a8(weight)
-                or any(user.target != w8a8 for user in weight_node.users)):
+        if (weight is None or not weight.is_cpu or not fits(weight)
+                or any(user.target != node.target or user.args[1] is not weight_node for user in weight_node.users)):
             continue
-        tiled = new_attr(gm, f"{weight_node.target}_tiled", Q.pack_w8a8(weight), node, buffer=True)
+        tiled = new_attr(gm, f"{weight_node.target}_tiled", pack(weight), node, buffer=True)
         for user in list(weight_node.users):
-            user.target = packed_op
+            user.target = tiled_op
             user.args = (user.args[0], tiled, *user.args[2:])
         drop_attr(gm, weight_node)
         count += 1

@@ -12,6 +12,9 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 /* Every kernel takes `threads` (torch's intra-op thread count, so kiln's C and torch's ops use the same cores);
  * rows below PARALLEL_MIN elements in total run on one thread: forking costs more than the work. */
@@ -242,7 +245,6 @@ SMALL_LINEAR(small_linear_i8, int8_t)
 #define W8A8_ROWS 4
 #define W8A8_COLS 64
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-#include <immintrin.h>
 /* acc[m][r] += x_m . w_r over k for mr rows of x and one block of 4 weight rows; wsum[r] = sum of w_r. */
 static inline __attribute__((always_inline)) void w8a8_tile(const uint8_t *restrict x, const int8_t *restrict wb,
                                                             int64_t k, int mr, int32_t *acc, int32_t *wsum)
@@ -341,6 +343,74 @@ static void linear_w8a8_packed(const float *restrict x, const float *restrict in
     }
     free(xq);
     free(xs);
+}
+
+/* Weight-only int8 (kiln::linear_int8_packed) at decode sizes: weights in tiles of 16 output channels,
+ * [n/16][k][16] (quant_ops.pack_int8), so one tile is read front to back and each k step converts 16 weights
+ * to float once for up to 4 rows of x, vectorised across the 16 channels (no horizontal sums). Activations stay
+ * exact: y = (x . w) * scale + bias with float32 accumulation. */
+#define I8_TILE 16
+#if defined(__AVX512F__)
+/* Four k steps per iteration into four accumulators per row: the FMA chains overlap. */
+static inline __attribute__((always_inline)) void i8_tile(const float *restrict x, int64_t x_stride,
+                                                          const int8_t *restrict wt, int64_t k, int mr,
+                                                          float acc[4][I8_TILE])
+{
+    __m512 a[4][4];
+    for (int m = 0; m < mr; ++m)
+        for (int u = 0; u < 4; ++u) a[m][u] = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 4 <= k; i += 4)
+        for (int u = 0; u < 4; ++u) {
+            const __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const void *)(wt + (i + u) * I8_TILE))));
+            for (int m = 0; m < mr; ++m) a[m][u] = _mm512_fmadd_ps(_mm512_set1_ps(x[m * x_stride + i + u]), w, a[m][u]);
+        }
+    for (; i < k; ++i) {
+        const __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const void *)(wt + i * I8_TILE))));
+        for (int m = 0; m < mr; ++m) a[m][0] = _mm512_fmadd_ps(_mm512_set1_ps(x[m * x_stride + i]), w, a[m][0]);
+    }
+    for (int m = 0; m < mr; ++m)
+        _mm512_storeu_ps(acc[m], _mm512_add_ps(_mm512_add_ps(a[m][0], a[m][1]), _mm512_add_ps(a[m][2], a[m][3])));
+}
+#else
+static inline void i8_tile(const float *restrict x, int64_t x_stride, const int8_t *restrict wt, int64_t k, int mr,
+                           float acc[4][I8_TILE])
+{
+    for (int m = 0; m < mr; ++m)
+        for (int c = 0; c < I8_TILE; ++c) acc[m][c] = 0.f;
+    for (int64_t i = 0; i < k; ++i)
+        for (int m = 0; m < mr; ++m) {
+            const float xi = x[m * x_stride + i];
+            for (int c = 0; c < I8_TILE; ++c) acc[m][c] += xi * (float)wt[i * I8_TILE + c];
+        }
+}
+#endif
+
+static void linear_i8_packed(const float *restrict x, const int8_t *restrict w, const float *restrict scale,
+                             const float *restrict bias, float *restrict out, int64_t rows, int64_t n, int64_t k,
+                             int64_t x_stride, int64_t threads)
+{
+#pragma omp parallel for num_threads(threads) if (n * k >= 262144) schedule(static)
+    for (int64_t b = 0; b < n / I8_TILE; ++b) {
+        const int8_t *wt = w + b * I8_TILE * k;
+        for (int64_t m0 = 0; m0 < rows; m0 += 4) { /* a constant mr keeps the accumulators in registers */
+            float acc[4][I8_TILE];
+            const float *xm = x + m0 * x_stride;
+            const int64_t mr = rows - m0 < 4 ? rows - m0 : 4;
+            switch (mr) {
+            case 4: i8_tile(xm, x_stride, wt, k, 4, acc); break;
+            case 3: i8_tile(xm, x_stride, wt, k, 3, acc); break;
+            case 2: i8_tile(xm, x_stride, wt, k, 2, acc); break;
+            default: i8_tile(xm, x_stride, wt, k, 1, acc); break;
+            }
+            for (int64_t m = 0; m < mr; ++m)
+                for (int64_t c = 0; c < I8_TILE; ++c) {
+                    const int64_t j = b * I8_TILE + c;
+                    const float y = acc[m][c] * scale[j];
+                    out[(m0 + m) * n + j] = bias ? y + bias[j] : y;
+                }
+        }
+    }
 }
 
 /* ---- Python bindings: each takes the kernel's arguments in order (pointers as ints, None for NULL). ---- */
@@ -446,7 +516,20 @@ static PyObject *py_linear_w8a8_packed(PyObject *self, PyObject *const *a, Py_ss
     Py_RETURN_NONE;
 }
 
+static PyObject *py_linear_i8_packed(PyObject *self, PyObject *const *a, Py_ssize_t n)
+{
+    if (!arity("linear_i8_packed", n, 10)) return NULL;
+    const float *x = arg_p(a[0]), *scale = arg_p(a[2]), *bias = arg_p(a[3]);
+    const int8_t *w = arg_p(a[1]);
+    float *out = arg_p(a[4]);
+    int64_t rows = arg_i(a[5]), cols = arg_i(a[6]), k = arg_i(a[7]), stride = arg_i(a[8]), threads = arg_i(a[9]);
+    if (PyErr_Occurred()) return NULL;
+    linear_i8_packed(x, w, scale, bias, out, rows, cols, k, stride, threads);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
+    {"linear_i8_packed", (PyCFunction)(void (*)(void))py_linear_i8_packed, METH_FASTCALL, NULL},
     {"linear_w8a8_packed", (PyCFunction)(void (*)(void))py_linear_w8a8_packed, METH_FASTCALL, NULL},
     {"small_linear", (PyCFunction)(void (*)(void))py_small_linear, METH_FASTCALL, NULL},
     {"paged_decode", (PyCFunction)(void (*)(void))py_paged_decode, METH_FASTCALL, NULL},

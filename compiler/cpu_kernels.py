@@ -148,6 +148,21 @@ def linear_w8a8_packed(x: Tensor, packed: Tensor, scale: Tensor, input_scale: Te
     return out
 
 
+def linear_int8_packed(x: Tensor, packed: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:
+    """kiln::linear_int8_packed through the C loop: x float32 with at most SMALL_LINEAR_ROWS rows, int8 weight
+    tiles [N/16, K, 16] contiguous, float32 scale [N]. The caller checks all three."""
+    x2, rows, stride = _rows(x)
+    n, k = packed.shape[0] * packed.shape[2], packed.shape[1]
+    shape = list(x.shape)
+    shape[-1] = n
+    out = torch.empty(shape, dtype=x.dtype)
+    _library().linear_i8_packed(
+        x2.data_ptr(), packed.data_ptr(), scale.data_ptr(), None if bias is None else bias.data_ptr(),
+        out.data_ptr(), rows, n, k, stride, torch.get_num_threads(),
+    )
+    return out
+
+
 def paged_decode(
     q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, seq_lens: Tensor, scale: float, window: int,
     softcap: float,

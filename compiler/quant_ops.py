@@ -119,6 +119,37 @@ def linear_int8(x: Tensor, weight: Tensor, scale: Tensor, bias: Optional[Tensor]
 
 linear_int8_op = torch.library.custom_op("kiln::linear_int8", linear_int8, mutates_args=())
 
+INT8_TILE = 16  # output channels per tile of the CPU layout (cpu_kernels.c, linear_i8_packed)
+
+
+def packs_int8(weight: Tensor) -> bool:
+    """Whether an int8 [N, K] weight fits the CPU tile layout of weight-only int8."""
+    return weight.dim() == 2 and weight.shape[0] % INT8_TILE == 0
+
+
+def pack_int8(weight: Tensor) -> Tensor:
+    """int8 [N, K] -> [N/16, K, 16]: each tile of 16 output channels read front to back by the CPU kernel."""
+    n, k = weight.shape
+    return weight.reshape(n // INT8_TILE, INT8_TILE, k).transpose(1, 2).contiguous()
+
+
+def unpack_int8(packed: Tensor) -> Tensor:
+    """The inverse of pack_int8."""
+    nb, k, tile = packed.shape
+    return packed.transpose(1, 2).reshape(nb * tile, k)
+
+
+def linear_int8_packed(x: Tensor, packed: Tensor, scale: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """kiln::linear_int8 with its weight in the CPU tile layout (backend "reference" repacks it when it lowers
+    the graph): the C loop at decode sizes, else the reference over the unpacked weight."""
+    if (x.numel() <= cpu_kernels.SMALL_LINEAR_ROWS * x.shape[-1] and packed.is_cpu and packed.is_contiguous()
+            and cpu_kernels.applies(x, scale, bias) and scale.is_contiguous()):
+        return cpu_kernels.linear_int8_packed(x, packed, scale, bias)
+    return linear_int8(x, unpack_int8(packed), scale, bias)
+
+
+linear_int8_packed_op = torch.library.custom_op("kiln::linear_int8_packed", linear_int8_packed, mutates_args=())
+
 
 def linear_w8a8(x: Tensor, weight: Tensor, scale: Tensor, input_scale: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
     """W8A8: x (times input_scale) quantized per token to int8, int8 x int8 -> int32, then token x channel scales."""
@@ -180,6 +211,11 @@ def _(x, weight, scale, bias):
 @linear_w8a8_op.register_fake
 def _(x, weight, scale, input_scale, bias):
     return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+@linear_int8_packed_op.register_fake
+def _(x, packed, scale, bias):
+    return x.new_empty(*x.shape[:-1], packed.shape[0] * packed.shape[2])
 
 
 @linear_w8a8_packed_op.register_fake

@@ -37,8 +37,8 @@ _LAYER = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)[._]")
 # What runs each mode's linears on CPU (backend "reference"), measured by bench/quantization.py: the report
 # says so, so nobody picks a mode for speed that only saves memory here.
 CPU_KERNELS = {
-    "int8": "kiln's C loop over the int8 weights at 1-16 rows (bound by the int8-to-float conversion, ~1.2x "
-            "fp32), dequantize + float GEMM above",
+    "int8": "kiln's C loop over 16-channel int8 weight tiles at 1-16 rows (~4x fp32's GEMV time at batch 1), "
+            "dequantize + float GEMM above",
     "w8a8": "kiln's AVX-512 VNNI kernel over 4x64 weight tiles at every batch size (~2.4x fp32 at batch 1)",
     "int4": "dequantize + float GEMM: no fast torch CPU kernel exists for it, so it is slower than fp32 here "
             "and saves memory only",

@@ -155,3 +155,21 @@ def test_float32_linear_above_the_c_rows_runs_onednn_and_follows_in_place_writes
                                rtol=1e-5, atol=1e-5)
     strided = torch.randn(64, cpu_kernels.C_LINEAR_ROWS + 3, generator=gen).t()  # not contiguous
     torch.testing.assert_close(cpu_kernels.linear(strided, weight), strided @ weight.t(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [1, 6, cpu_kernels.SMALL_LINEAR_ROWS + 1])
+def test_int8_tile_kernel_matches_the_dequantized_linear(rows):
+    from kiln.compiler import quant_ops
+
+    gen = torch.Generator().manual_seed(rows)
+    weight, scale = quant_ops.quantize_int8(torch.randn(48, 70, generator=gen))
+    packed = quant_ops.pack_int8(weight)
+    assert packed.shape == (3, 70, 16) and torch.equal(quant_ops.unpack_int8(packed), weight)
+    x, bias = torch.randn(1, rows, 70, generator=gen), torch.randn(48, generator=gen)
+    calls, real = [], cpu_kernels.linear_int8_packed
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(cpu_kernels, "linear_int8_packed", lambda *a: calls.append(1) or real(*a))
+        out = quant_ops.linear_int8_packed(x, packed, scale, bias)
+    assert bool(calls) == (rows <= cpu_kernels.SMALL_LINEAR_ROWS)  # above: the reference over unpacked weights
+    expect = torch.nn.functional.linear(x, weight.float() * scale[:, None], bias)
+    torch.testing.assert_close(out, expect, rtol=1e-5, atol=1e-4)
