@@ -4,7 +4,7 @@ Decode reads each sequence's whole context every step; the torch formulation has
 tensor first, which costs more than the attention itself, so the C loop reads the cache blocks in place. The
 fused ops (RMSNorm with its residual add, gated SiLU, rotary embedding, the cache write) are each one pass over
 memory in C where torch needs several ops and temporaries: that is what makes fusion pay on the reference
-backend. `cpu_kernels.c` is built once with the system C compiler, as a CPython extension module, into kiln's
+backend. `cpu_kernels.c` (with `cpu_quant.c`) is built once with the system C compiler, as a CPython extension module, into kiln's
 cache directory; when no compiler or Python headers are found (or KILN_DISABLE_CPU_KERNELS=1), or a call is
 outside a kernel (not float32 on CPU, not contiguous in its last dim), the torch reference runs instead.
 """
@@ -25,7 +25,7 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-_SOURCE = Path(__file__).with_name("cpu_kernels.c")
+_SOURCES = [Path(__file__).with_name(name) for name in ("cpu_kernels.c", "cpu_quant.c")]
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
@@ -44,13 +44,14 @@ def _library() -> ModuleType | None:
     if compiler is None or not (Path(include) / "Python.h").exists():
         return None
     flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", f"-I{include}"]
-    digest = hashlib.sha256(_SOURCE.read_bytes() + " ".join(flags).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(b"".join(src.read_bytes() for src in _SOURCES) + " ".join(flags).encode()).hexdigest()[:16]
     target = _cache_dir() / digest / f"kiln_cpu{sysconfig.get_config_var('EXT_SUFFIX') or '.so'}"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             built = Path(tmp) / target.name
-            result = subprocess.run([compiler, *flags, str(_SOURCE), "-o", str(built), "-lm"], capture_output=True)
+            result = subprocess.run([compiler, *flags, *map(str, _SOURCES), "-o", str(built), "-lm"],
+                                    capture_output=True)
             if result.returncode != 0:
                 return None
             os.replace(built, target)  # atomic: concurrent builders never see half a library
