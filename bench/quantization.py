@@ -1,14 +1,15 @@
 """Quantized engines against fp32 on the reference backend (CPU), HF fp32 in the same run.
 
-A ~110M-parameter random Llama (hidden 768, 12 layers, 12 heads / 4 KV heads of 64, vocab 32000, intermediate
-2048). Per engine: weight memory (every tensor the forward holds), batch-1 decode tokens/s (median step over
-rounds that alternate the engines, so bursts of load from other processes hit all alike), teacher-forced
-top-1 agreement with HF fp32 over 64 tokens (the prompt plus HF's greedy continuation, one packed prefill),
-the mean absolute logit error there, greedy agreement (tokens equal to HF's free-running greedy output), and
-KV blocks in a fixed memory budget. HF's own top-1 margins are printed beside them: on random weights they are
-a few hundredths of a logit, so agreement measures how far a mode's error reaches past them.
+A ~110M-parameter Llama (hidden 768, 12 layers, 12 heads / 4 KV heads of 64, vocab 32000, intermediate 2048):
+by default trained for a few minutes on a toy language first (bench/toy_language.py: random weights are too
+unsure of their argmax for agreement to mean anything), or `--weights random`. Per engine: weight memory (every
+tensor the forward holds), batch-1 decode tokens/s (median step over rounds that alternate the engines, so
+bursts of load from other processes hit all alike), teacher-forced top-1 agreement with HF fp32 over 64 tokens
+(the prompt plus HF's greedy continuation, one packed prefill), the mean absolute logit error there, greedy
+agreement (tokens equal to HF's free-running greedy output), and KV blocks in a fixed memory budget. HF's own
+top-1 margins are printed beside them: agreement measures how far a mode's error reaches past them.
 
-    python -m kiln.bench.quantization --threads 1 --rounds 3 --steps 16
+    python -m kiln.bench.quantization --threads 1 --rounds 3 --steps 16 [--weights random]
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ import transformers
 
 import kiln
 from kiln.compiler.metadata import AttentionMetadata
+from kiln.bench import toy_language
 from kiln.models.testing import build_tiny_checkpoint
 
 # initializer_range 0.02 is HF's default; at the 0.1 of kiln's test checkpoints a 12-layer random model is
@@ -116,13 +118,20 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=16, help="decode steps timed per engine per round")
     parser.add_argument("--kv-budget-mib", type=int, default=64)
     parser.add_argument("--engines", default=",".join(ENGINES))
+    parser.add_argument("--weights", choices=("trained", "random"), default="trained",
+                        help="trained: a few minutes on a toy language first (cached; see toy_language.py)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, "
           f"load average {os.getloadavg()[0]:.2f}; torch {torch.__version__}, transformers {transformers.__version__}")
-    prompt = list(range(10, 10 + PROMPT))
     with tempfile.TemporaryDirectory() as tmp:
-        path = build_tiny_checkpoint("llama", Path(tmp) / "llama-110m", with_tokenizer=False, **MODEL_SHAPE)
+        if args.weights == "trained":
+            path = toy_language.trained_checkpoint(MODEL_SHAPE)
+            prompt = toy_language.prompt(MODEL_SHAPE["vocab_size"], PROMPT)
+        else:
+            path = build_tiny_checkpoint("llama", Path(tmp) / "llama-110m", with_tokenizer=False, **MODEL_SHAPE)
+            prompt = list(range(10, 10 + PROMPT))
+        print(f"weights: {args.weights} ({path.name})", flush=True)
         hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
         engines: dict[str, kiln.CompiledModel] = {}
         for name in args.engines.split(","):
