@@ -2,9 +2,10 @@
 
 Backend "triton": the op's generated-kernel launcher. Plain GEMMs stay on torch (cuBLAS); kiln ops without a
 launcher keep their torch implementation. Backend "reference": the function the op was declared from
-(`kiln.compiler.fused_ops.rope`, ...), called directly, and `aten.linear` through `cpu_kernels.linear` (a C
-loop for the few rows of small-batch decode on CPU, torch otherwise). Graph passes rather than dispatch-key registrations,
-so the generated forward says what runs.
+(`kiln.compiler.fused_ops.rope`, ...), called directly, and `aten.linear` through `cpu_kernels.linear` (on CPU a
+C loop for the few rows of small-batch decode, oneDNN over blocked weights above that; torch elsewhere); int8
+and W8A8 weights on CPU are rewritten into the tiles their C kernels read. Graph passes rather than dispatch-key
+registrations, so the generated forward says what runs.
 """
 from __future__ import annotations
 
