@@ -50,6 +50,7 @@ def compile(
     from kiln.models.loader import load_model
     from kiln.models.registry import layer_windows
     from kiln.passes.base import PassContext, PassReport, run_passes
+    from kiln.passes.flatten_attrs import FlattenAttributes
     from kiln.passes.pipeline import build_pipeline
     from kiln.passes.quantize import QuantConfig
 
@@ -70,7 +71,7 @@ def compile(
     if loaded.prequantized is not None:  # a GPTQ / AWQ checkpoint: int4 from its own packed weights
         quant = loaded.prequantized.quant_config(quant, quantization)
     passes = build_pipeline(options, quant)
-    passes.append(LowerToTriton() if backend == "triton" else LowerToReference())
+    passes += [LowerToTriton() if backend == "triton" else LowerToReference(), FlattenAttributes()]
     gm = capture(loaded.model, max_model_len)
     ctx = PassContext(config=config, layer_windows=layer_windows(config))
     report = PassReport(num_layers=config.num_hidden_layers)

@@ -59,7 +59,7 @@ def test_quantized_artifact_keeps_its_tiled_weights_and_tokens(checkpoint, tmp_p
     quant = kiln.compile(str(checkpoint("llama")), quantization="w8a8", kv_cache_dtype="int8")
     loaded = kiln.load(artifact.save(quant, tmp_path / "w8a8"))
     assert loaded.kv_cache_dtype == "int8"
-    tiled = dict(loaded.graph_module.named_buffers())["model.model.layers.0.mlp.down_proj.weight_qweight_tiled"]
+    tiled = dict(loaded.graph_module.named_buffers())["model_model_layers_0_mlp_down_proj_weight_qweight_tiled"]
     assert tiled.dtype.is_floating_point is False and tiled.dim() == 4
     params = kiln.SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0)
     runs = [[o.outputs[0].token_ids for o in kiln.LLM(m).generate(PROMPTS, params, use_tqdm=False)]

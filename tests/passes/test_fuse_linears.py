@@ -29,9 +29,9 @@ def test_qkv_and_gate_up_become_one_matmul_each(checkpoint):
     assert op_counts(fused.graph_module)["aten.linear"] == 2 * 4 + 1  # qkv, o, gate_up, down per layer + head
     assert fused.report.records[3].counters == {"matched": 4, "linears_fused": 10}
     params = dict(fused.graph_module.named_parameters())
-    assert params["model.model.layers.0.self_attn.q_k_v_proj_weight"].shape == (64 + 2 * 32, 64)
-    assert params["model.model.layers.0.mlp.gate_up_proj_weight"].shape == (2 * 128, 64)
-    assert not any(name.endswith(("q_proj.weight", "gate_proj.weight")) for name in params), "old weights kept"
+    assert params["model_model_layers_0_self_attn_q_k_v_proj_weight"].shape == (64 + 2 * 32, 64)
+    assert params["model_model_layers_0_mlp_gate_up_proj_weight"].shape == (2 * 128, 64)
+    assert not any(name.endswith(("q_proj_weight", "gate_proj_weight")) for name in params), "old weights kept"
     assert_same_logits(plain, fused)
 
 
@@ -39,7 +39,7 @@ def test_biases_are_concatenated(checkpoint):
     path = checkpoint("phi")  # q/k/v with biases, and the parallel MLP's fc1 reads the same norm output
     plain, fused = kiln.compile(path, **only()), kiln.compile(path, **only("fuse_linears"))
     params = dict(fused.graph_module.named_parameters())
-    bias = params["model.model.layers.0.self_attn_q_proj_self_attn_k_proj_self_attn_v_proj_mlp_fc1_bias"]
+    bias = params["model_model_layers_0_self_attn_q_proj_self_attn_k_proj_self_attn_v_proj_mlp_fc1_bias"]
     assert bias.shape == (64 + 2 * 32 + 128,)  # q, k, v (2 KV heads of 16), fc1
     assert op_counts(fused.graph_module)["aten.linear"] == 2 * 3 + 1  # q/k/v/fc1, dense, fc2 + head
     assert_same_logits(plain, fused)

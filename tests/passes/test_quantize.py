@@ -30,8 +30,8 @@ def test_int8_rewrites_every_linear_but_the_head(checkpoint) -> None:
     # qkv, o, gate_up, down per layer, their weights in the CPU kernel's tiles; the head kept
     assert ops["kiln.linear_int8_packed"] == 2 * 4 and ops["aten.linear"] == 1
     names = {n for n, _ in [*compiled.graph_module.named_parameters(), *compiled.graph_module.named_buffers()]}
-    assert not any(n.endswith(("q_k_v_proj_weight", "gate_up_proj_weight", "o_proj.weight")) for n in names)
-    assert "model.model.layers.0.self_attn.q_k_v_proj_weight_qweight_tiled" in names
+    assert not any(n.endswith(("q_k_v_proj_weight", "gate_up_proj_weight", "o_proj_weight")) for n in names)
+    assert "model_model_layers_0_self_attn_q_k_v_proj_weight_qweight_tiled" in names
     q = compiled.report.quantization
     assert q["weight_bytes"][1] < q["weight_bytes"][0] / 3.5
     assert q["top1_agreement"] >= 0.9 and len(q["layer_errors"]) == 2 and max(q["layer_errors"]) < 0.02
@@ -103,8 +103,8 @@ def test_reference_backend_tiles_w8a8_weights_for_the_cpu_kernel(checkpoint) -> 
     record = next(r for r in compiled.report.records if r.name == "lower_reference")
     assert record.counters["int8_weights_tiled"] == 2 * 4
     names = {n for n, _ in compiled.graph_module.named_buffers()}
-    assert "model.model.layers.0.self_attn.q_k_v_proj_weight_qweight_tiled" in names
-    assert "model.model.layers.0.self_attn.q_k_v_proj_weight_qweight" not in names  # repacked, not duplicated
+    assert "model_model_layers_0_self_attn_q_k_v_proj_weight_qweight_tiled" in names
+    assert "model_model_layers_0_self_attn_q_k_v_proj_weight_qweight" not in names  # repacked, not duplicated
 
 
 def test_llm_takes_quantization_options(checkpoint) -> None:
