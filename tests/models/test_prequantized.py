@@ -132,7 +132,8 @@ def test_checkpoint_codes_logits_and_tokens_match_the_reference(checkpoint, tmp_
             continue
         _, qweight, scales, qzeros, input_scale, _, group_size = (
             param(gm, a) if getattr(a, "op", None) == "get_attr" else a for a in node.args)
-        owner, _, leaf = node.args[1].target.removeprefix("model.").removesuffix("_qweight").rpartition(".")
+        dotted = node.args[1].meta["qualified_name"]  # flatten_attrs keeps the dotted path here
+        owner, _, leaf = dotted.removeprefix("model.").removesuffix("_qweight").rpartition(".")
         parts = [f"{owner}.{p}.weight" for p in FUSED[leaf]] if leaf in FUSED else [f"{owner}.{leaf}"]
         want = torch.cat([ref[p] for p in parts]).t()
         assert input_scale is None and group_size == (want.shape[0] if group == -1 else group)
