@@ -1,8 +1,8 @@
 """The decode GEMMs of the 30M runtime-benchmark Llama at small batch: torch's `linear` against kiln's C loop.
 
-Backend "reference" sends linears of up to `cpu_kernels.SMALL_LINEAR_ROWS` rows to the C loop; this prints
-where that pays. Eight layers' worth of distinct weights per repetition, so they stream from memory as in a
-decode step; median of alternating repetitions.
+Backend "reference" sends float32 linears of up to `cpu_kernels.C_LINEAR_ROWS` rows to the C loop (oneDNN
+takes larger ones); this prints where the C loop beats torch's `linear`. Eight layers' worth of distinct
+weights per repetition, so they stream from memory as in a decode step; median of alternating repetitions.
 
     python -m kiln.bench.small_linear --threads 1
 """

@@ -80,7 +80,7 @@ def _rows(x: Tensor) -> tuple[Tensor, int, int]:
     return x, x.shape[0], x.shape[1]
 
 
-SMALL_LINEAR_ROWS = 16  # up to here the C loop beats torch's GEMM on this layout (bench/small_linear.py)
+SMALL_LINEAR_ROWS = 16  # int8 weights: up to here the C loops beat dequantize + GEMM
 C_LINEAR_ROWS = 4  # float32: above this oneDNN over its own weight layout is faster than the C loop
 
 

@@ -7,9 +7,10 @@ Weight layouts (what passes/quantize.py registers and the Triton templates in co
 An optional fp32 `input_scale` [K] multiplies the activations first: the inverse of AWQ / SmoothQuant's
 per-input-channel scales, which were multiplied into the weight before quantizing.
 
-The references pick the CPU kernel that measured fastest for each contract: w8a8 runs `torch._int_mm` on
-per-token int8 activations; weight-only int8 and int4 dequantize and run a float GEMM (no torch CPU kernel
-that keeps activations exact beats fp32 here: see README, "Quantization").
+The references are the specification: w8a8 runs `torch._int_mm` on per-token int8 activations; weight-only
+int8 and int4 dequantize and run a float GEMM (no torch CPU kernel that keeps activations exact beats fp32
+here: see README, "Quantization"). On CPU, backend "reference" stores int8 and w8a8 weights in tiles for kiln's
+C kernels (`linear_int8_packed`, `linear_w8a8_packed` below); int4 keeps its reference.
 
 Quantized KV caches hold each token-and-head vector as [D values | 4 bytes of fp32 scale] in one tensor of
 the cache dtype ([num_blocks, block_size, kv_heads, D + 4]), so the runtime still passes two caches per layer.
