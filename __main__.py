@@ -21,6 +21,14 @@ def _add_compile_options(p: argparse.ArgumentParser) -> None:
                    help="weight/activation dtype (default: the checkpoint's own)")
     p.add_argument("--max-model-len", type=int, default=None, metavar="N",
                    help="longest prompt+generation the engine is planned for")
+    p.add_argument("--device", default="auto", metavar="DEVICE",
+                   help="auto (the first CUDA GPU if any, else the CPU), cpu, cuda or cuda:N (default: auto)")
+
+
+def _add_memory_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9, metavar="F",
+                   help="on a GPU, the share of its memory for weights, activations and the KV cache; the cache "
+                        "gets what the rest leaves (default: 0.9)")
 
 
 def _add_sampling_options(p: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -80,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("prompt", metavar="PROMPT", help="the prompt text")
     _add_sampling_options(gen, max_tokens=64)
     _add_compile_options(gen)
+    _add_memory_option(gen)
 
     bench = sub.add_parser("bench", help="offline throughput of MODEL: requests/s and output tokens/s",
                            description="Run NUM_REQUESTS random-token prompts through kiln.LLM (greedy, "
@@ -95,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="sequences batched per step (default: 16)")
     bench.add_argument("--seed", type=int, default=0, metavar="S", help="seed of the random prompts")
     _add_compile_options(bench)
+    _add_memory_option(bench)
 
     serve = sub.add_parser("serve", help="serve MODEL over an OpenAI-compatible HTTP API",
                            description="Load MODEL and serve /v1/completions, /v1/chat/completions, /v1/models, "
@@ -112,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="KV cache blocks (default: sized from max-num-seqs and max-model-len)")
     serve.add_argument("--block-size", type=int, default=16, metavar="N", help="tokens per KV block (default: 16)")
     _add_compile_options(serve)
+    _add_memory_option(serve)
 
     export = sub.add_parser("export", help="export MODEL_DIR as an MLIR module via torch-mlir (optional extra)",
                             description="Compile MODEL_DIR (reference graph), decompose kiln ops into core aten "
@@ -132,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="weight/activation dtype (default: the checkpoint's own)")
     export.add_argument("--max-model-len", type=int, default=None, metavar="N",
                         help="longest prompt+generation the module is planned for")
+    export.add_argument("--device", default="cpu", metavar="DEVICE",
+                        help="where the weights load while the module is built (default: cpu)")
     return parser
 
 
@@ -146,6 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return NOT_BUILT
     from kiln import commands
 
+    commands.setup_logging()
     return {"demo": commands.demo, "compile": commands.compile_cmd,
             "generate": commands.generate, "bench": commands.bench, "serve": commands.serve,
             "export": commands.export}[args.command](args)

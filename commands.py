@@ -29,6 +29,17 @@ def _progress(message: str) -> None:
     print(f"kiln: {message}", file=sys.stderr, flush=True)
 
 
+def setup_logging() -> None:
+    """kiln's own log lines (the engine's KV pool size at start-up, ...) on stderr, like the progress lines."""
+    import logging
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("kiln: %(message)s"))
+    logger = logging.getLogger("kiln")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+
 def _is_artifact(path: str | Path) -> bool:
     """Mirrors kiln.compiler.artifact.is_artifact without importing torch (usage errors stay instant)."""
     return (Path(path) / "manifest.json").is_file() or (Path(path) / "forward.py").is_file()
@@ -50,7 +61,7 @@ def _compile_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     kwargs: dict[str, Any] = {"backend": args.backend, "dtype": getattr(torch, args.dtype) if args.dtype else None,
-                              "max_model_len": args.max_model_len}
+                              "max_model_len": args.max_model_len, "device": args.device}
     if getattr(args, "quantize", None) is not None:
         kwargs["quantization"] = args.quantize
     return kwargs
@@ -135,7 +146,8 @@ def generate(args: argparse.Namespace) -> int:
     try:
         params = kiln.SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                                      top_p=args.top_p, top_k=args.top_k, seed=args.seed)
-        engine = LLMEngine(_load(args, args.model), max_num_seqs=1)
+        engine = LLMEngine(_load(args, args.model), max_num_seqs=1,
+                           gpu_memory_utilization=args.gpu_memory_utilization)
         engine.add_request("generate-0", args.prompt, params)
     except (ValueError, FileNotFoundError) as err:
         return _fail(str(err))
@@ -160,7 +172,8 @@ def bench(args: argparse.Namespace) -> int:
     import kiln
 
     try:
-        llm = kiln.LLM(_load(args, args.model), max_num_seqs=args.max_num_seqs)
+        llm = kiln.LLM(_load(args, args.model), max_num_seqs=args.max_num_seqs,
+                       gpu_memory_utilization=args.gpu_memory_utilization)
         rng = random.Random(args.seed)
         vocab = llm.model.vocab_size
         prompts = [[rng.randrange(vocab) for _ in range(args.input_len)] for _ in range(args.num_requests)]
@@ -193,7 +206,8 @@ def serve(args: argparse.Namespace) -> int:
         _progress(f"serving on http://{args.host}:{args.port}/v1")
         run_server(compiled, args.host, args.port, args.api_key or os.environ.get("KILN_API_KEY"),
                    served_model_name=args.served_model_name or args.model, max_num_seqs=args.max_num_seqs,
-                   num_kv_blocks=args.num_kv_blocks, block_size=args.block_size)
+                   num_kv_blocks=args.num_kv_blocks, block_size=args.block_size,
+                   gpu_memory_utilization=args.gpu_memory_utilization)
     except (ValueError, FileNotFoundError) as err:
         return _fail(str(err))
     return 0
@@ -230,14 +244,14 @@ def _strip_eos(ids: list[int], eos_ids: set[int]) -> list[int]:
 
 
 def _hf_generate(model_dir: Path, prompts: list[str], max_tokens: int,
-                 dtype: Any) -> tuple[list[list[int]], float]:
-    """HF greedy generation, one prompt at a time (no padding to blur the reference)."""
+                 dtype: Any, device: Any) -> tuple[list[list[int]], float]:
+    """HF greedy generation on kiln's device, one prompt at a time (no padding to blur the reference)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype or "auto").eval()
-    encoded = [tok(p, return_tensors="pt") for p in prompts]
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype or "auto").to(device).eval()
+    encoded = [tok(p, return_tensors="pt").to(device) for p in prompts]
     options = dict(do_sample=False, max_new_tokens=max_tokens,
                    pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
     with torch.inference_mode():
@@ -277,8 +291,11 @@ def demo(args: argparse.Namespace) -> int:
     print(f"model: {model_dir}")
 
     started = time.perf_counter()
-    compiled = _compile(args, model_dir)
-    print(f"compiled in {time.perf_counter() - started:.2f} s\n")
+    try:
+        compiled = _compile(args, model_dir)
+    except ValueError as err:
+        return _fail(str(err))
+    print(f"compiled in {time.perf_counter() - started:.2f} s on {compiled.device} (backend {compiled.backend})\n")
     print(compiled.report.format())
 
     llm = kiln.LLM(compiled)
@@ -295,7 +312,7 @@ def demo(args: argparse.Namespace) -> int:
         print(f"{prompt!r}\n  -> {out.outputs[0].text!r} ({out.outputs[0].finish_reason})")
 
     hf_ids, hf_s = _hf_generate(model_dir, DEMO_PROMPTS, args.max_tokens,
-                                getattr(torch, args.dtype) if args.dtype else None)
+                                getattr(torch, args.dtype) if args.dtype else None, compiled.device)
     eos = _eos_ids(model_dir)
     agree = [_strip_eos(k, eos) == _strip_eos(h, eos) for k, h in zip(kiln_ids, hf_ids)]
     kiln_n, hf_n = sum(map(len, kiln_ids)), sum(map(len, hf_ids))

@@ -32,9 +32,14 @@ def compile(
     trust_remote_code: bool = False,
     quantization: str | None = None,
     kv_cache_dtype: str | None = None,
+    device: str | torch.device | None = "auto",
     **options: bool,
 ) -> CompiledModel:
     """Capture `model` (a local HF directory or a PreTrainedModel), run the pass pipeline, return the engine.
+
+    device: "auto" (the first CUDA GPU when there is one, else the CPU; a PreTrainedModel stays where it is),
+    "cpu", "cuda" or "cuda:N". Weights load straight onto it; capture itself never depends on it.
+    backend "auto" follows the device: "triton" on a GPU, "reference" on the CPU.
 
     quantization: "int8", "w8a8[:smooth]" or "int4[:g32|g64|g128][:zp][:awq]" (each may add ":head");
     kv_cache_dtype: "int8" or "fp8_e4m3". See `kiln.passes.quantize`.
@@ -43,7 +48,7 @@ def compile(
     if artifact.is_artifact(model):  # compiled ahead of time already: nothing to capture or rewrite
         fixed = {k: v for k, v in (("quantization", quantization), ("kv_cache_dtype", kv_cache_dtype)) if v}
         return artifact.load(model, backend=backend, dtype=dtype, max_model_len=max_model_len,
-                             trust_remote_code=trust_remote_code, **fixed, **options)
+                             trust_remote_code=trust_remote_code, device=device, **fixed, **options)
     # Imported only now: starting from an artifact needs none of this (the model stack, export, passes,
     # codegen), and importing it is most of an artifact's cold start.
     from kiln.codegen.lower import LowerToReference, LowerToTriton
@@ -54,13 +59,13 @@ def compile(
     from kiln.passes.pipeline import build_pipeline
     from kiln.passes.quantize import QuantConfig
 
-    from .capture import capture
+    from .capture import capture, device_constants
 
     if backend not in BACKENDS:
         raise ValueError(f"backend: {backend!r} is not available; choose one of {', '.join(BACKENDS)}")
-    loaded = load_model(model, dtype=dtype, trust_remote_code=trust_remote_code)
+    loaded = load_model(model, dtype=dtype, trust_remote_code=trust_remote_code, device=device)
     if backend == "auto":  # generated kernels run on a GPU; on CPU only the (slow) interpreter could
-        backend = "triton" if torch.cuda.is_available() and loaded.model.device.type == "cuda" else "reference"
+        backend = "triton" if loaded.model.device.type == "cuda" else "reference"
     config = loaded.model.config
     limit = int(getattr(config, "max_position_embeddings", 0) or getattr(config, "n_positions", 0) or 4096)
     if max_model_len is None:
@@ -76,6 +81,9 @@ def compile(
     ctx = PassContext(config=config, layer_windows=layer_windows(config))
     report = PassReport(num_layers=config.num_hidden_layers)
     run_passes(gm, passes, ctx, report)
+    pinned = device_constants(gm)
+    if pinned:  # an artifact must load on any device: a constant device in the graph would pin it
+        raise RuntimeError(f"the compiled graph names a device at {', '.join(pinned)}; capture should not keep one")
     report.quantization = ctx.state.get("quantization", {})
     layouts = [KVLayout(*shape) for shape in ctx.state["kv_shapes"]]
     compiled = CompiledModel(

@@ -163,7 +163,7 @@ def _write(compiled: CompiledModel, gm: fx.GraphModule, root: Path, options: dic
         "options": {"backend": compiled.backend, "dtype": str(compiled.dtype).removeprefix("torch."),
                     "max_model_len": compiled.max_model_len, **({"target": target} if target else {}),
                     **options},
-        "model": {"device": str(compiled.device), "kv_layouts": [vars(layout) for layout in compiled.kv_layouts],
+        "model": {"kv_layouts": [vars(layout) for layout in compiled.kv_layouts],
                   "eos_token_ids": compiled.eos_token_ids, "kv_cache_dtype": compiled.kv_cache_dtype},
         "submodules": submodules,
         "weights": {"parameters": params, "aliases": aliases},
@@ -271,8 +271,15 @@ def _module_tree(forward: types.ModuleType, submodules: dict[str, str], tensors:
 
 def load(path: str | Path, *, backend: str = "auto", dtype: str | torch.dtype | None = None,
          max_model_len: int | None = None, trust_remote_code: bool = False, progress: Progress | None = None,
-         **options: bool) -> CompiledModel:
-    """Start serving from an artifact: verify it, read the weights, import the forward. No tracing, no passes."""
+         device: str | torch.device | None = "auto", **options: bool) -> CompiledModel:
+    """Start serving from an artifact: verify it, read the weights, import the forward. No tracing, no passes.
+
+    An artifact records no device: its weights load straight onto `device` ("auto": the first CUDA GPU when
+    there is one, else the CPU), wherever it was compiled."""
+    from kiln.models.device import resolve_device
+
+    device = resolve_device(device)
+
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
@@ -296,7 +303,6 @@ def load(path: str | Path, *, backend: str = "auto", dtype: str | torch.dtype | 
     say(f"verifying {len(manifest['files'])} files")
     verify(root, manifest["files"])
     model = manifest["model"]
-    device = torch.device(model["device"])
     say(f"loading {WEIGHTS}")
     tensors = load_file(str(root / WEIGHTS), device=str(device))
     for alias, name in manifest["weights"]["aliases"].items():

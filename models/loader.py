@@ -8,7 +8,9 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedModel
 
+from .device import DeviceLike, resolve_device
 from .registry import Family, UnsupportedModelError, family_for
+from .weights import load_safetensors_model
 
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
@@ -40,13 +42,19 @@ def _resolve_dtype(dtype: str | torch.dtype | None, config_dtype: object) -> tor
 
 
 def load_model(
-    model: str | Path | PreTrainedModel, dtype: str | torch.dtype | None = None, trust_remote_code: bool = False
+    model: str | Path | PreTrainedModel, dtype: str | torch.dtype | None = None, trust_remote_code: bool = False,
+    device: DeviceLike = "auto",
 ) -> LoadedModel:
-    """Load and check a model; errors name the missing file or unsupported feature."""
+    """Load and check a model onto `device`; errors name the missing file or unsupported feature.
+
+    A checkpoint directory's weights go from safetensors straight onto the device, with no CPU copy on the way.
+    A PreTrainedModel stays where it is under "auto" and moves to any other device asked for.
+    """
     if isinstance(model, PreTrainedModel):
         family = family_for(model.config)
         target = _resolve_dtype(dtype, model.dtype)
-        model = model.to(target).eval()
+        where = model.device if device in (None, "auto") else resolve_device(device)
+        model = model.to(device=where, dtype=target).eval()
         model.set_attn_implementation(family.attn_implementation)
         return LoadedModel(model, family, None, getattr(model, "generation_config", None), type(model).__name__)
 
@@ -57,18 +65,22 @@ def load_model(
         raise FileNotFoundError(f"model: {path} has no config.json")
     if not any((path / f).is_file() for f in _WEIGHT_FILES):
         raise FileNotFoundError(f"model: {path} has no weights (expected one of {', '.join(_WEIGHT_FILES)})")
+    where = resolve_device(device)
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     family = family_for(config)
     target = _resolve_dtype(dtype, getattr(config, "dtype", None) or getattr(config, "torch_dtype", None))
     prequantized = None
-    if getattr(config, "quantization_config", None) is not None:  # GPTQ / AWQ, loaded without their libraries
+    if getattr(config, "quantization_config", None) is not None:  # GPTQ / AWQ, converted on the CPU, then moved
         from .prequantized import load_prequantized
 
         hf, prequantized = load_prequantized(path, config, target, family.attn_implementation)
+        hf = hf.to(where)
     else:
+        hf = load_safetensors_model(path, config, target, family.attn_implementation, where)
+    if hf is None:  # pytorch_model.bin or legacy tensor names: transformers reads it on the CPU, then it moves
         hf = AutoModelForCausalLM.from_pretrained(
             path, dtype=target, attn_implementation=family.attn_implementation, trust_remote_code=trust_remote_code
-        ).eval()
+        ).to(where).eval()
     tokenizer = None
     if any((path / f).is_file() for f in _TOKENIZER_FILES):
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)

@@ -19,6 +19,8 @@ from torch import Tensor
 
 from kiln.compiler import quant_ops as Q
 
+from .weights import safetensors_files
+
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel
 
@@ -169,14 +171,10 @@ def convert(pre: Prequantized, t: dict[str, Tensor], prefix: str) -> PackedLinea
 def _read_safetensors(path: Path) -> dict[str, Tensor]:
     from safetensors.torch import load_file
 
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (path / "model.safetensors").is_file():
-        files = ["model.safetensors"]
-    else:
+    files = safetensors_files(path)
+    if not files:
         raise ValueError(f"model: {path} is pre-quantized but has no safetensors weights (.bin is not read)")
-    return {k: v for f in files for k, v in load_file(str(path / f)).items()}
+    return {k: v for f in files for k, v in load_file(str(f)).items()}
 
 
 def load_prequantized(path: Path, config: PretrainedConfig, dtype: torch.dtype,

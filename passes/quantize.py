@@ -181,7 +181,8 @@ class Quantize(GraphPass):
             w = w * scale
         packed = self._packed.pop(node, None)
         if packed is not None:  # pre-quantized: the checkpoint's codes, as they are
-            tensors = {"qweight": packed.qweight, "scales": packed.scales, "qzeros": packed.qzeros}
+            tensors = {k: None if t is None else t.to(w.device)
+                       for k, t in (("qweight", packed.qweight), ("scales", packed.scales), ("qzeros", packed.qzeros))}
         elif cfg.mode == "int4":
             qweight, scales, qzeros = Q.quantize_int4(w, cfg.group_size, cfg.zero_point)
             tensors = {"qweight": qweight, "scales": scales, "qzeros": qzeros}

@@ -5,11 +5,13 @@ batch; step() schedules, runs one forward pass over the packed batch, samples, d
 """
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any, Iterable
 
 from .block_manager import BlockManager
 from .detokenizer import Detokenizer
+from .kv_memory import GIB, size_kv_pool
 from .model_inputs import prepare_inputs
 from .outputs import CompletionOutput, RequestOutput
 from .sampler import Sampler
@@ -17,7 +19,7 @@ from .sampling_params import SamplingParams
 from .scheduler import Scheduler
 from .sequence import Request, Sequence
 
-DEFAULT_CPU_KV_BYTES = 1 << 30
+logger = logging.getLogger("kiln")
 
 
 class LLMEngine:
@@ -27,7 +29,7 @@ class LLMEngine:
                  kv_cache_memory: int | None = None, max_num_seqs: int = 64,
                  max_num_batched_tokens: int | None = None, enable_prefix_caching: bool = True,
                  enable_chunked_prefill: bool = True, max_model_len: int | None = None,
-                 enforce_eager: bool = False) -> None:
+                 enforce_eager: bool = False, gpu_memory_utilization: float = 0.9) -> None:
         self.model = model
         self.tokenizer = getattr(model, "tokenizer", None)
         self.eos_token_ids = list(model.eos_token_ids or [])
@@ -38,12 +40,17 @@ class LLMEngine:
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         self.block_size = block_size
-        num_blocks = self._num_blocks(num_kv_blocks, kv_cache_memory, max_num_seqs)
         if max_num_batched_tokens is None:
             max_num_batched_tokens = 2048 if enable_chunked_prefill else max(2048, self.max_model_len)
         if not enable_chunked_prefill and max_num_batched_tokens < self.max_model_len:
             raise ValueError(f"max_num_batched_tokens ({max_num_batched_tokens}) must be >= max_model_len "
                              f"({self.max_model_len}) when chunked prefill is disabled")
+        self.kv_pool = size_kv_pool(model, block_size=block_size, max_model_len=self.max_model_len,
+                                    max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                                    num_kv_blocks=num_kv_blocks, kv_cache_memory=kv_cache_memory,
+                                    gpu_memory_utilization=gpu_memory_utilization)
+        logger.info(self.kv_pool.describe())
+        num_blocks = self.kv_pool.num_blocks
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens,
                                    enable_chunked_prefill)
@@ -54,20 +61,6 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self.num_steps = 0
         self.num_generated_tokens = 0
-
-    def _num_blocks(self, num_kv_blocks: int | None, kv_cache_memory: int | None, max_num_seqs: int) -> int:
-        """Explicit count, else a memory budget, else room for max_num_seqs full-length sequences (<= 1 GiB)."""
-        if num_kv_blocks is not None:
-            if num_kv_blocks < 1:
-                raise ValueError(f"num_kv_blocks must be >= 1, got {num_kv_blocks}")
-            return int(num_kv_blocks)
-        per_block = self.model.kv_cache_bytes_per_block(self.block_size)
-        if kv_cache_memory is None:
-            wanted = -(-max_num_seqs * self.max_model_len // self.block_size)
-            return max(min(wanted, DEFAULT_CPU_KV_BYTES // per_block), 1)
-        if kv_cache_memory < per_block:
-            raise ValueError(f"kv_cache_memory ({kv_cache_memory} bytes) is below one KV block ({per_block} bytes)")
-        return int(kv_cache_memory // per_block)
 
     # Requests ------------------------------------------------------------------------------------------
 
@@ -215,10 +208,13 @@ class LLMEngine:
         return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, completions,
                              finished, request.metrics, request.seqs[0].num_cached_tokens)
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict[str, int | float]:
         bm = self.block_manager
         return {
             "kv_blocks_total": bm.num_blocks,
+            "kv_cache_tokens": self.kv_pool.tokens,
+            "kv_cache_bytes": self.kv_pool.bytes,
+            "kv_cache_gib": round(self.kv_pool.bytes / GIB, 4),
             "kv_blocks_in_use": bm.num_used_blocks,
             "kv_blocks_free": bm.num_free_blocks,
             "block_size": bm.block_size,

@@ -16,19 +16,21 @@ PromptType = str | list[int]
 class LLM:
     """Compile a model (a path, a PreTrainedModel, or an already compiled CompiledModel) and serve it.
 
-    Engine options: block_size, num_kv_blocks, kv_cache_memory, max_num_seqs, max_num_batched_tokens, enforce_eager,
-    enable_prefix_caching, enable_chunked_prefill, max_model_len. Compile options: backend, dtype, quantization,
+    Engine options: block_size, num_kv_blocks, kv_cache_memory, gpu_memory_utilization (0.9), max_num_seqs,
+    max_num_batched_tokens, enforce_eager, enable_prefix_caching, enable_chunked_prefill, max_model_len. Compile
+    options: device ("auto": the first CUDA GPU when there is one, else the CPU), backend, dtype, quantization,
     kv_cache_dtype (see `kiln.compile`).
     """
 
-    def __init__(self, model: Any, *, backend: str = "auto", dtype: Any = None, max_model_len: int | None = None,
-                 quantization: str | None = None, kv_cache_dtype: str | None = None, **engine_options: Any) -> None:
+    def __init__(self, model: Any, *, device: Any = "auto", backend: str = "auto", dtype: Any = None,
+                 max_model_len: int | None = None, quantization: str | None = None,
+                 kv_cache_dtype: str | None = None, **engine_options: Any) -> None:
         if _is_compiled(model):
             compiled = model
         else:
             from ..compiler.api import compile as kiln_compile
             compiled = kiln_compile(model, backend=backend, dtype=dtype, max_model_len=max_model_len,
-                                    quantization=quantization, kv_cache_dtype=kv_cache_dtype)
+                                    quantization=quantization, kv_cache_dtype=kv_cache_dtype, device=device)
         self.model = compiled
         self.engine = LLMEngine(compiled, max_model_len=max_model_len, **engine_options)
         self._ids = itertools.count()
@@ -74,8 +76,8 @@ class LLM:
                 progress.close()
         return [finished[r.request_id] for r in requests]
 
-    def stats(self) -> dict[str, int]:
-        """KV pool usage, prefix-cache hits, preemptions and queue sizes."""
+    def stats(self) -> dict[str, int | float]:
+        """KV pool size (blocks, tokens, GiB) and usage, prefix-cache hits, preemptions and queue sizes."""
         return self.engine.stats()
 
 

@@ -75,7 +75,7 @@ class ServerMetrics:
             if num_out > 1:
                 self.tpot.observe((m.finished_time - m.first_token_time) / (num_out - 1))
 
-    def render(self, engine_stats: dict[str, int]) -> str:
+    def render(self, engine_stats: dict[str, int | float]) -> str:
         lines: list[str] = []
 
         def family(name: str, kind: str, help_text: str, samples: list[tuple[dict[str, str], float]]) -> None:
@@ -98,6 +98,10 @@ class ServerMetrics:
                [({}, used / total if total else 0.0)])
         family("kiln_kv_blocks_in_use", "gauge", "KV cache blocks held by requests.", [({}, used)])
         family("kiln_kv_blocks_total", "gauge", "KV cache blocks in the pool.", [({}, total)])
+        family("kiln_kv_cache_capacity_tokens", "gauge", "Tokens the KV cache pool holds.",
+               [({}, s["kv_cache_tokens"])])
+        family("kiln_kv_cache_capacity_bytes", "gauge", "Bytes of the KV cache pool (all layers, K and V).",
+               [({}, s["kv_cache_bytes"])])
         family("kiln_num_requests_running", "gauge", "Sequences in the running batch.", [({}, s["num_running"])])
         family("kiln_num_requests_waiting", "gauge", "Sequences waiting to be scheduled.",
                [({}, s["num_waiting"])])

@@ -36,7 +36,8 @@ def test_cleanup_removes_asserts_and_noops(checkpoint):
     counters = Cleanup().run(gm, ctx)
     after = op_counts(gm)
     assert after["aten._assert_tensor_metadata"] == 0 and after["aten.dropout"] == 0 and after["aten.alias"] == 0
-    assert counters["asserts"] == before["aten._assert_tensor_metadata"]
+    # Deferred runtime asserts (capture asks for them instead of guards) are dropped with the others.
+    assert counters["asserts"] == before["aten._assert_tensor_metadata"] + before["aten._assert_scalar"]
     assert counters["noops"] >= before["aten.dropout"]
 
 
