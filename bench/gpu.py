@@ -1,177 +1,271 @@
-"""GPU benchmark of backend "triton": the codegen tests on the GPU, kernel bandwidth against a measured
-device-to-device copy, and decode tokens/s of a Llama-3.2-1B-shaped random bf16 model against HF eager and HF
-with torch.compile (static cache), all in one run; results as JSON in bench/results/.
+"""GPU benchmark of kiln in one run: (1) the GPU tests, (2) kernel bandwidth against a device-to-device copy,
+(3) decode tokens/s of a Llama-3.2-1B-shaped random bf16 model against HF eager and HF + torch.compile, (4) the
+whole engine (`kiln.LLM.generate`) on an offline workload against HF `generate` and `generate_batch`.
 
-    bench/gpu.sh [--steps 128] [--batch 1] [--skip-tests]
+GPU time is scarce and a failure must not cost what was already measured: every phase runs in its own
+subprocess under its own time limit (and every peer inside it under its own), so a crash, a sticky CUDA error or
+a timeout costs that phase only and the next one still runs. Each figure is appended to <out>/gpu_<card>.jsonl
+(one JSON line, after a header line with versions, date and command) the moment it is measured, and printed.
+
+    bench/gpu.sh [--quick] [--phases tests,bandwidth,decode,engine] [--skip decode.hf_compile,...] [--out DIR]
+    bench/gpu.sh --device cpu --tiny     # smoke run of every phase on the CPU with a tiny model
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import re
+import shlex
+import signal
 import subprocess
 import sys
 import time
+from importlib import metadata
 from pathlib import Path
-from typing import Callable
+from typing import Any
 
-import torch
-import transformers
+from .gpu_common import Recorder
 
-LLAMA_1B = dict(hidden_size=2048, num_attention_heads=32, num_key_value_heads=8, head_dim=64,
-                intermediate_size=8192, num_hidden_layers=16, vocab_size=128256, max_position_embeddings=4096,
-                rope_theta=500000.0, tie_word_embeddings=True)
-BLOCK_SIZE = 16
 REPO = Path(__file__).resolve().parent.parent
+# phase -> peer -> seconds it may take (full run, --quick); a phase's limit is the sum of its peers' + start-up.
+LIMITS = {"tests": {"tests": (900, 50)}, "bandwidth": {"bandwidth": (240, 45)},
+          "decode": {"kiln": (420, 75), "hf_eager": (180, 30), "hf_compile": (600, 180)},
+          "engine": {"checkpoint": (180, 45), "kiln": (600, 120), "hf_static": (600, 60),
+                     "hf_generate_batch": (600, 90)}}
+PHASES = tuple(LIMITS)
+PEERS = [f"{phase}.{name}" for phase, peers in LIMITS.items() for name in peers]
+QUICK_SKIP = "decode.hf_compile"  # torch.compile's inductor compile alone takes minutes
+STARTUP_S = 30  # a phase subprocess's imports and CUDA start-up
+QUICK_BUDGET_S = 285  # --quick: the whole run, so that it ends within 5 minutes
+CARD_PROBE = """import json, torch
+cuda = torch.cuda.is_available()
+print(json.dumps({"card": torch.cuda.get_device_name() if cuda else None, "cuda_available": cuda,
+                  "cuda": torch.version.cuda, "torch": torch.__version__}))"""
 
 
-def run_tests() -> dict:
-    """tests/codegen on the GPU (kernels compiled for real, CUDA-graph test included)."""
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "tests/codegen"], cwd=REPO,
-                          capture_output=True, text=True)
-    lines = proc.stdout.strip().splitlines()
-    return {"returncode": proc.returncode, "summary": lines[-1] if lines else proc.stderr[-2000:]}
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="64 requests, 32 decode steps, short limits, <5 min")
+    p.add_argument("--tiny", action="store_true", help="tiny model and workload (hidden 64, 2 layers, vocab 512)")
+    p.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu")
+    p.add_argument("--dtype", default=None, help="default bfloat16 on a GPU, float32 on CPU")
+    p.add_argument("--phases", default=",".join(PHASES), help="comma-separated subset of " + ",".join(PHASES))
+    p.add_argument("--steps", type=int, default=None, help="decode steps (128; --quick 32; --tiny 8)")
+    p.add_argument("--batch", type=int, default=1, help="decode batch size")
+    p.add_argument("--num-requests", type=int, default=None, help="engine workload size (256; --quick 64)")
+    p.add_argument("--prompt-len", type=int, nargs=2, default=None, metavar=("MIN", "MAX"))
+    p.add_argument("--output-len", type=int, nargs=2, default=None, metavar=("MIN", "MAX"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--hf-batch-size", type=int, default=None, help="HF static batch size (64)")
+    p.add_argument("--max-num-seqs", type=int, default=None, help="kiln's max_num_seqs (128)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.5,
+                   help="kiln's; below its 0.9 so the HF peers after it in the same process keep room")
+    p.add_argument("--skip", default=None, help=f"comma-separated peers to leave out, of {','.join(PEERS)} "
+                   f"(--quick: {QUICK_SKIP}; --skip '' runs them all)")
+    p.add_argument("--tests", nargs="+", default=None,
+                   help="test paths, relative to the checkout (default tests/codegen + tests/**/*gpu* test files)")
+    p.add_argument("--budget-s", type=float, default=None, help="limit for the whole run (--quick: 285)")
+    p.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    p.add_argument("--work-dir", type=Path, default=None, help="checkpoint cache (default: a temp dir)")
+    for hidden in ("--child", "--results", "--run", "--deadline"):  # parent -> phase subprocess
+        p.add_argument(hidden, help=argparse.SUPPRESS)
+    return resolve(p.parse_args(argv))
 
 
-def cuda_time(fn: Callable[[], object], iters: int = 50, warmup: int = 5) -> float:
-    """Median seconds per call, timed with CUDA events (triton.testing.do_bench's method, without autotune)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return sorted(times)[len(times) // 2]
+def resolve(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill the defaults that depend on --quick, --tiny and --device."""
+    import tempfile
+
+    def pick(value: Any, full: Any, quick: Any, tiny: Any) -> Any:
+        return value if value is not None else tiny if args.tiny else quick if args.quick else full
+
+    args.dtype = args.dtype or ("float32" if args.device == "cpu" else "bfloat16")
+    args.steps = pick(args.steps, 128, 32, 8)
+    args.num_requests = pick(args.num_requests, 256, 64, 8)
+    args.prompt_len = tuple(pick(args.prompt_len, (64, 512), (64, 512), (8, 48)))
+    args.output_len = tuple(pick(args.output_len, (32, 256), (32, 256), (4, 16)))
+    args.hf_batch_size = pick(args.hf_batch_size, 64, 64, 4)
+    args.max_num_seqs = pick(args.max_num_seqs, 128, 128, 8)
+    args.skip = [p for p in pick(args.skip, "", QUICK_SKIP, "").split(",") if p]
+    args.budget_s = args.budget_s or (QUICK_BUDGET_S if args.quick else None)
+    args.limits = {f"{phase}.{name}": v[1] if args.quick else v[0]
+                   for phase, peers in LIMITS.items() for name, v in peers.items()}
+    args.out = args.out.resolve()  # phase subprocesses run in the checkout, wherever this one was started
+    args.work_dir = (args.work_dir or Path(tempfile.gettempdir()) / "kiln-bench-gpu").resolve()
+    args.phases = [p for p in args.phases.split(",") if p]
+    for option, given, known in (("--phases", args.phases, PHASES), ("--skip", args.skip, PEERS)):
+        unknown = ", ".join(sorted(set(given) - set(known)))
+        if unknown:
+            raise SystemExit(f"{option}: unknown {unknown}; choose from {', '.join(known)}")
+    return args
 
 
-def kernel_bandwidth() -> dict:
-    """Achieved GB/s (bytes a kernel must move / its time) for each memory-bound kernel, and vs a D2D copy."""
-    from kiln.codegen import launchers
-    from kiln.compiler.metadata import AttentionMetadata
-
-    dev, bf16 = "cuda", torch.bfloat16
-    src = torch.empty(256 << 20, dtype=bf16, device=dev)
-    dst = torch.empty_like(src)
-    copy_gbs = 2 * src.nbytes / cuda_time(lambda: dst.copy_(src)) / 1e9
-    del src, dst
-    results = {"d2d_copy": {"gb_per_s": copy_gbs}}
-
-    def record(name: str, nbytes: int, fn: Callable[[], object]) -> None:
-        gbs = nbytes / cuda_time(fn) / 1e9
-        results[name] = {"gb_per_s": gbs, "fraction_of_copy": gbs / copy_gbs, "bytes": nbytes}
-
-    x, w = torch.randn(16384, 2048, dtype=bf16, device=dev), torch.randn(2048, dtype=bf16, device=dev)
-    record("rms_norm", 2 * x.nbytes + w.nbytes, lambda: launchers.rms_norm(x, w, 1e-5, 0.0))
-    gate_up = torch.randn(8192, 2 * 8192, dtype=bf16, device=dev)
-    record("silu_mul", gate_up.nbytes * 3 // 2, lambda: launchers.silu_mul(gate_up))
-    q, k = torch.randn(16384, 32, 64, dtype=bf16, device=dev), torch.randn(16384, 8, 64, dtype=bf16, device=dev)
-    positions = torch.randint(0, 4096, (16384,), device=dev)
-    cos_sin = torch.randn(4096, 64, device=dev)
-    record("rope", 2 * (q.nbytes + k.nbytes) + positions.nbytes + 16384 * 64 * 4,
-           lambda: launchers.rope(q, k, positions, cos_sin, 64, True))
-    del x, gate_up, q, k
-    seqs, context = 64, 2048
-    per_seq = context // BLOCK_SIZE + 1
-    tables = [[s * per_seq + b for b in range(per_seq)] for s in range(seqs)]
-    meta = AttentionMetadata.build([1] * seqs, [context - 1] * seqs, tables, BLOCK_SIZE, device=dev)
-    caches = [torch.randn(seqs * per_seq, BLOCK_SIZE, 8, 64, dtype=bf16, device=dev) for _ in range(2)]
-    q, kv = torch.randn(seqs, 32, 64, dtype=bf16, device=dev), torch.randn(seqs, 8, 64, dtype=bf16, device=dev)
-    kv_bytes = 2 * seqs * context * 8 * 64 * 2
-    record("paged_decode_attention", kv_bytes + 2 * q.nbytes, lambda: launchers.paged_attention(
-        q, kv, kv, *caches, meta.slot_mapping, meta.block_tables, meta.seq_lens, meta.query_start_loc, 0.125, 0, 0.0))
-    return results
+def default_tests() -> list[str]:
+    """tests/codegen plus every test file with "gpu" in its name (not this benchmark's own CPU smoke test)."""
+    extra = sorted(str(p.relative_to(REPO)) for p in (REPO / "tests").rglob("*gpu*.py")
+                   if p.name.startswith("test_") or p.name.endswith("_test.py")
+                   if "codegen" not in p.parts and not p.name.startswith("test_bench"))
+    return ["tests/codegen", *extra]
 
 
-def _hf_decode_tps(model: transformers.PreTrainedModel, ids: torch.Tensor, steps: int) -> float:
-    """New tokens/s of greedy generate, prefill excluded: (time for steps+1 tokens - time for 1) / steps."""
-    def timed(n: int) -> float:
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
-        torch.cuda.synchronize()
-        return time.perf_counter() - t
-
-    timed(steps + 1), timed(1)  # warm-up (and torch.compile's captures)
-    return ids.shape[0] * steps / (timed(steps + 1) - timed(1))
+def slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "unknown"
 
 
-def _kiln_decode_tps(model: transformers.PreTrainedModel, prompt: torch.Tensor, steps: int, graphs: bool) -> float:
-    import kiln
-    from kiln.codegen.cuda_graphs import DecodeGraphs
-    from kiln.compiler.metadata import AttentionMetadata
-
-    compiled = kiln.compile(model, backend="triton")
-    batch, plen = prompt.shape
-    dev = prompt.device
-    per_seq = -(-(plen + steps + 2) // BLOCK_SIZE)
-    tables = [[s * per_seq + b for b in range(per_seq)] for s in range(batch)]
-    caches = compiled.allocate_kv_cache(batch * per_seq, BLOCK_SIZE)
-    step = compiled
-    if graphs:
-        step = DecodeGraphs(compiled, caches, per_seq, buckets=(batch,))
-        step.capture()
-
-    def generate(n: int) -> None:
-        meta = AttentionMetadata.build([plen] * batch, [0] * batch, tables, BLOCK_SIZE, device=dev)
-        logits = compiled(prompt.flatten(), torch.arange(plen, device=dev).repeat(batch), meta, caches)
-        for i in range(n):
-            meta = AttentionMetadata.build([1] * batch, [plen + i] * batch, tables, BLOCK_SIZE, device=dev)
-            logits = step(logits.argmax(-1), torch.full((batch,), plen + i, device=dev), meta, caches)
-
-    def timed(n: int) -> float:
-        sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-        sync()
-        t = time.perf_counter()
-        generate(n)
-        sync()
-        return time.perf_counter() - t
-
-    timed(steps)
-    return batch * steps / (timed(steps) - timed(0))
+def run_group(cmd: list[str], limit_s: float, log: Path, env: dict[str, str],
+              stdout_to_log: bool) -> tuple[str, int | None]:
+    """Run cmd in its own process group, stderr (and stdout if asked) to `log`; then end whatever is left of the
+    group (on timeout the phase itself; else stray compile workers). Returns (ok | failed | timeout, returncode)."""
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out if stdout_to_log else None, stderr=out,
+                                start_new_session=True)
+        try:
+            rc = proc.wait(timeout=max(limit_s, 1))
+            return ("ok" if rc == 0 else "failed"), rc
+        except subprocess.TimeoutExpired:
+            return "timeout", None
+        finally:
+            _kill_group(proc)
 
 
-def decode_throughput(steps: int, batch: int, prompt_len: int = 128) -> dict:
-    """Llama-3.2-1B-shaped random bf16 model: kiln (graphs and eager) vs HF eager vs HF + torch.compile."""
-    config = transformers.LlamaConfig(**LLAMA_1B)
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = transformers.LlamaForCausalLM(config).to(torch.bfloat16).eval()
-    prompt = torch.randint(3, config.vocab_size, (batch, prompt_len), device="cuda")
-    out = {"batch": batch, "prompt_len": prompt_len, "steps": steps}
-    # Not under inference_mode: torch.export (in kiln.compile) refuses inference tensors; generate and the
-    # compiled forward turn off autograd themselves.
-    out["kiln_triton_cuda_graphs_tok_s"] = _kiln_decode_tps(model, prompt, steps, graphs=True)
-    out["kiln_triton_eager_tok_s"] = _kiln_decode_tps(model, prompt, steps, graphs=False)
-    out["hf_eager_tok_s"] = _hf_decode_tps(model, prompt, steps)
-    model.generation_config.cache_implementation = "static"
-    model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
-    out["hf_torch_compile_tok_s"] = _hf_decode_tps(model, prompt, steps)
-    return out
+def _kill_group(proc: subprocess.Popen) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+            proc.wait(timeout=10)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+        except ProcessLookupError:
+            return
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=128)
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--skip-tests", action="store_true")
-    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
-    args = parser.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("bench/gpu.py needs a CUDA GPU")
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "python": platform.python_version()}
-    if not args.skip_tests:
-        result["tests"] = run_tests()
-    result["kernel_bandwidth"] = kernel_bandwidth()
-    result["decode"] = decode_throughput(args.steps, args.batch)
+def tail(path: Path, chars: int = 3000) -> str:
+    return path.read_text(errors="replace")[-chars:] if path.exists() else ""
+
+
+def pytest_summary(log: Path) -> dict[str, Any]:
+    """Counts from pytest's last line ("3 failed, 20 passed, 2 skipped in 31.2s") and its -rfEs lines."""
+    lines = log.read_text(errors="replace").splitlines() if log.exists() else []
+    last = next((line for line in reversed(lines) if re.search(r"\bin [\d.]+s\b", line)), "")
+    counts = {word.rstrip("s") if word == "errors" else word: int(n)
+              for n, word in re.findall(r"(\d+) (passed|failed|skipped|errors?|xfailed|xpassed|deselected)", last)}
+    notes = [line[:300] for line in lines if line.startswith(("SKIPPED", "FAILED", "ERROR"))]
+    return {"summary": last.strip("= "), **counts, "short_summary": notes[:40]}
+
+
+def probe(args: argparse.Namespace, env: dict[str, str]) -> dict[str, Any]:
+    """Versions from package metadata; the card's name from a subprocess, so that this process never holds a
+    CUDA context (and a CPU run never imports torch here)."""
+    info: dict[str, Any] = {"python": platform.python_version()}
+    for package in ("torch", "triton", "transformers"):
+        try:
+            info[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            info[package] = None
+    if args.device == "cpu":
+        return info | {"card": "cpu-" + (platform.processor() or platform.machine())}
+    proc = subprocess.run([sys.executable, "-c", CARD_PROBE], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    if proc.returncode != 0:
+        return info | {"card": "unknown", "probe_error": proc.stderr[-2000:]}
+    return info | json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def child_env(args: argparse.Namespace, phase: str) -> dict[str, str]:
+    """Kernels compile for the GPU; only the CPU smoke run's bandwidth phase needs Triton's interpreter."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if args.device == "cpu" and phase == "bandwidth":
+        env["TRITON_INTERPRET"] = "1"
+    return env | {"PYTHONUNBUFFERED": "1"}
+
+
+def phase_limit(args: argparse.Namespace, phase: str) -> float:
+    """Its peers' limits (those not skipped) plus start-up; 0 when every peer is skipped."""
+    peers = [f"{phase}.{name}" for name in LIMITS[phase] if f"{phase}.{name}" not in args.skip]
+    return sum(args.limits[p] for p in peers) + (STARTUP_S if peers and phase != "tests" else 0)
+
+
+def run_phase(args: argparse.Namespace, argv: list[str], phase: str, rec: Recorder, results: Path, run: str,
+              deadline: float | None) -> None:
+    """One phase as a subprocess, recorded as ok / failed / timeout / skipped with the tail of its log."""
+    limit_s = phase_limit(args, phase)
+    if limit_s == 0:
+        rec.status(phase, "skipped", 0.0, reason="--skip names all its peers")
+        return
+    if deadline is not None:
+        limit_s = min(limit_s, deadline - time.time())
+    if limit_s < 10:
+        rec.status(phase, "skipped", 0.0, reason="the run's --budget-s is spent")
+        return
+    logs = args.out / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    log = logs / f"{results.stem}_{run}_{phase}.log"
+    env = child_env(args, phase)
+    print(f"== phase {phase} (limit {limit_s:.0f} s, log {log})", flush=True)
+    start = time.perf_counter()
+    if phase == "tests":
+        paths = args.tests or default_tests()
+        cmd = [sys.executable, "-m", "pytest", "-q", "-rfEs", "-p", "no:cacheprovider", *paths]
+        status, rc = run_group(cmd, limit_s, log, env, stdout_to_log=True)
+        rec.figure("pytest", returncode=rc, paths=paths, **pytest_summary(log))
+        if rc == 1:  # some tests failed: a figure, not a broken phase (2-5: interrupted, usage, nothing collected)
+            status = "ok"
+    else:
+        cmd = [sys.executable, "-m", "kiln.bench.gpu", *argv, "--child", phase, "--results", str(results),
+               "--run", run, "--deadline", str(time.time() + limit_s - 5)]
+        status, rc = run_group(cmd, limit_s, log, env, stdout_to_log=False)
+    fields: dict[str, Any] = {"limit_s": round(limit_s), "returncode": rc, "log": str(log)}
+    if status != "ok":
+        fields["log_tail"] = tail(log)
+        print("\n".join(fields["log_tail"].splitlines()[-15:]), flush=True)
+    rec.status(phase, status, time.perf_counter() - start, **fields)
+
+
+def child(args: argparse.Namespace) -> None:
+    """Inside a phase subprocess: run its peers, each under min(its own limit, what the phase has left)."""
+    import torch
+
+    if args.device.startswith("cuda"):  # CUDA events and synchronize act on the current device
+        torch.cuda.set_device(args.device)
+    args.torch_dtype = getattr(torch, args.dtype)
+    args.deadline = float(args.deadline)
+    rec = Recorder(Path(args.results), args.run, args.child)
+    if args.child == "bandwidth":
+        from .gpu_kernels import bandwidth
+        bandwidth(args, rec)
+    elif args.child == "decode":
+        from .gpu_kernels import decode
+        decode(args, rec)
+    else:
+        from .gpu_engine import engine
+        engine(args, rec)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    if args.child:
+        return child(args)
+    deadline = time.time() + args.budget_s if args.budget_s else None
+    env = child_env(args, "probe")
+    info = probe(args, env)
+    if args.device != "cpu" and not info.get("cuda_available"):
+        raise SystemExit(f"no CUDA device ({info}); for the CPU smoke run use --device cpu --tiny")
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"gpu-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps(result, indent=1))
-    print(json.dumps(result, indent=1))
-    print(f"written to {path}")
+    results = args.out / f"gpu_{slug(info['card'])}.jsonl"
+    run = time.strftime("%Y%m%d-%H%M%S")
+    rec = Recorder(results, run, "run")
+    settings = {k: v for k, v in vars(args).items() if k not in ("child", "results", "run", "deadline")}
+    command = shlex.join([sys.executable, "-m", "kiln.bench.gpu", *argv])
+    rec.write("header", "gpu_bench", date=time.strftime("%Y-%m-%dT%H:%M:%S%z"), command=command, **info,
+              settings=settings)
+    for phase in args.phases:
+        rec.phase = phase
+        run_phase(args, argv, phase, rec, results, run, deadline)
+    print(f"results appended to {results} (run {run})", flush=True)
 
 
 if __name__ == "__main__":
