@@ -116,8 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="require `Authorization: Bearer KEY` on /v1 routes (default: $KILN_API_KEY, else none)")
     serve.add_argument("--served-model-name", default=None, metavar="NAME",
                        help="the model name clients must send (default: MODEL as given)")
-    serve.add_argument("--max-num-seqs", type=int, default=64, metavar="N",
-                       help="sequences batched per step (default: 64)")
+    serve.add_argument("--max-num-seqs", type=int, default=256, metavar="N",
+                       help="sequences batched per step (default: 256)")
     serve.add_argument("--num-kv-blocks", type=int, default=None, metavar="N",
                        help="KV cache blocks (default: sized from max-num-seqs and max-model-len)")
     serve.add_argument("--block-size", type=int, default=16, metavar="N", help="tokens per KV block (default: 16)")

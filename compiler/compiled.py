@@ -9,7 +9,7 @@ import torch.fx as fx
 from kiln.passes.base import PassReport
 
 from . import quant_ops  # registers the quantized kiln:: ops (artifacts' forwards call them too)
-from .metadata import AttentionMetadata
+from .metadata import AttentionMetadata, step_context
 
 
 @dataclass(frozen=True)
@@ -89,7 +89,8 @@ class CompiledModel:
         self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, kv_caches: list[torch.Tensor]
     ) -> torch.Tensor:
         """Run one step; returns float32 logits [S, vocab] for the last new token of each sequence."""
-        logits = self.graph_module(input_ids, positions, *meta.graph_inputs(), *kv_caches)
+        with step_context(meta):
+            logits = self.graph_module(input_ids, positions, *meta.graph_inputs(), *kv_caches)
         if logits.shape[0] != meta.logits_indices.shape[0]:  # compiled with prune_logits=False
             logits = logits[meta.logits_indices]
         return logits.float()

@@ -231,6 +231,29 @@ static int64_t rope_f32(
 SMALL_LINEAR(small_linear_f32, float)
 SMALL_LINEAR(small_linear_i8, int8_t)
 
+/* Row-wise argmax, the first index of the maximum (torch.argmax's choice): the greedy sampler's one pass over
+ * [batch, vocab] logits, at memory speed where torch's CPU argmax runs a scalar loop. NaNs are not maxima. */
+static void argmax_rows_f32(const float *x, int64_t *out, int64_t rows, int64_t cols, int64_t stride,
+                            int64_t threads)
+{
+#pragma omp parallel for num_threads(threads) if (rows * cols >= PARALLEL_MIN)
+    for (int64_t r = 0; r < rows; r++) {
+        const float *row = x + r * stride;
+        float m = -INFINITY;
+#pragma omp simd reduction(max : m)
+        for (int64_t j = 0; j < cols; j++) m = row[j] > m ? row[j] : m;
+        int64_t at = 0;
+        for (; at + 32 <= cols; at += 32) { /* find the block holding the first maximum, 32 at a time */
+            int hit = 0;
+#pragma omp simd reduction(| : hit)
+            for (int64_t j = at; j < at + 32; j++) hit |= row[j] == m;
+            if (hit) break;
+        }
+        while (at < cols && !(row[at] == m)) at++;
+        out[r] = at < cols ? at : 0;
+    }
+}
+
 /* The int8 linears (weight tiles, AVX-512 where the CPU has it) are in cpu_quant.c, built into the same module. */
 void linear_w8a8_packed(const float *x, const float *in_scale, const int8_t *w, const float *scale,
                         const float *bias, float *out, int64_t rows, int64_t n, int64_t k, int64_t x_stride,
@@ -353,7 +376,19 @@ static PyObject *py_linear_i8_packed(PyObject *self, PyObject *const *a, Py_ssiz
     Py_RETURN_NONE;
 }
 
+static PyObject *py_argmax_rows(PyObject *self, PyObject *const *a, Py_ssize_t n)
+{
+    if (!arity("argmax_rows", n, 6)) return NULL;
+    const float *x = arg_p(a[0]);
+    int64_t *out = arg_p(a[1]);
+    int64_t rows = arg_i(a[2]), cols = arg_i(a[3]), stride = arg_i(a[4]), threads = arg_i(a[5]);
+    if (PyErr_Occurred()) return NULL;
+    argmax_rows_f32(x, out, rows, cols, stride, threads);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
+    {"argmax_rows", (PyCFunction)(void (*)(void))py_argmax_rows, METH_FASTCALL, NULL},
     {"linear_i8_packed", (PyCFunction)(void (*)(void))py_linear_i8_packed, METH_FASTCALL, NULL},
     {"linear_w8a8_packed", (PyCFunction)(void (*)(void))py_linear_w8a8_packed, METH_FASTCALL, NULL},
     {"small_linear", (PyCFunction)(void (*)(void))py_small_linear, METH_FASTCALL, NULL},

@@ -228,6 +228,14 @@ def silu_mul(gate_up: Tensor) -> Tensor:
     return out
 
 
+def argmax_rows(x: Tensor) -> Tensor:
+    """x [rows, cols] -> int64 [rows], torch.argmax(x, -1) (first index of the maximum; NaN is never one)."""
+    out = torch.empty(x.shape[0], dtype=torch.int64)
+    _library().argmax_rows(x.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1], x.stride(0),
+                           torch.get_num_threads())
+    return out
+
+
 def rope(x: Tensor, positions: Tensor, cos_sin_cache: Tensor, rotary_dim: int, neox_style: bool) -> Tensor:
     """x [T, H, D] (heads contiguous within a token) rotated at `positions` [T] into a new contiguous tensor."""
     if x.stride(1) != x.shape[2]:

@@ -5,6 +5,9 @@ mixed). The runtime builds this once per step; the compiled graph takes its tens
 """
 from __future__ import annotations
 
+import contextlib
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +24,8 @@ class AttentionMetadata:
                      query_start_loc[s]:query_start_loc[s + 1] of the packed stream.
     logits_indices:  [S] int64, the packed index of each sequence's last new token (the only rows that
                      reach the LM head).
+    max_query_len:   the longest sequence's new-token count, known on the host (not a graph input): kernels
+                     size their grids with it instead of reading query_start_loc back from the device.
     """
 
     slot_mapping: torch.Tensor
@@ -28,6 +33,7 @@ class AttentionMetadata:
     seq_lens: torch.Tensor
     query_start_loc: torch.Tensor
     logits_indices: torch.Tensor
+    max_query_len: int | None = None
 
     def graph_inputs(self) -> list[torch.Tensor]:
         """The tensors in the order the compiled graph's metadata placeholders expect them."""
@@ -62,4 +68,25 @@ class AttentionMetadata:
             seq_lens=torch.tensor([q + c for q, c in zip(query_lens, context_lens)], dtype=torch.int32, device=device),
             query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
             logits_indices=torch.tensor([s - 1 for s in starts[1:]], dtype=torch.int64, device=device),
+            max_query_len=max(query_lens, default=0),
         )
+
+
+_step = threading.local()
+
+
+@contextlib.contextmanager
+def step_context(meta: AttentionMetadata) -> Iterator[None]:
+    """Make the step's host-side facts (max_query_len) visible to kernel launchers inside the forward, which
+    only receive the metadata tensors (vLLM's forward context, for the same reason)."""
+    previous = getattr(_step, "max_query_len", None)
+    _step.max_query_len = meta.max_query_len
+    try:
+        yield
+    finally:
+        _step.max_query_len = previous
+
+
+def current_max_query_len() -> int | None:
+    """The running step's longest query, when its runner knew it; None otherwise."""
+    return getattr(_step, "max_query_len", None)

@@ -12,7 +12,7 @@ from typing import Any, Iterable
 from .block_manager import BlockManager
 from .detokenizer import Detokenizer
 from .kv_memory import GIB, size_kv_pool
-from .model_inputs import prepare_inputs
+from .model_runner import ModelRunner
 from .outputs import CompletionOutput, RequestOutput
 from .sampler import Sampler
 from .sampling_params import SamplingParams
@@ -26,7 +26,7 @@ class LLMEngine:
     """Owns the KV cache, the scheduler and the in-flight requests of one compiled model."""
 
     def __init__(self, model: Any, *, block_size: int = 16, num_kv_blocks: int | None = None,
-                 kv_cache_memory: int | None = None, max_num_seqs: int = 64,
+                 kv_cache_memory: int | None = None, max_num_seqs: int = 256,
                  max_num_batched_tokens: int | None = None, enable_prefix_caching: bool = True,
                  enable_chunked_prefill: bool = True, max_model_len: int | None = None,
                  enforce_eager: bool = False, gpu_memory_utilization: float = 0.9) -> None:
@@ -53,11 +53,11 @@ class LLMEngine:
         num_blocks = self.kv_pool.num_blocks
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens,
-                                   enable_chunked_prefill)
-        self.kv_caches = model.allocate_kv_cache(num_blocks, block_size)
-        self.runner = model.forward if enforce_eager else _decode_graphs(model, self.kv_caches, self.max_model_len, block_size)
+                                   enable_chunked_prefill, self.eos_token_ids)
         self.sampler = Sampler(self.eos_token_ids)
-        self.detokenizer = Detokenizer(self.tokenizer, self.eos_token_ids)
+        self.runner = ModelRunner(model, num_blocks, block_size, max_num_seqs, self.max_model_len, self.sampler,
+                                  enforce_eager)
+        self.detokenizer = Detokenizer(self.tokenizer)
         self.requests: dict[str, Request] = {}
         self.num_steps = 0
         self.num_generated_tokens = 0
@@ -65,8 +65,13 @@ class LLMEngine:
     # Requests ------------------------------------------------------------------------------------------
 
     def make_request(self, request_id: str, prompt: str | list[int],
-                     params: SamplingParams | dict | None = None, arrival_time: float | None = None) -> Request:
-        """Validate and tokenize a request without touching engine state (raises ValueError when bad)."""
+                     params: SamplingParams | dict | None = None, arrival_time: float | None = None,
+                     stream: bool = True) -> Request:
+        """Validate and tokenize a request without touching engine state (raises ValueError when bad).
+
+        stream: report the request after every step that gives it tokens; False reports it once, finished
+        (what `LLM.generate` needs, and much less host work per step for a large batch).
+        """
         if not isinstance(request_id, str) or not request_id:
             raise ValueError(f"request_id must be a non-empty string, got {request_id!r}")
         if request_id in self.requests:
@@ -88,7 +93,7 @@ class LLMEngine:
         if needed > self.block_manager.num_blocks:
             raise ValueError(f"prompt + max_tokens needs {needed} KV blocks but the pool has only "
                              f"{self.block_manager.num_blocks} (raise num_kv_blocks or kv_cache_memory)")
-        request = Request(request_id, text, token_ids, params, arrival_time or time.time())
+        request = Request(request_id, text, token_ids, params, arrival_time or time.time(), stream)
         for seq in request.seqs:
             self.detokenizer.start(seq)
         return request
@@ -131,6 +136,7 @@ class LLMEngine:
                 if not seq.is_finished:
                     seq.finish_reason = "abort"
                     self.scheduler.finish(seq)
+                self.runner.release(seq)
             request.metrics.finished_time = time.time()
 
     def has_unfinished_requests(self) -> bool:
@@ -142,54 +148,45 @@ class LLMEngine:
     # The loop ------------------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Run one scheduled forward pass; returns the requests that produced tokens or finished."""
+        """Run one scheduled forward pass; returns the requests that produced tokens (streamed ones) or finished."""
         sched = self.scheduler.schedule()
         if sched.is_empty:
             if self.scheduler.has_unfinished():  # a scheduler bug; spinning forever would hide it
                 raise RuntimeError("scheduler made no progress with requests pending")
             return []
         self.num_steps += 1
-        now = time.time()
-        input_ids, positions, meta = prepare_inputs(sched.seqs, sched.num_new_tokens, self.block_size,
-                                                    self.model.device)
-        logits = self.runner(input_ids, positions, meta, self.kv_caches)
-        ready: list[int] = []
-        for i, (seq, num_new) in enumerate(zip(sched.seqs, sched.num_new_tokens)):
-            if seq.request.metrics.first_scheduled_time is None:
-                seq.request.metrics.first_scheduled_time = now
-            seq.num_computed_tokens += num_new
-            self.block_manager.commit(seq)
-            if seq.num_computed_tokens == seq.num_tokens:
-                ready.append(i)
-        if not ready:
+        rows = self.scheduler.sampling_rows(sched)
+        sampled = self.runner.run(sched.seqs, sched.num_new_tokens, rows)
+        self.scheduler.advance(sched)
+        if sampled is None:
             return []
-        seqs = [sched.seqs[i] for i in ready]
-        logits = logits if len(ready) == len(sched.seqs) else logits[ready]
-        sampled = self.sampler(logits.float().cpu(), seqs)
-        return self._process(seqs, sampled.token_ids, sampled.logprobs)
+        seqs = [sched.seqs[i] for i in rows]
+        self.scheduler.postprocess(seqs, sampled.token_ids, sampled.logprobs, self.detokenizer)
+        self.num_generated_tokens += len(seqs)
+        return self._outputs(seqs)
 
-    def _process(self, seqs: list[Sequence], token_ids: list[int], logprobs: list | None) -> list[RequestOutput]:
+    def _outputs(self, seqs: list[Sequence]) -> list[RequestOutput]:
+        """RequestOutputs for the requests whose sequences just got a token: every streamed one, and the others
+        once finished. Finished requests leave the engine here."""
         now = time.time()
         touched: dict[str, Request] = {}
-        for i, (seq, token) in enumerate(zip(seqs, token_ids)):
-            self.detokenizer.append(seq, token)
-            if logprobs is not None and logprobs[i] is not None:
-                seq.cumulative_logprob += logprobs[i][0]
-                seq.logprobs.append(logprobs[i][1])
+        for seq in seqs:
             request = seq.request
             if request.metrics.first_token_time is None:
                 request.metrics.first_token_time = now
             if seq.finish_reason is not None:
-                self.scheduler.finish(seq)
-            touched[request.request_id] = request
-        self.num_generated_tokens += len(seqs)
+                self.runner.release(seq)
+                touched[request.request_id] = request
+            elif request.stream:
+                touched[request.request_id] = request
         outputs = []
         for request in touched.values():
             finished = request.is_finished
             if finished:
                 request.metrics.finished_time = now
                 del self.requests[request.request_id]
-            outputs.append(self._output(request, finished))
+            if finished or request.stream:
+                outputs.append(self._output(request, finished))
         return outputs
 
     def _output(self, request: Request, finished: bool) -> RequestOutput:
@@ -227,15 +224,3 @@ class LLMEngine:
             "num_steps": self.num_steps,
             "num_generated_tokens": self.num_generated_tokens,
         }
-
-
-def _decode_graphs(model: Any, kv_caches: list, max_model_len: int, block_size: int) -> Any:
-    """On a GPU with generated kernels, decode steps replay CUDA graphs (one per batch bucket); else run eagerly."""
-    if getattr(model, "backend", None) != "triton" or getattr(model, "device", None) is None \
-            or model.device.type != "cuda":
-        return model.forward
-    from kiln.codegen.cuda_graphs import DecodeGraphs
-
-    graphs = DecodeGraphs(model, kv_caches, max_blocks_per_seq=-(-max_model_len // block_size))
-    graphs.capture()
-    return graphs

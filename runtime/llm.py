@@ -53,7 +53,7 @@ class LLM:
             params_list = list(sampling_params)
             if len(params_list) != len(prompt_list):
                 raise ValueError(f"got {len(params_list)} sampling_params for {len(prompt_list)} prompts")
-        requests = [self.engine.make_request(f"llm-{next(self._ids)}", p, sp)
+        requests = [self.engine.make_request(f"llm-{next(self._ids)}", p, sp, stream=False)
                     for p, sp in zip(prompt_list, params_list)]
         for request in requests:
             self.engine.enqueue(request)

@@ -1,9 +1,10 @@
-"""Turn a step's logits into next tokens, vectorised over the batch.
+"""Turn a step's logits into next tokens on the logits' device, vectorised over the batch.
 
-The common case (every sequence greedy, no penalties, no logprobs) is a single argmax. Otherwise penalties,
-min_tokens, temperature, top-k, top-p and min-p are applied as batched tensor ops, and only sequences with a
-seed draw one by one, from their own generator, so that the same seed gives the same tokens whatever else
-shares the batch.
+`Sampler.sample` queues batched tensor ops only: which ops run is decided from the requests' SamplingParams
+on the host, never by reading a device tensor, so a GPU step does not wait on the GPU and the [batch, vocab]
+logits never leave it. Draws use the exponential race (argmax of p / Exp(1) noise), which needs no sync;
+seeded sequences take their noise from their own generator, so that a seed gives the same tokens whatever else
+shares the batch. `DeviceSample.to_host` is the one place that copies results back.
 """
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .sampling_params import SamplingParams
-from .sequence import Sequence
+from . import sampling_ops as ops
+from .sequence import Sequence, make_generator
 
 
 @dataclass
@@ -22,111 +23,109 @@ class SamplerOutput:
     logprobs: list[tuple[float, dict[int, float]] | None] | None = None
 
 
+@dataclass
+class DeviceSample:
+    """A step's sampling results, still on the logits' device."""
+
+    token_ids: torch.Tensor  # [B] int64
+    num_logprobs: list[int | None]  # per row, the number of top logprobs asked for (None: no logprobs)
+    logprob: torch.Tensor | None = None  # [B] raw logprob of each row's token, when any row asked
+    top_ids: torch.Tensor | None = None  # [B, K] ids of the K most likely raw tokens, K = the largest ask
+    top_logprobs: torch.Tensor | None = None  # [B, K] their raw logprobs
+
+    def to_host(self) -> SamplerOutput:
+        """Copy back to Python lists: one copy per tensor, the only sync of a step."""
+        token_ids = self.token_ids.tolist()
+        if self.logprob is None:
+            return SamplerOutput(token_ids)
+        chosen, ids, values = self.logprob.tolist(), self.top_ids.tolist(), self.top_logprobs.tolist()
+        result: list[tuple[float, dict[int, float]] | None] = []
+        for i, n in enumerate(self.num_logprobs):
+            if n is None:
+                result.append(None)
+                continue
+            top = dict(zip(ids[i][:n], values[i][:n]))
+            top[token_ids[i]] = chosen[i]
+            result.append((chosen[i], top))
+        return SamplerOutput(token_ids, result)
+
+
 class Sampler:
-    """Stateless apart from the EOS ids that min_tokens has to hold back."""
+    """Stateless apart from the EOS ids that min_tokens has to hold back (seeded RNGs live on the sequences)."""
 
     def __init__(self, eos_token_ids: list[int]) -> None:
         self.eos_token_ids = list(eos_token_ids)
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
+        return self.sample(logits, seqs).to_host()
+
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> DeviceSample:
+        """Next tokens for float32 `logits` [B, V] (row i belongs to seqs[i]) without leaving logits.device.
+
+        Greedy rows (temperature 0) take the argmax of the penalised logits; the others are drawn after
+        temperature, top-k, top-p and min-p. Logprobs are those of the raw model distribution, as in vLLM.
+        """
+        if all(_plain_greedy(s) for s in seqs):  # the common case, decided in one pass over the batch
+            return DeviceSample(ops.argmax(logits), [None] * len(seqs))
         params = [s.params for s in seqs]
-        if all(p.temperature == 0.0 and not p.has_penalties and p.logprobs is None for p in params) and \
-                not any(s.num_output_tokens < s.params.min_tokens for s in seqs):
-            return SamplerOutput(logits.argmax(dim=-1).tolist())
-        raw_logprobs = None
-        if any(p.logprobs is not None for p in params):
-            raw_logprobs = torch.log_softmax(logits, dim=-1)
-        logits = logits.clone()
-        self._apply_penalties(logits, seqs)
-        self._apply_min_tokens(logits, seqs)
-        tokens = logits.argmax(dim=-1)
-        sample_rows = [i for i, p in enumerate(params) if p.temperature > 0.0]
-        if sample_rows:
-            rows = torch.tensor(sample_rows)
-            tokens[rows] = self._sample(logits[rows], [seqs[i] for i in sample_rows])
-        token_ids = tokens.tolist()
-        if raw_logprobs is None:
-            return SamplerOutput(token_ids)
-        return SamplerOutput(token_ids, _gather_logprobs(raw_logprobs, token_ids, params))
+        x = self._penalised(logits, seqs)
+        sampled = [i for i, p in enumerate(params) if p.temperature > 0.0]
+        if len(sampled) == len(seqs):
+            tokens = self._draw(x, seqs)
+        else:
+            tokens = ops.argmax(x)
+            if sampled:
+                idx = ops.to_device(sampled, torch.int64, logits.device)
+                tokens.index_copy_(0, idx, self._draw(x.index_select(0, idx), [seqs[i] for i in sampled]))
+        asked = [p.logprobs for p in params]
+        if all(n is None for n in asked):
+            return DeviceSample(tokens, asked)
+        chosen, top_logprobs, top_ids = ops.logprobs(logits, tokens, max(n for n in asked if n is not None))
+        return DeviceSample(tokens, asked, chosen, top_ids, top_logprobs)
 
-    def _apply_penalties(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
-        rows = [i for i, s in enumerate(seqs) if s.params.has_penalties]
-        if not rows:
-            return
+    def _penalised(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """Logits after penalties and min_tokens: `logits` itself when no row has either (no copy)."""
         vocab = logits.shape[-1]
-        sub = logits[rows]
-        outputs = _padded([seqs[i].output_token_ids for i in rows], pad=vocab)
-        counts = torch.zeros(len(rows), vocab + 1).scatter_add_(1, outputs, torch.ones_like(outputs, dtype=torch.float32))
-        counts = counts[:, :vocab]
-        prompts = _padded([seqs[i].token_ids[:seqs[i].num_prompt_tokens] for i in rows], pad=vocab)
-        seen = torch.zeros(len(rows), vocab + 1, dtype=torch.bool).scatter_(1, prompts, True)[:, :vocab] | (counts > 0)
-        p = [seqs[i].params for i in rows]
-        rep = torch.tensor([x.repetition_penalty for x in p])[:, None]
-        freq = torch.tensor([x.frequency_penalty for x in p])[:, None]
-        pres = torch.tensor([x.presence_penalty for x in p])[:, None]
-        sub = torch.where(seen, torch.where(sub > 0, sub / rep, sub * rep), sub)
-        sub = sub - freq * counts - pres * (counts > 0).float()
-        logits[rows] = sub
+        rows = [i for i, s in enumerate(seqs) if s.params.has_penalties]
+        if rows:
+            p = [seqs[i].params for i in rows]
+            prompts = None
+            if any(x.repetition_penalty != 1.0 for x in p):
+                prompts = [seqs[i].token_ids[:seqs[i].num_prompt_tokens] for i in rows]
+            logits = ops.apply_penalties(logits, rows, prompts, [seqs[i].output_token_ids for i in rows],
+                                         [(x.repetition_penalty, x.frequency_penalty, x.presence_penalty) for x in p])
+        banned = [i * vocab + t for i, s in enumerate(seqs) if s.num_output_tokens < s.params.min_tokens
+                  for t in self._held_back(s) if t < vocab]
+        return ops.ban(logits, banned) if banned else logits
 
-    def _apply_min_tokens(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
-        for i, seq in enumerate(seqs):
-            p = seq.params
-            if seq.num_output_tokens < p.min_tokens:
-                banned = list(p.stop_token_ids or []) + ([] if p.ignore_eos else self.eos_token_ids)
-                banned = [t for t in banned if t < logits.shape[-1]]
-                if banned:
-                    logits[i, banned] = float("-inf")
+    def _held_back(self, seq: Sequence) -> list[int]:
+        """Tokens that would end the sequence, banned until it has min_tokens outputs."""
+        p = seq.params
+        return list(p.stop_token_ids or []) + ([] if p.ignore_eos else self.eos_token_ids)
 
     @staticmethod
-    def _sample(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-        """Temperature, top-k, top-p and min-p, then one draw per row."""
+    def _draw(x: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """One token per row (all rows have temperature > 0) after top-k, top-p and min-p."""
         params = [s.params for s in seqs]
-        vocab = logits.shape[-1]
-        logits = logits / torch.tensor([p.temperature for p in params])[:, None]
-        top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params])
-        top_p = torch.tensor([p.top_p for p in params])
-        min_p = torch.tensor([p.min_p for p in params])
-        if bool((top_k < vocab).any() or (top_p < 1.0).any()):
-            sorted_logits, order = logits.sort(dim=-1, descending=True)
-            ranks = torch.arange(vocab)[None, :]
-            drop = ranks >= top_k[:, None]
-            cum = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
-            drop |= (cum - torch.softmax(sorted_logits, dim=-1)) >= top_p[:, None]  # keep the token crossing p
-            drop[:, 0] = False
-            logits = torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
-        probs = torch.softmax(logits, dim=-1)
-        if bool((min_p > 0).any()):
-            probs = probs.masked_fill(probs < min_p[:, None] * probs.max(dim=-1, keepdim=True).values, 0.0)
-        out = torch.empty(len(seqs), dtype=torch.int64)
-        unseeded = [i for i, s in enumerate(seqs) if s.generator is None]
-        if unseeded:
-            idx = torch.tensor(unseeded)
-            out[idx] = torch.multinomial(probs[idx], 1).squeeze(1)
-        for i, seq in enumerate(seqs):
-            if seq.generator is not None:
-                out[i] = torch.multinomial(probs[i], 1, generator=seq.generator).item()
-        return out
+        vocab, device = x.shape[-1], x.device
+        temperature = [p.temperature for p in params]
+        thr = ops.keep_threshold(x, temperature, [p.top_k if 0 < p.top_k < vocab else vocab for p in params],
+                                 [p.top_p for p in params], [p.min_p for p in params])
+        noise = torch.empty_like(x)
+        seeded = [i for i, p in enumerate(params) if p.seed is not None]
+        if len(seeded) < len(seqs):
+            ops.log_exponential_(noise)  # seeded rows are overwritten below
+        for i in seeded:
+            seq = seqs[i]
+            if seq.generator is None:
+                seq.generator = make_generator(seq.params.seed, seq.index, device)
+            ops.log_exponential_(noise[i], seq.generator)
+        neg_temperature = ops.to_device([[-t] for t in temperature], torch.float32, device)
+        return ops.race(x, neg_temperature, noise, thr)
 
 
-def _padded(lists: list[list[int]], pad: int) -> torch.Tensor:
-    width = max((len(x) for x in lists), default=0) or 1
-    return torch.tensor([x + [pad] * (width - len(x)) for x in lists], dtype=torch.int64)
-
-
-def _gather_logprobs(logprobs: torch.Tensor, token_ids: list[int],
-                     params: list[SamplingParams]) -> list[tuple[float, dict[int, float]] | None]:
-    """Top-k log-probabilities (of the raw model distribution) plus the sampled token's, per requesting row."""
-    result: list[tuple[float, dict[int, float]] | None] = []
-    for i, p in enumerate(params):
-        if p.logprobs is None:
-            result.append(None)
-            continue
-        row = logprobs[i]
-        chosen = float(row[token_ids[i]])
-        top = {}
-        if p.logprobs > 0:
-            values, ids = row.topk(p.logprobs)
-            top = dict(zip(ids.tolist(), values.tolist()))
-        top[token_ids[i]] = chosen
-        result.append((chosen, top))
-    return result
+def _plain_greedy(seq: Sequence) -> bool:
+    """Argmax of the raw logits: greedy, no penalties, no logprobs, no token held back by min_tokens."""
+    p = seq.params
+    return p.temperature == 0.0 and p.logprobs is None and not p.has_penalties and \
+        (p.min_tokens == 0 or len(seq.token_ids) - seq.num_prompt_tokens >= p.min_tokens)

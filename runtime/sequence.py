@@ -39,7 +39,8 @@ class Sequence:
         self.block_hashes: list[bytes] = []  # hash chain of the full blocks of token_ids seen so far
         self.num_committed_blocks = 0  # leading blocks already published to the prefix cache
         self.num_cached_tokens = 0  # prompt tokens served from the prefix cache at first admission
-        self.generator = _make_generator(self.params.seed, index)
+        # The sampler's private RNG for a seeded sequence, made on the logits' device at its first draw.
+        self.generator: torch.Generator | None = None
         # Sampling and detokenization results.
         self.cumulative_logprob = 0.0
         self.logprobs: list[dict[int, float]] | None = [] if self.params.logprobs is not None else None
@@ -70,11 +71,10 @@ class Sequence:
                 f"computed={self.num_computed_tokens}, {self.status.value})")
 
 
-def _make_generator(seed: int | None, index: int) -> torch.Generator | None:
-    """A private RNG per seeded sequence, so its samples do not depend on what else is in the batch."""
-    if seed is None:
-        return None
-    generator = torch.Generator()
+def make_generator(seed: int, index: int, device: torch.device) -> torch.Generator:
+    """A private RNG per seeded sequence, so its samples do not depend on what else is in the batch; the n
+    sequences of one request get different streams. It lives on the device that draws the noise."""
+    generator = torch.Generator(device=device)
     generator.manual_seed((seed + index * 0x9E3779B97F4A7C15) % (1 << 64))
     return generator
 
@@ -83,8 +83,9 @@ class Request:
     """A user request: the prompt, its parameters, and its n sequences."""
 
     def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
-                 params: SamplingParams, arrival_time: float) -> None:
+                 params: SamplingParams, arrival_time: float, stream: bool = True) -> None:
         self.request_id = request_id
+        self.stream = stream  # report after every step, or only when finished
         self.prompt = prompt
         self.prompt_token_ids = prompt_token_ids
         self.params = params

@@ -173,3 +173,14 @@ def test_int8_tile_kernel_matches_the_dequantized_linear(rows):
     assert bool(calls) == (rows <= cpu_kernels.SMALL_LINEAR_ROWS)  # above: the reference over unpacked weights
     expect = torch.nn.functional.linear(x, weight.float() * scale[:, None], bias)
     torch.testing.assert_close(out, expect, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(1, 7), (5, 1024), (300, 4099)])  # 300 x 4099 crosses the threaded size
+def test_argmax_rows_is_torch_argmax_ties_and_infinities_included(shape):
+    x = torch.randn(*shape)
+    x[0, shape[1] // 2:] = x[0].max()  # a tie: the first index wins, as in torch
+    x[-1] = float("-inf")  # a row with nothing allowed
+    strided = torch.randn(shape[0], shape[1] + 3)[:, 1:shape[1] + 1]  # row stride != cols
+    for t in (x, strided):
+        assert torch.equal(cpu_kernels.argmax_rows(t), t.argmax(-1))
+

@@ -79,5 +79,6 @@ def test_special_tokens_skipped_or_kept() -> None:
     for skip in (True, False):
         seq = engine.make_request(f"r{skip}", [bos, 5], SamplingParams(skip_special_tokens=skip)).seqs[0]
         for token in (bos, 5, bos):
-            engine.detokenizer.append(seq, token)
+            seq.token_ids.append(token)
+            engine.detokenizer.update(seq, can_stop=True)
         assert seq.text == TOK.decode([bos, 5, bos], skip_special_tokens=skip)
