@@ -46,7 +46,7 @@ def test_engine_uses_graphs_and_keeps_greedy_tokens(checkpoint) -> None:
     prompts = [[1, 5, 9, 200, 31], [3, 4], [100, 101, 102, 7, 8, 9, 10]]
     params = kiln.SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
     graphed = kiln.LLM(compiled, num_kv_blocks=64)
-    assert isinstance(graphed.engine.runner, DecodeGraphs)
+    assert isinstance(graphed.engine.runner.forward, DecodeGraphs)
     eager = kiln.LLM(compiled, num_kv_blocks=64, enforce_eager=True)
     got = [o.outputs[0].token_ids for o in graphed.generate(prompts, params, use_tqdm=False)]
     want = [o.outputs[0].token_ids for o in eager.generate(prompts, params, use_tqdm=False)]
