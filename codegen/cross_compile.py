@@ -1,9 +1,11 @@
-"""Compile every generated kernel at a model's real sizes for an NVIDIA target, with no GPU present.
+"""Compile the kernels a model's launchers pick, at the model's real sizes, for an NVIDIA target with no GPU.
 
-Plans come from the same descriptors the runtime uses, fed `meta` tensors of the model's shapes. Each
-candidate config is compiled to a cubin; one whose shared memory exceeds the target's per-block limit, or
-whose registers spill, is pruned and the next candidate tried. Per kernel the Triton source, the cubin and a
-record (shared memory, registers, spills, what was pruned and why) are written under out_dir/<target>/.
+Each step's launches are planned the way the launchers plan them: the descriptors' `choose` functions, given
+the target's shared-memory limit and SM count, on `meta` tensors of the step's shapes (decode at batch 1 and
+256, prefill of 512-token and 2048-token sequences). So what is compiled here is what a GPU of that
+capability would run, not a candidate that happens to compile. Each distinct kernel (source, constants,
+signature, options) is compiled once and recorded: its shared memory against the target's limit and against
+its config's bound (which `pick` trusts), registers and spills; its source and cubin go under out_dir/sm_<cc>/.
 """
 from __future__ import annotations
 
@@ -14,42 +16,54 @@ import os
 import re
 import subprocess
 import sys
-from dataclasses import asdict, dataclass, field
+from collections import Counter
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 
-from .launch import Launch
-from .render import render
-from .templates import cache_write, gated_act, matmul, paged_attention, pointwise, rms_norm, rope
+from .launch import Launch, Target
+from .render import interpreting, render
+from .templates import cache_write, gated_act, matmul, paged_attention, pointwise, quant_matmul, rms_norm, rope
 
-# Usable shared memory per block (opt-in maximum) by compute capability.
-SHARED_LIMITS = {90: 227 * 1024, 80: 163 * 1024, 89: 99 * 1024, 86: 99 * 1024}
-DECODE_TOKENS, PREFILL_TOKENS = 64, 2048  # the grid sizes recorded; the kernels themselves take any size
+# Per capability: usable shared memory per block (opt-in maximum) and the SM count of a representative part
+# (H100 SXM, A100, L4, A10), which only sizes the decode split.
+TARGETS = {90: Target(232_448, 132), 80: Target(166_912, 108), 89: Target(101_376, 58), 86: Target(101_376, 72)}
+# Steps as (name, sequences, query length of each): decode at two batch sizes, prefill at two prompt lengths.
+STEPS = (("decode_1", 1, 1), ("decode_256", 256, 1), ("prefill_512", 4, 512), ("prefill_2048", 1, 2048))
+MAX_BLOCKS_PER_SEQ = 512  # block-table width: only a stride, the kernels take any
 
 
 @dataclass
 class KernelRecord:
-    """One kernel as compiled for one target."""
+    """One distinct kernel as compiled for one target, and the steps that launch it."""
 
     name: str
     label: str
     target: str
+    steps: list[str]
     config: dict[str, Any]
     num_warps: int
     num_stages: int
     shared_bytes: int
+    shared_bound: int | None  # the config's bound that `pick` trusted; None for kernels without a choice
     registers: int
     spill_bytes: int
     shared_limit: int
-    source: str
-    cubin: str
-    pruned: list[dict[str, Any]] = field(default_factory=list)
+    source: str = ""
+    cubin: str = ""
 
-    @property
-    def fits(self) -> bool:
-        return self.shared_bytes <= self.shared_limit and self.spill_bytes == 0
+    def problems(self) -> list[str]:
+        """Why this kernel would fail or slow down on the target; empty when it fits."""
+        out = []
+        if self.shared_bytes > self.shared_limit:
+            out.append(f"{self.shared_bytes} bytes of shared memory > the limit {self.shared_limit}")
+        if self.shared_bound is not None and self.shared_bytes > self.shared_bound:
+            out.append(f"{self.shared_bytes} bytes of shared memory > its config's bound {self.shared_bound}")
+        if self.spill_bytes:
+            out.append(f"{self.spill_bytes} bytes of register spills")
+        return [f"{self.name} {self.config} warps={self.num_warps} stages={self.num_stages}: {p}" for p in out]
 
 
 @dataclass(frozen=True)
@@ -81,48 +95,84 @@ class ModelShapes:
                    float(get("attn_logit_softcapping") or 0.0), min(int(get("max_position_embeddings", 4096)), 1 << 20))
 
 
+@dataclass
+class Planned:
+    """One launch of one step, with the bound of the config it was chosen by (None: no choice made)."""
+
+    kernel: str
+    step: str
+    launch: Launch
+    shared_bound: int | None = None
+
+
 def _meta(*shape: int, dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(*shape, dtype=dtype, device="meta")
 
 
-def model_launches(shapes: ModelShapes, dtype: torch.dtype, block_size: int = 16) -> dict[str, list[Launch]]:
-    """Every kernel a decode or prefill step runs, by name; each with its candidates, best first."""
-    s, e = shapes, torch.tensor([], dtype=dtype).element_size()
-    t, h = PREFILL_TOKENS, s.hidden
-    x, w = _meta(t, h, dtype=dtype), _meta(h, dtype=dtype)
+def step_launches(shapes: ModelShapes, dtype: torch.dtype, target: Target, step: str, seqs: int, query_len: int,
+                  block_size: int = 16) -> list[Planned]:
+    """Every kernel one step of the model runs, planned as the launchers plan it for `target`."""
+    s, t = shapes, seqs * query_len
+    x, w = _meta(t, s.hidden, dtype=dtype), _meta(s.hidden, dtype=dtype)
     q, k = _meta(t, s.heads, s.head_dim, dtype=dtype), _meta(t, s.kv_heads, s.head_dim, dtype=dtype)
     caches = [_meta(4096, block_size, s.kv_heads, s.head_dim, dtype=dtype) for _ in range(2)]
-    tables, seq_lens = _meta(DECODE_TOKENS, 512, dtype=torch.int32), _meta(DECODE_TOKENS, dtype=torch.int32)
-    qsl, scale = _meta(DECODE_TOKENS + 1, dtype=torch.int32), s.head_dim ** -0.5
-    out: dict[str, list[Launch]] = {
-        "rms_norm": [rms_norm.plan(x, w, x, 1e-5, s.weight_offset)],
-        "add_rms_norm": [rms_norm.plan(x, w, x, 1e-5, s.weight_offset, x, x)],
-        f"{s.act}_mul": [gated_act.plan(_meta(t, 2 * s.intermediate, dtype=dtype), _meta(t, s.intermediate, dtype=dtype), s.act)],
-        "rope": [rope.plan(q, k, q, k, _meta(t, dtype=torch.int64), _meta(s.max_positions, s.rotary_dim, dtype=torch.float32),
-                           s.rotary_dim, True)],
-        "cache_write": [cache_write.plan(k, k, *caches, _meta(t, dtype=torch.int64))],
-        "pointwise_add_mul": [pointwise.plan(pointwise.Chain(("a", "b"), "a + b * alpha", ("alpha",)),
-                                             {"a": x, "b": x}, {"alpha": 1.0}, x)],
-    }
-    attn_args = (scale, s.window, s.softcap)
-    group = s.heads // s.kv_heads
-    for name, max_q, splits in (("attention_prefill", 128, 1), ("attention_decode", 1, 1),
-                                ("attention_decode_split", 1, paged_attention.MAX_SPLITS)):
-        tokens = DECODE_TOKENS if max_q == 1 else t
-        qq = _meta(tokens, s.heads, s.head_dim, dtype=dtype)
-        partial = _meta(tokens, s.heads, splits, s.head_dim, dtype=torch.float32)
-        lse = _meta(tokens, s.heads, splits, dtype=torch.float32)
-        configs = paged_attention.configs(max_q, group, s.head_dim, s.head_dim, e)
-        plans = [paged_attention.plan(qq, *caches, qq, tables, seq_lens, qsl, *attn_args, max_q, c, splits, partial, lse)
-                 for c in configs]
-        out[name] = [p[0] for p in plans]
-        if splits > 1:
-            out["attention_merge"] = [plans[0][1]]
-    for name, m, n, kk, extra in (("matmul_qkv", t, (s.heads + 2 * s.kv_heads) * s.head_dim, h, {}),
-                                  ("matmul_down_residual", t, h, s.intermediate, {"residual": x}),
-                                  ("matmul_down_residual_decode", DECODE_TOKENS // 4, h, s.intermediate, {"residual": x})):
-        a, b, c = _meta(m, kk, dtype=dtype), _meta(n, kk, dtype=dtype), _meta(m, n, dtype=dtype)
-        out[name] = [matmul.plan(a, b, c, cfg, **extra) for cfg in matmul.configs(m, e)]
+    cos_sin = _meta(s.max_positions, s.rotary_dim, dtype=torch.float32)
+    out = [
+        Planned("rms_norm", step, rms_norm.plan(x, w, x, 1e-5, s.weight_offset)),
+        Planned("add_rms_norm", step, rms_norm.plan(x, w, x, 1e-5, s.weight_offset, x, x)),
+        Planned(f"{s.act}_mul", step, gated_act.plan(_meta(t, 2 * s.intermediate, dtype=dtype),
+                                                     _meta(t, s.intermediate, dtype=dtype), s.act)),
+        Planned("rope", step, rope.plan(q, k, q, k, _meta(t, dtype=torch.int64), cos_sin, s.rotary_dim, True)),
+        Planned("cache_write", step, cache_write.plan(k, k, *caches, _meta(t, dtype=torch.int64))),
+        Planned("pointwise_add_mul", step, pointwise.plan(pointwise.Chain(("a", "b"), "a + b * alpha", ("alpha",)),
+                                                          {"a": x, "b": x}, {"alpha": 1.0}, x)),
+    ]
+    config, splits = paged_attention.choose(seqs, query_len, s.heads, s.kv_heads, s.head_dim, s.head_dim, dtype, target)
+    partial = _meta(t, s.heads, splits, s.head_dim, dtype=torch.float32)
+    lse = _meta(t, s.heads, splits, dtype=torch.float32)
+    tables = _meta(seqs, MAX_BLOCKS_PER_SEQ, dtype=torch.int32)
+    attention, *merge = paged_attention.plan(
+        q, *caches, q, tables, _meta(seqs, dtype=torch.int32), _meta(seqs + 1, dtype=torch.int32), s.head_dim ** -0.5,
+        s.window, s.softcap, query_len, config, splits, partial, lse)
+    out.append(Planned("attention", step, attention, config.shared_bytes))
+    out += [Planned("attention_merge", step, launch) for launch in merge]
+    for name, n, kk, extra in (("matmul_qkv", (s.heads + 2 * s.kv_heads) * s.head_dim, s.hidden, {}),
+                               ("matmul_down_residual", s.hidden, s.intermediate, {"residual": x})):
+        config = matmul.choose(t, dtype, target)
+        a, b, c = _meta(t, kk, dtype=dtype), _meta(n, kk, dtype=dtype), _meta(t, n, dtype=dtype)
+        out.append(Planned(name, step, matmul.plan(a, b, c, config, **extra), config.shared_bytes))
+    return out
+
+
+def model_launches(shapes: ModelShapes, dtype: torch.dtype, target: Target, block_size: int = 16) -> list[Planned]:
+    """Every kernel launch of every step in STEPS."""
+    return [p for step, seqs, query_len in STEPS
+            for p in step_launches(shapes, dtype, target, step, seqs, query_len, block_size)]
+
+
+def quant_launches(hidden: int, intermediate: int, dtype: torch.dtype, target: Target,
+                   group_size: int = 128) -> list[Planned]:
+    """The quantized down projection in each mode (few output tiles: decode splits K) and W8A8's activation
+    quantizer at every step's token count, planned as quant_matmul's launchers plan them."""
+    n, k = hidden, intermediate
+    out = []
+    for step, seqs, query_len in STEPS:
+        m = seqs * query_len
+        x = _meta(m, k, dtype=dtype)
+        q8, s8 = _meta(n, k, dtype=torch.int8), _meta(n, dtype=torch.float32)
+        q4, s4 = _meta(k // 8, n, dtype=torch.int32), _meta(k // group_size, n, dtype=torch.float32)
+        z4, xs = _meta(k // group_size, n // 8, dtype=torch.int32), _meta(k, dtype=torch.float32)
+        a_scale = _meta(m, dtype=torch.float32)
+        for name, mode, weight, scales, extra in (
+                ("int8", "int8", q8, s8, {}), ("int4", "int4", q4, s4, {"input_scale": xs}),
+                ("int4_zp", "int4", q4, s4, {"qzeros": z4}), ("w8a8", "w8a8", q8, s8, {"a_scale": a_scale})):
+            config, split = quant_matmul.choose(m, n, k, mode, dtype, "qzeros" in extra, target)
+            a = _meta(m, k, dtype=torch.int8) if mode == "w8a8" else x
+            c = _meta(m, n, dtype=torch.float32 if split > 1 else dtype)
+            launch = quant_matmul.plan(a, weight, scales, c, mode, config, split, group_size=group_size, **extra)
+            out.append(Planned(f"quant_{name}", step, launch, config.shared_bytes))
+        out.append(Planned("quantize_rows", step, quant_matmul.plan_quantize_rows(
+            x, _meta(m, k, dtype=torch.int8), _meta(m, dtype=torch.float32))))
     return out
 
 
@@ -165,6 +215,42 @@ def _compile(launch: Launch, capability: int) -> tuple[Any, int, int]:
     return kernel, int(regs.group(1)) if regs else -1, sum(spills)
 
 
+def _key(launch: Launch) -> tuple:
+    """What makes two launches one compiled kernel (runtime sizes aside)."""
+    return (render(launch.family, launch.flags), launch.name, tuple(sorted(launch.constexprs.items())),
+            tuple(launch.signature().items()), tuple(sorted(launch.attrs())), launch.num_warps, launch.num_stages)
+
+
+def compile_launches(planned: list[Planned], target: str, shared_limit: int, root: Path) -> list[KernelRecord]:
+    """Compile each distinct kernel of `planned` once for `target` (inside `gpu_compilation`), writing its
+    source and cubin under root; a kernel's record lists every step that launches it."""
+    capability = _target(target)
+    root.mkdir(parents=True, exist_ok=True)
+    by_key: dict[tuple, tuple[Planned, KernelRecord, Any]] = {}
+    for p in planned:
+        key = _key(p.launch)
+        if key in by_key:
+            by_key[key][1].steps.append(p.step)
+            continue
+        kernel, regs, spills = _compile(p.launch, capability)
+        record = KernelRecord(p.kernel, p.launch.label, target, [p.step], dict(p.launch.constexprs),
+                              p.launch.num_warps, p.launch.num_stages, int(kernel.metadata.shared), p.shared_bound,
+                              regs, spills, shared_limit)
+        by_key[key] = (p, record, kernel)
+    # A kernel compiled once is named plainly; one compiled per step shape is named by its first step.
+    variants = Counter(p.kernel for p, _, _ in by_key.values())
+    records = []
+    for p, record, kernel in by_key.values():
+        if variants[p.kernel] > 1:
+            record.name = f"{p.kernel}_{record.steps[0]}"
+        source, cubin = root / f"{record.name}.py", root / f"{record.name}.cubin"
+        source.write_text(render(p.launch.family, p.launch.flags))
+        cubin.write_bytes(kernel.asm["cubin"])
+        record.source, record.cubin = str(source), str(cubin)
+        records.append(record)
+    return records
+
+
 def _target(target: str) -> int:
     kind, _, arch = target.partition(":")
     if kind != "cuda" or not arch.isdigit():
@@ -173,8 +259,10 @@ def _target(target: str) -> int:
 
 
 def _interpreter_bound() -> bool:
-    """Whether this process imported Triton under TRITON_INTERPRET: its library functions (tl.cdiv, ...) are
-    then interpreter objects for good, and the real compiler cannot run here."""
+    """Whether the real compiler cannot run in this process: Triton was imported under TRITON_INTERPRET (or
+    would be, the variable being set), which makes its library functions (tl.cdiv, ...) interpreter objects."""
+    if interpreting():
+        return True
     if "triton" not in sys.modules:
         return False
     import triton.language.standard as standard
@@ -185,50 +273,37 @@ def _interpreter_bound() -> bool:
 
 def cross_compile(compiled_or_config: Any, target: str = "cuda:90", out_dir: str | Path = "kernels",
                   dtype: torch.dtype | None = None, block_size: int = 16, shared_limit: int | None = None,
-                  kernels: list[str] | None = None) -> list[KernelRecord]:
-    """Compile each kernel of a model (a CompiledModel, an HF config, or a dict of its fields) for `target`.
+                  kernels: list[str] | None = None, strict: bool = True) -> list[KernelRecord]:
+    """Compile the kernels a model (a CompiledModel, an HF config, or a dict of its fields) runs on `target`.
 
-    shared_limit lowers the target's per-block shared memory (to leave room, or to test pruning); `kernels`
-    picks kernels by name. Raises ValueError when no candidate of some kernel fits."""
+    shared_limit lowers the target's per-block shared memory (configs are then chosen for the lower limit; an
+    unlisted capability gets sm_86's); `kernels` picks kernels by name. With `strict`, raises ValueError listing every kernel that exceeds the
+    target's shared memory or its config's bound, or spills; otherwise the records say so."""
     capability = _target(target)
     compiled = hasattr(compiled_or_config, "hf_config")  # a CompiledModel knows its dtype; a config does not
     config = compiled_or_config.hf_config if compiled else compiled_or_config
     dtype = dtype or (compiled_or_config.dtype if compiled else torch.bfloat16)
     config = config if isinstance(config, dict) else config.to_dict()
-    limit = shared_limit or SHARED_LIMITS.get(capability, 99 * 1024)
+    base = TARGETS.get(capability, TARGETS[86])
+    device = Target(shared_limit or base.shared_limit, base.sms)
     root = Path(out_dir) / f"sm_{capability}"
     if _interpreter_bound():
         request = {"config": config, "target": target, "out_dir": str(out_dir), "dtype": str(dtype).removeprefix("torch."),
-                   "block_size": block_size, "shared_limit": limit, "kernels": kernels}
+                   "block_size": block_size, "shared_limit": shared_limit, "kernels": kernels, "strict": False}
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         subprocess.run([sys.executable, "-m", "kiln.codegen.cross_compile"], input=json.dumps(request), text=True,
                        env=env, check=True)
-        return [KernelRecord(**r) for r in json.loads((root / "records.json").read_text())]
-    root.mkdir(parents=True, exist_ok=True)
-    records = []
-    with gpu_compilation():
-        for name, candidates in model_launches(ModelShapes.from_config(config), dtype, block_size).items():
-            if kernels is None or name in kernels:
-                records.append(first_fit(name, candidates, capability, limit, root, target))
-    (root / "records.json").write_text(json.dumps([asdict(r) for r in records], indent=1))
+        records = [KernelRecord(**r) for r in json.loads((root / "records.json").read_text())]
+    else:
+        planned = [p for p in model_launches(ModelShapes.from_config(config), dtype, device, block_size)
+                   if kernels is None or p.kernel in kernels]
+        with gpu_compilation():
+            records = compile_launches(planned, target, device.shared_limit, root)
+        (root / "records.json").write_text(json.dumps([asdict(r) for r in records], indent=1))
+    problems = [p for r in records for p in r.problems()]
+    if strict and problems:
+        raise ValueError(f"kernels that do not fit {target}:\n" + "\n".join(problems))
     return records
-
-
-def first_fit(name: str, candidates: list[Launch], capability: int, limit: int, root: Path, target: str) -> KernelRecord:
-    pruned = []
-    for launch in candidates:
-        kernel, regs, spills = _compile(launch, capability)
-        shared = int(kernel.metadata.shared)
-        config = dict(launch.constexprs)
-        if shared > limit or spills > 0:
-            pruned.append({"config": config, "num_warps": launch.num_warps, "shared_bytes": shared, "spill_bytes": spills})
-            continue
-        source, cubin = root / f"{name}.py", root / f"{name}.cubin"
-        source.write_text(render(launch.family, launch.flags))
-        cubin.write_bytes(kernel.asm["cubin"])
-        return KernelRecord(name, launch.label, target, config, launch.num_warps, launch.num_stages, shared, regs,
-                            spills, limit, str(source), str(cubin), pruned)
-    raise ValueError(f"{name}: no config fits {target} (limit {limit} bytes, no spills): {pruned}")
 
 
 def main() -> None:

@@ -7,6 +7,7 @@ real sizes, where only dtypes and shapes exist.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import torch
@@ -21,12 +22,22 @@ TRITON_DTYPES = {
 
 @dataclass(frozen=True)
 class Config:
-    """One tiling choice; `shared_bytes` is the estimate used to prune configs on a GPU at run time."""
+    """One tiling choice. `shared_bytes` bounds the shared memory its compiled kernel needs from above: `pick`
+    trusts it, and the cross-compile check asserts it against the real figure of each config a launcher picks."""
 
     blocks: dict[str, int]
     num_warps: int = 4
     num_stages: int = 2
     shared_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class Target:
+    """What a launcher's choice depends on beyond shapes: the device's per-block shared memory (opt-in) and
+    its SM count. The defaults stand for the interpreter, where neither limits anything."""
+
+    shared_limit: int | None = None
+    sms: int | None = None
 
 
 @dataclass
@@ -76,6 +87,13 @@ def _triton_type(value: Any) -> str:
     raise TypeError(f"cannot pass {type(value).__name__} to a kernel")
 
 
+def ieee_dots(dtype: torch.dtype) -> bool:
+    """Whether dots over `dtype` inputs ask for IEEE float32: a GPU's `tl.dot` on float32 defaults to TF32
+    (~1e-3 relative), while a float32 model (HF's included) computes in full float32. bf16/fp16 keep the
+    tensor cores' default."""
+    return dtype == torch.float32
+
+
 def run(launch: Launch) -> None:
     """Launch on the arguments' device (a GPU, or the interpreter for CPU tensors)."""
     if not launch.grid or min(launch.grid) == 0:
@@ -93,16 +111,22 @@ def cdiv(a: int, b: int) -> int:
 
 
 def pick(configs: list[Config], shared_limit: int | None) -> Config:
-    """The first config whose estimated shared memory fits (all fit when the limit is unknown)."""
+    """The first config whose shared memory bound fits (the first when the limit is unknown)."""
     for config in configs:
         if shared_limit is None or config.shared_bytes <= shared_limit:
             return config
     raise ValueError(f"no config fits in {shared_limit} bytes of shared memory")
 
 
-def device_shared_limit(device: torch.device) -> int | None:
-    """Usable shared memory per block on a CUDA device; None elsewhere (no limit in the interpreter)."""
+def device_target(device: torch.device) -> Target:
+    """The Target of a device: a CUDA device's properties, or the interpreter's (no limits) elsewhere."""
     if device.type != "cuda":
-        return None
-    props = torch.cuda.get_device_properties(device)
-    return int(getattr(props, "shared_memory_per_block_optin", 0) or props.shared_memory_per_block)
+        return Target()
+    return _cuda_target(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@lru_cache(maxsize=None)
+def _cuda_target(index: int) -> Target:
+    props = torch.cuda.get_device_properties(index)
+    shared = int(getattr(props, "shared_memory_per_block_optin", 0) or props.shared_memory_per_block)
+    return Target(shared, props.multi_processor_count)

@@ -9,7 +9,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .launch import device_shared_limit, pick, run
+from kiln.compiler.metadata import current_max_query_len
+
+from .launch import device_target, run
 from .templates import cache_write, gated_act, paged_attention as attn, quant_matmul, rms_norm as rms_desc, rope as rope_desc
 
 
@@ -77,11 +79,14 @@ def paged_attention(
     tokens, heads, _ = q.shape
     num_seqs = seq_lens.shape[0]
     # A decode step (one token per sequence) needs no host sync: that keeps it capturable in a CUDA graph.
-    max_q = 1 if tokens == num_seqs else int((query_start_loc[1:] - query_start_loc[:-1]).max())
+    # The runner passes the longest query as a host integer; reading it back from the device (a sync) is the
+    # fallback for callers that build metadata by hand. A decode step is 1 either way (CUDA graphs rely on it).
+    max_q = 1 if tokens == num_seqs else current_max_query_len() or \
+        int((query_start_loc[1:] - query_start_loc[:-1]).max())
     kv_heads, v_dim = k_cache.shape[2], v_cache.shape[-1]
-    splits = num_splits or attn.num_splits_for(num_seqs, kv_heads, max_q, q.device)
-    config = pick(attn.configs(max_q, heads // kv_heads, q.shape[-1], v_dim, q.element_size()),
-                  device_shared_limit(q.device))
+    target = device_target(q.device)
+    config, splits = attn.choose(num_seqs, max_q, heads, kv_heads, q.shape[-1], v_dim, q.dtype, target)
+    splits = num_splits or splits
     out = torch.empty(tokens, heads, v_dim, dtype=q.dtype, device=q.device)
     partial = lse = None
     if splits > 1:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from kiln.codegen.launch import Config, Launch, cdiv
+from kiln.codegen.launch import Config, Launch, Target, cdiv, ieee_dots, pick
 from kiln.codegen.render import interpreting
 
 TEMPLATE = "matmul"
@@ -26,12 +26,23 @@ def reference(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, activ
     return c.to(out_dtype)
 
 
-def configs(m: int, elem: int) -> list[Config]:
-    """Candidates best first: wide tiles for prefill, 16-row tiles (tl.dot's minimum) for decode."""
-    shapes = ([(16, 128, 128, 4, 4), (16, 64, 128, 4, 3)] if m <= 16 else
-              [(128, 256, 64, 8, 4), (128, 128, 64, 8, 4), (64, 128, 64, 4, 3)])
+def configs(m: int, dtype: torch.dtype) -> list[Config]:
+    """Candidates best first: wide tiles for prefill, 16-row tiles (tl.dot's minimum) for decode. float32 dots
+    are IEEE, on the FMA units with operands in registers: short K tiles, or they spill."""
+    if ieee_dots(dtype):
+        shapes = [(16, 64, 64, 4, 2)] if m <= 16 else [(64, 128, 16, 8, 3), (64, 64, 32, 4, 2)]
+    else:
+        shapes = ([(16, 128, 64, 4, 4), (16, 64, 128, 4, 3)] if m <= 16 else
+                  [(128, 256, 64, 8, 4), (128, 128, 64, 8, 4), (64, 128, 64, 4, 3)])
+    # num_stages buffers of the A and B tiles, or the float32 accumulator's layout conversion in the epilogue
+    # (after the loop, in the same space).
     return [Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, warps, stages,
-                   stages * (bm + bn) * bk * elem) for bm, bn, bk, warps, stages in shapes]
+                   max(stages * (bm + bn) * bk * dtype.itemsize, bm * bn * 4)) for bm, bn, bk, warps, stages in shapes]
+
+
+def choose(m: int, dtype: torch.dtype, target: Target) -> Config:
+    """The config an [m, K] x [K, N] launch runs with on `target` (what the cross-compile check compiles)."""
+    return pick(configs(m, dtype), target.shared_limit)
 
 
 def plan(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, config: Config, bias: torch.Tensor | None = None,
@@ -41,7 +52,7 @@ def plan(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, config: Config, bias
     m, k = a.shape
     n = b.shape[0]
     flags = {"bias": bias is not None, "residual": residual is not None, "activation": activation,
-             "upcast": interpreting() and a.dtype == torch.bfloat16}
+             "upcast": interpreting() and a.dtype == torch.bfloat16, "ieee": ieee_dots(a.dtype)}
     args = [("a_ptr", a), ("b_ptr", b), ("c_ptr", c)]
     if bias is not None:
         args.append(("bias_ptr", bias))

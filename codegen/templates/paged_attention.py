@@ -2,13 +2,14 @@
 kernel: prefill with a cached prefix and decode in one kernel), plus the split-KV merge for decode.
 
 Config by shape: decode tiles hold one token × the group's heads (padded to the 16 rows tl.dot needs); prefill
-tiles pack 64 rows. Split-KV (flash-decoding) is chosen when the decode grid is too small to fill the GPU.
+tiles pack up to 128 rows. Split-KV (flash-decoding) is chosen when the decode grid is too small to fill the GPU.
+`choose` is the launcher's choice of both, which the cross-compile check reproduces for each target.
 """
 from __future__ import annotations
 
 import torch
 
-from kiln.codegen.launch import Config, Launch, cdiv, next_pow2
+from kiln.codegen.launch import Config, Launch, Target, cdiv, ieee_dots, next_pow2, pick
 from kiln.codegen.render import interpreting
 
 TEMPLATE = "paged_attention"
@@ -16,26 +17,48 @@ REFERENCE = "kiln::paged_attention"
 MAX_SPLITS = 16
 
 
-def configs(max_query_len: int, group: int, head_dim: int, v_dim: int, elem: int) -> list[Config]:
-    """Candidates, best first; cross-compile prunes those that exceed shared memory or spill."""
-    group_p = next_pow2(group)
-    shapes = [(1, 64, 4, 2), (1, 32, 4, 2)] if max_query_len == 1 else [(128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 1)]
+def configs(max_query_len: int, group: int, head_dim: int, v_dim: int, dtype: torch.dtype) -> list[Config]:
+    """Candidates, best first; `pick` takes the first whose shared memory bound fits the device.
+
+    16-bit inputs run on tensor cores: 128-row prefill tiles up to head_dim 64, 64 rows above (sm_80 keeps Q, S
+    and the accumulator in registers and spills at 128 × 128), and a one-stage fallback for what does not fit
+    (head_dim 256 on sm_80). float32 dots are IEEE, on the FMA units with their operands in registers: 16 × 16
+    tiles, the largest that spilled for no head_dim (32 to 256) or GQA group (1 to 8) on sm_80 or sm_90."""
+    if ieee_dots(dtype):
+        shapes = [(1, 16, 8, 2)] if max_query_len == 1 else [(16, 16, 8, 2)]
+    elif max_query_len == 1:
+        shapes = [(1, 64, 4, 2), (1, 32, 4, 2)]
+    else:
+        shapes = [(128 if head_dim <= 64 else 64, 64, 8, 2), (64, 32, 8, 1)]
+    group_p, elem = next_pow2(group), dtype.itemsize
+    block_d, block_dv = next_pow2(head_dim), next_pow2(v_dim)
     out = []
     for rows, block_n, warps, stages in shapes:
         block_q = 1 if max_query_len == 1 else max(1, rows // group_p)
         block_m = max(16, block_q * group_p)
-        smem = (block_m * next_pow2(head_dim) + block_n * (next_pow2(head_dim) + next_pow2(v_dim)) * stages) * elem
-        out.append(Config({"BLOCK_Q": block_q, "BLOCK_M": block_m, "BLOCK_N": block_n}, warps, stages, smem))
+        # Q's tile, num_stages buffers of the K and V tiles the loop loads, and a float32 score tile (its
+        # layout conversions and row reductions may go through shared memory while those buffers are live); or
+        # the output's conversion after the loop, in the same space.
+        loop = (block_m * block_d + stages * block_n * (block_d + block_dv)) * elem + block_m * block_n * 4
+        shared = max(loop, block_m * block_dv * 4)
+        out.append(Config({"BLOCK_Q": block_q, "BLOCK_M": block_m, "BLOCK_N": block_n}, warps, stages, shared))
     return out
 
 
-def num_splits_for(num_seqs: int, kv_heads: int, max_query_len: int, device: torch.device) -> int:
+def num_splits_for(num_seqs: int, kv_heads: int, max_query_len: int, sms: int | None) -> int:
     """Flash-decoding splits: enough programs for ~2 waves of the SMs, only for decode and only on a GPU."""
-    if max_query_len != 1 or device.type != "cuda":
+    if max_query_len != 1 or sms is None:
         return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
     want = max(1, (2 * sms) // max(1, num_seqs * kv_heads))
     return min(MAX_SPLITS, 1 << (want.bit_length() - 1))
+
+
+def choose(num_seqs: int, max_query_len: int, heads: int, kv_heads: int, head_dim: int, v_dim: int,
+           dtype: torch.dtype, target: Target) -> tuple[Config, int]:
+    """The config and split count a step runs with on `target`: what the launcher launches and the
+    cross-compile check compiles, so the check cannot pass on a config the runtime would not pick."""
+    config = pick(configs(max_query_len, heads // kv_heads, head_dim, v_dim, dtype), target.shared_limit)
+    return config, num_splits_for(num_seqs, kv_heads, max_query_len, target.sms)
 
 
 def plan(
@@ -52,7 +75,7 @@ def plan(
     group = num_heads // kv_heads
     split = num_splits > 1
     flags = {"split": split, "softcap": softcap > 0, "window": window > 0,
-             "upcast": interpreting() and q.dtype == torch.bfloat16}
+             "upcast": interpreting() and q.dtype == torch.bfloat16, "ieee": ieee_dots(q.dtype)}
     args = [("q_ptr", q), ("k_cache_ptr", k_cache), ("v_cache_ptr", v_cache), ("out_ptr", partial if split else out)]
     if split:
         args.append(("lse_ptr", lse))

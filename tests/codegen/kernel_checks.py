@@ -3,7 +3,12 @@ GPU: TRITON_INTERPRET must be set before a kernel is defined, and kiln's kernels
 kernel cache, so setting it here, before the test modules import kiln.codegen, is early enough."""
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+import tempfile
+from typing import Any
 
 import torch
 
@@ -27,3 +32,23 @@ def randn(*shape: int, dtype: torch.dtype = torch.float32, scale: float = 1.0) -
 def assert_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
     atol, rtol = TOLERANCES[expected.dtype]
     torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol)
+
+
+def in_clean_processes(script: str, args: list[Any]) -> list[Any]:
+    """Run `script` once per argument (passed as JSON in argv[1]), concurrently, each in a Python process
+    without TRITON_INTERPRET: once this process imported Triton under the interpreter, the real compiler cannot
+    run in it. Each run prints its result as JSON on its last line. Output goes to files, not pipes, so that no
+    process waits on a full pipe while another is being read."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    outputs = [(tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")) for _ in args]
+    procs = [subprocess.Popen([sys.executable, "-c", script, json.dumps(arg)], env=env, text=True, stdout=out,
+                              stderr=err) for arg, (out, err) in zip(args, outputs)]
+    results = []
+    for proc, (out, err) in zip(procs, outputs):
+        with out, err:
+            returncode = proc.wait()
+            out.seek(0)
+            err.seek(0)
+            assert returncode == 0, err.read()[-4000:]
+            results.append(json.loads(out.read().strip().splitlines()[-1]))
+    return results

@@ -40,7 +40,7 @@ def _check(query_lens, context_lens, dtype, window=0, softcap=0.0, splits=1, con
     tokens, heads, _ = q.shape
     out = poisoned(tokens, heads, HEAD_DIM, dtype=dtype)
     partial, lse = poisoned(tokens, heads, splits, HEAD_DIM), poisoned(tokens, heads, splits)
-    config = config or attn.configs(max(query_lens), GROUP, HEAD_DIM, HEAD_DIM, q.element_size())[0]
+    config = config or attn.configs(max(query_lens), GROUP, HEAD_DIM, HEAD_DIM, dtype)[0]
     for launch in attn.plan(q, k_cache, v_cache, out, meta.block_tables, meta.seq_lens, meta.query_start_loc,
                             scale, window, softcap, max(query_lens), config, splits, partial, lse):
         run(launch)

@@ -86,8 +86,7 @@ def test_rope_ragged_positions(dtype: torch.dtype, neox_style: bool, rotary_dim:
 def test_matmul_epilogue(dtype: torch.dtype, m: int) -> None:
     a, b = randn(m, 80, dtype=dtype), randn(48, 80, dtype=dtype, scale=0.1)
     bias, residual = randn(48, dtype=dtype), randn(m, 48, dtype=dtype)
-    elem = a.element_size()
-    config = matmul.configs(m, elem)[-1]  # the smallest tiles: cover a ragged edge in both M and N
+    config = matmul.configs(m, dtype)[-1]  # the smallest tiles: cover a ragged edge in both M and N
     for kwargs in ({}, {"bias": bias, "activation": "silu", "residual": residual}):
         out = poisoned(m, 48, dtype=dtype)
         run(matmul.plan(a, b, out, config, **kwargs))

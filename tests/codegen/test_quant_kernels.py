@@ -1,18 +1,14 @@
 """Quantized matmul kernels (codegen/templates/quant_matmul) against the kiln:: op references, under the Triton
-interpreter on CPU; and cross-compiled for sm_90 at Llama-3.2-1B's MLP size."""
+interpreter on CPU; and cross-compiled for sm_90 and sm_80 at Llama-3.2-1B's MLP size."""
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import kernel_checks  # noqa: F401  (sets TRITON_INTERPRET before kiln.codegen is imported)
 import pytest
 import torch
 
-from kernel_checks import DEVICE, randn
+from kernel_checks import DEVICE, in_clean_processes, randn
 from kiln.codegen.launch import run
 from kiln.codegen.templates import quant_matmul as qm
 from kiln.compiler import quant_ops as Q
@@ -21,9 +17,10 @@ K, N = 256, 96
 
 
 def close(actual: torch.Tensor, expected: torch.Tensor) -> None:
-    """fp32 accumulation in another order (TF32 on a GPU): loose absolute, tight relative to the output norm."""
+    """float32 activations: IEEE float32 dots (not TF32, on a GPU too) accumulated in another order, so the
+    error relative to the output's norm is float32 rounding."""
     err = float((actual.float() - expected.float()).norm() / expected.float().norm())
-    assert err < (5e-3 if DEVICE == "cuda" else 1e-5), err
+    assert err < 1e-5, err
 
 
 @pytest.mark.parametrize("m", [1, 20])
@@ -45,7 +42,7 @@ def test_int4_dequant_matmul(group: int, zero_point: bool) -> None:
 def test_split_k_adds_partials_once() -> None:
     x, w, bias = randn(2, 1024), randn(N, 1024), randn(N)
     q, s = Q.quantize_int8(w)
-    config = qm.configs(2)[0]
+    config = qm.configs(2, "int8", x.dtype)[0]
     assert qm.split_k_for(2, N, 1024, config) > 1  # what the launcher picks for this decode-sized M
     out = torch.zeros(2, N, device=DEVICE)
     run(qm.plan(x, q, s, out, "int8", config, split_k=2, bias=bias))
@@ -71,20 +68,35 @@ def test_w8a8_scaled_int8_matmul(m: int) -> None:
     close(qm.linear_w8a8(x, q, s, input_scale, bias), Q.linear_w8a8(x, q, s, input_scale, bias))
 
 
-def test_kernels_cross_compile_for_h100(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = (f"import json; from kiln.codegen.templates import quant_matmul as q; "
-            f"print(json.dumps(q.cross_compile({str(tmp_path)!r})))")
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    records = json.loads(done.stdout.strip().splitlines()[-1])
+QUANT_SCRIPT = """
+import json, sys, torch
+from dataclasses import asdict
+from pathlib import Path
+from kiln.codegen import cross_compile as xc
+capability, out_dir = json.loads(sys.argv[1])
+target, out = xc.TARGETS[capability], []
+with xc.gpu_compilation():
+    for dtype in (torch.bfloat16, torch.float32):
+        launches = xc.quant_launches(2048, 8192, dtype, target)
+        root = Path(out_dir) / str(dtype)[6:] / f"sm_{capability}"
+        out += [{"problems": r.problems(), **asdict(r)}
+                for r in xc.compile_launches(launches, f"cuda:{capability}", target.shared_limit, root)]
+print(json.dumps(out))
+"""
+
+
+def test_chosen_configs_cross_compile_for_sm90_and_sm80(tmp_path: Path) -> None:
+    """At Llama-3.2-1B's down projection, for bf16 and float32 activations: the configs `choose` picks (what
+    the launchers run) fit shared memory and their bounds, without spills."""
+    records = [r for rs in in_clean_processes(QUANT_SCRIPT, [(90, str(tmp_path)), (80, str(tmp_path))]) for r in rs]
+    problems = [f"{r['target']}: {p}" for r in records for p in r["problems"]]
+    assert not problems, "\n".join(problems)
     names = {r["name"] for r in records}
-    assert {f"quant_{m}_{p}" for m in ("int8", "int4", "int4_zp", "w8a8") for p in ("decode", "prefill")} <= names
+    assert {f"quant_{m}_{s}" for m in ("int8", "int4", "int4_zp", "w8a8") for s in ("decode_1", "decode_256")} <= names
     assert "quantize_rows" in names
-    for r in records:
-        assert r["shared_bytes"] <= 227 * 1024 and r["spill_bytes"] == 0 and r["registers"] > 0, r
-        assert Path(r["cubin"]).read_bytes()[:4] == b"\x7fELF"
-    decode = next(r for r in records if r["name"] == "quant_w8a8_decode")
+    decode = next(r for r in records if r["name"] == "quant_w8a8_decode_1")
     assert decode["config"]["SPLIT_K"] > 1  # decode splits K to fill the SMs
+    assert Path(decode["cubin"]).read_bytes()[:4] == b"\x7fELF"
 
 
 @pytest.mark.parametrize("spec", ["w8a8:smooth", "int4:g32:zp:awq"])
