@@ -137,7 +137,8 @@ class ModelRunner:
 
     def _to_device(self, size: int) -> torch.Tensor:
         """The first `size` staging entries on the device: one non-blocking copy from pinned memory (a view on
-        the CPU, where nothing needs to move)."""
+        the CPU, where nothing needs to move). The buffer is rewritten next step, which is safe because every
+        step ends by waiting for its sampled ids, queued after this copy; an overlapped engine would need two."""
         host = self._staging[:size]
         if self.device.type == "cpu":
             return host
