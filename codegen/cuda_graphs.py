@@ -13,14 +13,12 @@ import torch
 from kiln.compiler.compiled import CompiledModel
 from kiln.compiler.metadata import AttentionMetadata
 
-DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
-
 
 class DecodeGraphs:
     """Call like the CompiledModel; decode batches up to the largest bucket replay a graph, others run eagerly."""
 
     def __init__(self, compiled: CompiledModel, kv_caches: list[torch.Tensor], max_blocks_per_seq: int,
-                 buckets: tuple[int, ...] = DEFAULT_BUCKETS) -> None:
+                 buckets: tuple[int, ...]) -> None:
         if compiled.backend != "triton" or compiled.device.type != "cuda":
             raise ValueError("CUDA graphs need a model compiled with backend='triton' on a CUDA device")
         self.compiled, self.kv_caches, self.max_blocks = compiled, kv_caches, max_blocks_per_seq
