@@ -48,13 +48,13 @@ class Detokenizer:
 
     def _decode_new(self, seq: Sequence) -> str:
         skip = seq.params.skip_special_tokens
-        tokens = seq.token_ids
+        tokens, end = seq.token_ids, len(seq.token_ids) - seq.num_pending
         prefix_text = self.tokenizer.decode(tokens[seq.prefix_offset:seq.read_offset], skip_special_tokens=skip)
-        full_text = self.tokenizer.decode(tokens[seq.prefix_offset:], skip_special_tokens=skip)
+        full_text = self.tokenizer.decode(tokens[seq.prefix_offset:end], skip_special_tokens=skip)
         if len(full_text) <= len(prefix_text) or full_text.endswith("\ufffd"):
             return ""  # an incomplete character (or nothing visible) so far: wait for more tokens
         seq.prefix_offset = seq.read_offset
-        seq.read_offset = len(tokens)
+        seq.read_offset = end
         return full_text[len(prefix_text):]
 
     @staticmethod

@@ -2,6 +2,11 @@
 
 add_request validates everything up front, so a bad request raises there and never disturbs the running
 batch; step() schedules, runs one forward pass over the packed batch, samples, detokenizes and reports.
+
+With async scheduling (the default on a GPU) steps overlap: step() schedules and launches step N+1 before it
+turns step N's tokens into outputs, so the host's work hides behind the device's. A sequence that step N
+finishes was already in step N+1; that token is dropped and its blocks are freed when the finish is reported.
+Tokens and finish reasons are the same either way.
 """
 from __future__ import annotations
 
@@ -14,9 +19,9 @@ from .detokenizer import Detokenizer
 from .kv_memory import GIB, size_kv_pool
 from .model_runner import ModelRunner
 from .outputs import CompletionOutput, RequestOutput
-from .sampler import Sampler
+from .sampler import DeviceSample, Sampler
 from .sampling_params import SamplingParams
-from .scheduler import Scheduler
+from .scheduler import Scheduler, SchedulerOutput
 from .sequence import Request, Sequence
 
 logger = logging.getLogger("kiln")
@@ -29,7 +34,10 @@ class LLMEngine:
                  kv_cache_memory: int | None = None, max_num_seqs: int = 256,
                  max_num_batched_tokens: int | None = None, enable_prefix_caching: bool = True,
                  enable_chunked_prefill: bool = True, max_model_len: int | None = None,
-                 enforce_eager: bool = False, gpu_memory_utilization: float = 0.9) -> None:
+                 enforce_eager: bool = False, gpu_memory_utilization: float = 0.9,
+                 async_scheduling: bool | None = None) -> None:
+        """async_scheduling: overlap each step's host work with the previous step on the device; None = on
+        when the model is on a GPU (on a CPU the host is the device, so there is nothing to overlap)."""
         self.model = model
         self.tokenizer = getattr(model, "tokenizer", None)
         self.eos_token_ids = list(model.eos_token_ids or [])
@@ -58,6 +66,10 @@ class LLMEngine:
         self.runner = ModelRunner(model, num_blocks, block_size, max_num_seqs, self.max_model_len, self.sampler,
                                   enforce_eager)
         self.detokenizer = Detokenizer(self.tokenizer)
+        if async_scheduling is None:
+            async_scheduling = self.runner.device.type == "cuda"
+        self.async_scheduling = bool(async_scheduling)
+        self.in_flight: tuple[SchedulerOutput, DeviceSample | None] | None = None  # launched, not reported
         self.requests: dict[str, Request] = {}
         self.num_steps = 0
         self.num_generated_tokens = 0
@@ -140,7 +152,7 @@ class LLMEngine:
             request.metrics.finished_time = time.time()
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.requests)
+        return bool(self.requests) or self.in_flight is not None
 
     def get_num_unfinished_requests(self) -> int:
         return len(self.requests)
@@ -148,20 +160,41 @@ class LLMEngine:
     # The loop ------------------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Run one scheduled forward pass; returns the requests that produced tokens (streamed ones) or finished."""
+        """Run one scheduled forward pass; returns the requests that produced tokens (streamed ones) or finished.
+
+        With async scheduling the outputs are those of the step launched by the previous call."""
+        outputs: list[RequestOutput] = []
+        if self.in_flight is not None and self._needs_tokens(self.in_flight[0]):
+            outputs = self._report()  # penalties read the previous tokens: this step cannot run ahead
         sched = self.scheduler.schedule()
-        if sched.is_empty:
-            if self.scheduler.has_unfinished():  # a scheduler bug; spinning forever would hide it
-                raise RuntimeError("scheduler made no progress with requests pending")
+        if sched.is_empty and self.in_flight is None and self.scheduler.has_unfinished():
+            raise RuntimeError("scheduler made no progress with requests pending")  # spinning would hide a bug
+        launched = None
+        if not sched.is_empty:
+            self.num_steps += 1
+            launched = (sched, self.runner.launch(sched))
+        if self.in_flight is not None:
+            outputs += self._report()
+        self.in_flight = launched
+        if not self.async_scheduling and launched is not None:
+            outputs += self._report()
+        return outputs
+
+    @staticmethod
+    def _needs_tokens(sched: SchedulerOutput) -> bool:
+        """Whether the step after `sched` must wait for its tokens on the host (a penalty counts them)."""
+        return any(sched.seqs[i].params.has_penalties for i in sched.sample_rows)
+
+    def _report(self) -> list[RequestOutput]:
+        """Wait for the in-flight step's tokens and turn them into sequence state and outputs."""
+        assert self.in_flight is not None
+        sched, sample = self.in_flight
+        self.in_flight = None
+        if sample is None:
+            self.scheduler.postprocess(sched, [], None, self.detokenizer)
             return []
-        self.num_steps += 1
-        rows = self.scheduler.sampling_rows(sched)
-        sampled = self.runner.run(sched.seqs, sched.num_new_tokens, rows)
-        self.scheduler.advance(sched)
-        if sampled is None:
-            return []
-        seqs = [sched.seqs[i] for i in rows]
-        self.scheduler.postprocess(seqs, sampled.token_ids, sampled.logprobs, self.detokenizer)
+        sampled = sample.to_host()
+        seqs = self.scheduler.postprocess(sched, sampled.token_ids, sampled.logprobs, self.detokenizer)
         self.num_generated_tokens += len(seqs)
         return self._outputs(seqs)
 

@@ -5,6 +5,10 @@ the device in one non-blocking copy. Block tables live on the device in persiste
 sequence: a step sends only the block ids that are new since the sequence's last step (a decode step adds one
 block per sequence every `block_size` tokens) and gathers the rows of its batch on the device. Sampling runs on
 the logits' device and only the sampled ids (and the logprobs asked for) come back to the host.
+
+An input token still being sampled by the previous step (a placeholder, see sequence.py) is taken from that
+step's sampled ids on the device, so a step can be launched before the previous one's tokens reach the host.
+Two staging buffers alternate, so the host writes step N+1's inputs while step N's copy may still read its own.
 """
 from __future__ import annotations
 
@@ -14,7 +18,9 @@ import numpy as np
 import torch
 
 from ..compiler.metadata import AttentionMetadata
-from .sampler import Sampler, SamplerOutput
+from .sampler import DeviceSample, Sampler
+from .sampling_ops import to_device
+from .scheduler import SchedulerOutput
 from .sequence import Sequence
 
 
@@ -43,7 +49,10 @@ class ModelRunner:
             np.zeros((self.num_rows, self.max_blocks), dtype=np.int32)  # host mirror for slot computation
         self.rows: dict[int, _Row] = {}
         self.free_rows = list(range(self.num_rows - 1, -1, -1))
-        self._staging = torch.empty(0, dtype=torch.int64)
+        self._staging = [torch.empty(0, dtype=torch.int64)] * 2
+        self._copied: list[torch.cuda.Event | None] = [None, None]  # each buffer's last copy to the GPU
+        self._step = 0
+        self.last_sampled: torch.Tensor | None = None  # the previous step's sampled ids, on the device
         self.forward = model.forward if enforce_eager else _decode_graphs(model, self.kv_caches, max_model_len,
                                                                           block_size, max_num_seqs)
 
@@ -63,17 +72,25 @@ class ModelRunner:
         if row is not None:
             self.free_rows.append(row.index)
 
-    def _staging_buffer(self, size: int) -> np.ndarray:
-        if self._staging.numel() < size:
+    def _staging_buffer(self, size: int) -> torch.Tensor:
+        """This step's pinned staging buffer (of two, alternating), grown when too small. A buffer is rewritten
+        two steps after its copy was queued; should that copy still be pending (the step between sampled
+        nothing, so the engine did not wait for it) the host waits for the copy, never for the forward."""
+        self._step ^= 1
+        copied = self._copied[self._step]
+        if copied is not None:
+            copied.synchronize()
+        if self._staging[self._step].numel() < size:
             pin = self.device.type == "cuda"
-            self._staging = torch.empty(max(size, 2 * self._staging.numel()), dtype=torch.int64, pin_memory=pin)
-        return self._staging.numpy()
+            self._staging[self._step] = torch.empty(max(size, 2 * self._staging[self._step].numel()),
+                                                    dtype=torch.int64, pin_memory=pin)
+        return self._staging[self._step]
 
-    def prepare(self, seqs: list[Sequence], num_new: list[int]) -> tuple[torch.Tensor, torch.Tensor,
-                                                                           AttentionMetadata]:
-        """input_ids, positions and attention metadata for seqs each adding num_new tokens after their
-        computed ones, built in the staging buffer and sent to the device in one copy."""
-        bs, num_seqs, tokens = self.block_size, len(seqs), sum(num_new)
+    def prepare(self, out: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        """input_ids, positions and attention metadata for the step's sequences, each adding num_new tokens
+        after its context, built in a staging buffer and sent to the device in one copy."""
+        seqs, num_new = out.seqs, out.num_new_tokens
+        bs, num_seqs, tokens = self.block_size, len(seqs), out.num_batched_tokens
         row_index: list[int] = []
         upd_rows: list[int] = []
         upd_cols: list[int] = []
@@ -96,16 +113,17 @@ class ModelRunner:
             width = max(width, length)
         updates = len(upd_vals)
         # Layout: ids, positions, slots [T] | logits_indices, row index, seq_lens, query starts [S] (+1) | updates.
-        buf = self._staging_buffer(3 * tokens + 4 * num_seqs + 1 + 3 * updates)
+        staging = self._staging_buffer(3 * tokens + 4 * num_seqs + 1 + 3 * updates)
+        buf = staging.numpy()
         ids, pos, slots = buf[:tokens], buf[tokens:2 * tokens], buf[2 * tokens:3 * tokens]
         o = 3 * tokens
         logits_idx, row_idx = buf[o:o + num_seqs], buf[o + num_seqs:o + 2 * num_seqs]
         seq_lens, starts = buf[o + 2 * num_seqs:o + 3 * num_seqs], buf[o + 3 * num_seqs:o + 4 * num_seqs + 1]
         upd = buf[o + 4 * num_seqs + 1:o + 4 * num_seqs + 1 + 3 * updates]
-        context = np.fromiter((s.num_computed_tokens for s in seqs), dtype=np.int64, count=num_seqs)
+        context = np.asarray(out.context, dtype=np.int64)
         row_idx[:] = row_index
         if tokens == num_seqs:  # decode: one token per sequence, the one after its context
-            ids[:] = [s.token_ids[c] for s, c in zip(seqs, context.tolist())]
+            ids[:] = [s.token_ids[c] for s, c in zip(seqs, out.context)]
             pos[:] = context
             starts[:] = np.arange(num_seqs + 1)
             seq_index = np.arange(num_seqs)
@@ -113,7 +131,7 @@ class ModelRunner:
             query = np.asarray(num_new, dtype=np.int64)
             starts[0] = 0
             np.cumsum(query, out=starts[1:])
-            ids[:] = [t for s, c, n in zip(seqs, context.tolist(), num_new) for t in s.token_ids[c:c + n]]
+            ids[:] = [t for s, c, n in zip(seqs, out.context, num_new) for t in s.token_ids[c:c + n]]
             seq_index = np.repeat(np.arange(num_seqs), query)
             pos[:] = np.arange(tokens) - (starts[:-1] - context)[seq_index]
         seq_lens[:] = context + np.asarray(num_new, dtype=np.int64)
@@ -121,7 +139,7 @@ class ModelRunner:
         slots[:] = self.host_table[row_idx[seq_index], pos // bs].astype(np.int64) * bs + pos % bs
         if updates:
             upd[:updates], upd[updates:2 * updates], upd[2 * updates:] = upd_rows, upd_cols, upd_vals
-        dev = self._to_device(o + 4 * num_seqs + 1 + 3 * updates)
+        dev = self._to_device(staging[:o + 4 * num_seqs + 1 + 3 * updates])
         if updates and self.device.type != "cpu":  # on the CPU the host table is the table
             u = dev[o + 4 * num_seqs + 1:]
             self.table[u[:updates], u[updates:2 * updates]] = u[2 * updates:].to(torch.int32)
@@ -133,29 +151,39 @@ class ModelRunner:
             logits_indices=dev[o:o + num_seqs],
             max_query_len=max(num_new),
         )
-        return dev[:tokens], dev[tokens:2 * tokens], meta
+        input_ids = dev[:tokens]
+        if ids.min() < 0:  # tokens the previous step is sampling: take them from its ids on the device
+            input_ids = torch.where(input_ids < 0, self.last_sampled[(-1 - input_ids).clamp_(min=0)], input_ids)
+        return input_ids, dev[tokens:2 * tokens], meta
 
-    def _to_device(self, size: int) -> torch.Tensor:
-        """The first `size` staging entries on the device: one non-blocking copy from pinned memory (a view on
-        the CPU, where nothing needs to move). The buffer is rewritten next step, which is safe because every
-        step ends by waiting for its sampled ids, queued after this copy; an overlapped engine would need two."""
-        host = self._staging[:size]
+    def _to_device(self, host: torch.Tensor) -> torch.Tensor:
+        """Staging entries on the device: one non-blocking copy from pinned memory (the view itself on the CPU,
+        where nothing needs to move)."""
         if self.device.type == "cpu":
             return host
-        return host.to(self.device, non_blocking=True)
+        dev = host.to(self.device, non_blocking=True)
+        self._copied[self._step] = torch.cuda.Event()
+        self._copied[self._step].record()
+        return dev
 
     # The step --------------------------------------------------------------------------------------------
 
-    def run(self, seqs: list[Sequence], num_new: list[int], sample_rows: list[int]) -> SamplerOutput | None:
-        """Forward over the packed batch, then sample the rows in `sample_rows` (sequences whose context is
-        now complete) on the device; returns their tokens on the host, None when no row samples."""
-        input_ids, positions, meta = self.prepare(seqs, num_new)
+    def launch(self, out: SchedulerOutput) -> DeviceSample | None:
+        """Queue the forward over the packed batch and the sampling of `out.sample_rows` on the device, without
+        waiting for either; None when no row samples. The result's copy to the host is already under way."""
+        input_ids, positions, meta = self.prepare(out)
         logits = self.forward(input_ids, positions, meta, self.kv_caches)
-        if not sample_rows:
+        rows = out.sample_rows
+        if not rows:
             return None
-        if len(sample_rows) != len(seqs):
-            logits = logits[torch.tensor(sample_rows, device=logits.device)]
-        return self.sampler.sample(logits.float(), [seqs[i] for i in sample_rows]).to_host()
+        seqs = out.seqs
+        if len(rows) != len(seqs):
+            logits = logits[to_device(rows, torch.int64, logits.device)]
+            seqs = [seqs[i] for i in rows]
+        sample = self.sampler.sample(logits.float(), seqs)
+        self.last_sampled = sample.token_ids
+        sample.start_copy()
+        return sample
 
 
 def capture_sizes(max_num_seqs: int) -> tuple[int, ...]:

@@ -4,11 +4,14 @@
 on the host, never by reading a device tensor, so a GPU step does not wait on the GPU and the [batch, vocab]
 logits never leave it. Draws use the exponential race (argmax of p / Exp(1) noise), which needs no sync;
 seeded sequences take their noise from their own generator, so that a seed gives the same tokens whatever else
-shares the batch. `DeviceSample.to_host` is the one place that copies results back.
+shares the batch. `DeviceSample.start_copy` queues the copy of the results to the host, `to_host` waits for it.
+
+A sequence's token being sampled is its last entry in `token_ids` (a placeholder), so "outputs before this
+one" is `len(token_ids) - 1 - num_prompt_tokens`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -32,13 +35,30 @@ class DeviceSample:
     logprob: torch.Tensor | None = None  # [B] raw logprob of each row's token, when any row asked
     top_ids: torch.Tensor | None = None  # [B, K] ids of the K most likely raw tokens, K = the largest ask
     top_logprobs: torch.Tensor | None = None  # [B, K] their raw logprobs
+    _host: list[torch.Tensor] | None = field(default=None, repr=False)  # pinned copies under way
+    _copied: torch.cuda.Event | None = field(default=None, repr=False)
+
+    def _tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.token_ids, self.logprob, self.top_ids, self.top_logprobs) if t is not None]
+
+    def start_copy(self) -> None:
+        """Queue the copy of the results into pinned host memory (GPU only), so that the host can prepare the
+        next step while this one runs; `to_host` then only waits for it."""
+        if self.token_ids.device.type != "cuda":
+            return
+        self._host = [t.to("cpu", non_blocking=True) for t in self._tensors()]
+        self._copied = torch.cuda.Event()
+        self._copied.record()
 
     def to_host(self) -> SamplerOutput:
-        """Copy back to Python lists: one copy per tensor, the only sync of a step."""
-        token_ids = self.token_ids.tolist()
+        """The results as Python lists: the one wait of a step."""
+        if self._copied is not None:
+            self._copied.synchronize()
+        tensors = self._host if self._host is not None else self._tensors()
+        token_ids = tensors[0].tolist()
         if self.logprob is None:
             return SamplerOutput(token_ids)
-        chosen, ids, values = self.logprob.tolist(), self.top_ids.tolist(), self.top_logprobs.tolist()
+        chosen, ids, values = (t.tolist() for t in tensors[1:])
         result: list[tuple[float, dict[int, float]] | None] = []
         for i, n in enumerate(self.num_logprobs):
             if n is None:
@@ -65,7 +85,7 @@ class Sampler:
         Greedy rows (temperature 0) take the argmax of the penalised logits; the others are drawn after
         temperature, top-k, top-p and min-p. Logprobs are those of the raw model distribution, as in vLLM.
         """
-        if all(_plain_greedy(s) for s in seqs):  # the common case, decided in one pass over the batch
+        if all(len(s.token_ids) >= s.argmax_from for s in seqs):  # the common case: one cheap pass
             return DeviceSample(ops.argmax(logits), [None] * len(seqs))
         params = [s.params for s in seqs]
         x = self._penalised(logits, seqs)
@@ -94,7 +114,8 @@ class Sampler:
                 prompts = [seqs[i].token_ids[:seqs[i].num_prompt_tokens] for i in rows]
             logits = ops.apply_penalties(logits, rows, prompts, [seqs[i].output_token_ids for i in rows],
                                          [(x.repetition_penalty, x.frequency_penalty, x.presence_penalty) for x in p])
-        banned = [i * vocab + t for i, s in enumerate(seqs) if s.num_output_tokens < s.params.min_tokens
+        banned = [i * vocab + t for i, s in enumerate(seqs)
+                  if len(s.token_ids) - 1 - s.num_prompt_tokens < s.params.min_tokens
                   for t in self._held_back(s) if t < vocab]
         return ops.ban(logits, banned) if banned else logits
 
@@ -123,9 +144,3 @@ class Sampler:
         neg_temperature = ops.to_device([[-t] for t in temperature], torch.float32, device)
         return ops.race(x, neg_temperature, noise, thr)
 
-
-def _plain_greedy(seq: Sequence) -> bool:
-    """Argmax of the raw logits: greedy, no penalties, no logprobs, no token held back by min_tokens."""
-    p = seq.params
-    return p.temperature == 0.0 and p.logprobs is None and not p.has_penalties and \
-        (p.min_tokens == 0 or len(seq.token_ids) - seq.num_prompt_tokens >= p.min_tokens)

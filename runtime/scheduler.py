@@ -22,11 +22,20 @@ if TYPE_CHECKING:
 
 @dataclass
 class SchedulerOutput:
-    """One step's work: sequences in packing order with their new-token counts (context = num_computed)."""
+    """One step's work: sequences in packing order, their new-token counts and where those start (context).
+
+    `sample_rows` are the positions of the sequences whose whole context is in after this step: each samples
+    a token, whose placeholder the scheduler appended. `filling` holds the sequences that complete a block,
+    to be published to the prefix cache once the step's tokens are known.
+    """
 
     seqs: list[Sequence] = field(default_factory=list)
     num_new_tokens: list[int] = field(default_factory=list)
+    context: list[int] = field(default_factory=list)
+    sample_rows: list[int] = field(default_factory=list)
+    filling: list[Sequence] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    prompt_done: set[int] = field(default_factory=set)  # seq_ids whose prompt completes in this step
 
     @property
     def num_batched_tokens(self) -> int:
@@ -60,35 +69,69 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> SchedulerOutput:
+        """The next step, with its tokens already counted as computed (vLLM V1 style): a step launched on the
+        device is as good as done for the next schedule, which is what lets async scheduling run ahead."""
         out = SchedulerOutput()
-        scheduled: set[int] = set()
         budget = self.max_num_batched_tokens
-        allocate, running, bs = self.block_manager.allocate, SequenceStatus.RUNNING, self.block_manager.block_size
-        # Decodes (one new token) before partial prefills; sort is stable, so arrival order holds within each.
-        for seq in sorted(self.running, key=lambda s: len(s.token_ids) - s.num_computed_tokens > 1):
+        running, take = SequenceStatus.RUNNING, self._take
+        partial: list[Sequence] = []  # running sequences with several prompt tokens left go after the decodes
+        for seq in list(self.running):
             if budget == 0:
                 break
             if seq.status is not running:  # preempted earlier in this loop
                 continue
-            num_new = min(len(seq.token_ids) - seq.num_computed_tokens, budget)
-            if seq.num_computed_tokens + num_new > len(seq.block_table) * bs:  # needs a block (most steps do not)
-                while not allocate(seq, num_new):
-                    victim = max((s for s in self.running if s.seq_id not in scheduled), key=lambda s: s.seq_id)
-                    self._preempt(victim)
-                    out.preempted.append(victim)
-                    if victim is seq:
-                        break
-                if seq.status is not running:
-                    continue
-            out.seqs.append(seq)
-            out.num_new_tokens.append(num_new)
-            scheduled.add(seq.seq_id)
-            budget -= num_new
+            num_new = len(seq.token_ids) - seq.num_computed_tokens
+            if num_new > 1:
+                partial.append(seq)
+            elif seq.num_pending and len(seq.token_ids) - seq.num_prompt_tokens >= seq.params.max_tokens:
+                continue  # its last allowed token is still being sampled: the sequence ends with it
+            elif self._make_room(out, seq, 1):
+                budget -= take(out, seq, 1)
+        for seq in partial:
+            if budget == 0:
+                break
+            if seq.status is running:
+                num_new = min(len(seq.token_ids) - seq.num_computed_tokens, budget)
+                if self._make_room(out, seq, num_new):
+                    budget -= take(out, seq, num_new)
         if not out.preempted:
-            self._admit(out, scheduled, budget)
+            self._admit(out, budget)
         return out
 
-    def _admit(self, out: SchedulerOutput, scheduled: set[int], budget: int) -> None:
+    def _make_room(self, out: SchedulerOutput, seq: Sequence, num_new: int) -> bool:
+        """Blocks for num_new more tokens of running seq, preempting the newest unscheduled sequences when the
+        pool is dry; False when seq itself had to go."""
+        if seq.num_computed_tokens + num_new <= len(seq.block_table) * self.block_manager.block_size:
+            return True  # most steps: the last block has room
+        scheduled = {s.seq_id for s in out.seqs}
+        while not self.block_manager.allocate(seq, num_new):
+            victim = max((s for s in self.running if s.seq_id not in scheduled), key=lambda s: s.seq_id)
+            self._preempt(victim)
+            out.preempted.append(victim)
+            if victim is seq:
+                return False
+        return True
+
+    def _take(self, out: SchedulerOutput, seq: Sequence, num_new: int) -> int:
+        """Put seq in the step: count its tokens as computed, and when its context is then complete append the
+        placeholder of the token it samples. Returns num_new (the budget spent)."""
+        context = seq.num_computed_tokens
+        computed = seq.num_computed_tokens = context + num_new
+        out.seqs.append(seq)
+        out.num_new_tokens.append(num_new)
+        out.context.append(context)
+        tokens = seq.token_ids
+        if computed == len(tokens):
+            tokens.append(-1 - len(out.sample_rows))
+            seq.num_pending += 1
+            out.sample_rows.append(len(out.seqs) - 1)
+        if computed >= (seq.num_committed_blocks + 1) * self.block_manager.block_size:
+            out.filling.append(seq)
+        if context < seq.num_prompt_tokens <= computed:
+            out.prompt_done.add(seq.seq_id)
+        return num_new
+
+    def _admit(self, out: SchedulerOutput, budget: int) -> None:
         """Move waiting sequences into the running set, first come first served, while budgets allow."""
         bm = self.block_manager
         admitted: set[int] = set()
@@ -96,7 +139,7 @@ class Scheduler:
             if budget == 0 or len(self.running) >= self.max_num_seqs:
                 break
             leader = seq.request.seqs[0]
-            if self._waits_for_leader(seq, leader):
+            if self._waits_for_leader(seq, leader, out):
                 continue
             if leader is not seq and leader.status is SequenceStatus.RUNNING:
                 bm.share(leader, seq, min(seq.num_prompt_tokens, seq.num_tokens - 1))
@@ -117,22 +160,16 @@ class Scheduler:
                 seq.request.metrics.first_scheduled_time = time.time()
             self.running.append(seq)
             admitted.add(seq.seq_id)
-            self._add(out, scheduled, seq, num_new)
-            budget -= num_new
+            budget -= self._take(out, seq, num_new)
         if admitted:
             self.waiting = [s for s in self.waiting if s.seq_id not in admitted]
 
     @staticmethod
-    def _waits_for_leader(seq: Sequence, leader: Sequence) -> bool:
-        """Siblings (n > 1) start once the first sequence has computed the shared prompt, then reuse it."""
+    def _waits_for_leader(seq: Sequence, leader: Sequence, out: SchedulerOutput) -> bool:
+        """Siblings (n > 1) start once the first sequence has computed the shared prompt in an earlier step,
+        then reuse its blocks."""
         return (seq is not leader and seq.num_output_tokens == 0 and not leader.is_finished
-                and leader.num_computed_tokens < leader.num_prompt_tokens)
-
-    @staticmethod
-    def _add(out: SchedulerOutput, scheduled: set[int], seq: Sequence, num_new: int) -> None:
-        out.seqs.append(seq)
-        out.num_new_tokens.append(num_new)
-        scheduled.add(seq.seq_id)
+                and (leader.num_computed_tokens < leader.num_prompt_tokens or leader.seq_id in out.prompt_done))
 
     def _preempt(self, seq: Sequence) -> None:
         """Free seq's blocks and requeue it at the front; it recomputes prompt + outputs when readmitted."""
@@ -144,34 +181,29 @@ class Scheduler:
 
     # After the forward ----------------------------------------------------------------------------------
 
-    @staticmethod
-    def sampling_rows(out: SchedulerOutput) -> list[int]:
-        """Positions in `out` of the sequences whose whole context is computed by this step: they sample."""
-        return [i for i, (seq, n) in enumerate(zip(out.seqs, out.num_new_tokens))
-                if seq.num_computed_tokens + n == len(seq.token_ids)]
-
-    def advance(self, out: SchedulerOutput) -> None:
-        """The step's tokens are in the KV cache: count them and publish the blocks they filled."""
-        bs, commit = self.block_manager.block_size, self.block_manager.commit
-        for seq, num_new in zip(out.seqs, out.num_new_tokens):
-            seq.num_computed_tokens += num_new
-            if seq.num_computed_tokens // bs > seq.num_committed_blocks:  # a block filled up
-                commit(seq)
-
-    def postprocess(self, seqs: list[Sequence], token_ids: list[int],
+    def postprocess(self, out: SchedulerOutput, token_ids: list[int],
                     logprobs: list[tuple[float, dict[int, float]] | None] | None,
-                    detokenizer: Detokenizer) -> None:
-        """Append each sampled token and finish the sequences it ends, as vLLM decides: a stop token or EOS
-        (unless ignore_eos) ends without text, a stop string cuts the text before it, then max_tokens; none
-        before min_tokens outputs exist."""
-        eos = self.eos_token_ids
-        for i, (seq, token) in enumerate(zip(seqs, token_ids)):
-            seq.token_ids.append(token)
+                    detokenizer: Detokenizer) -> list[Sequence]:
+        """Put each sampled token in its placeholder and finish the sequences it ends, as vLLM decides: a stop
+        token or EOS (unless ignore_eos) ends without text, a stop string cuts the text before it, then
+        max_tokens; none before min_tokens outputs exist. Then publish the blocks the step filled. Returns the
+        sequences that got a token (a sequence finished meanwhile, by an abort or by the step before when
+        steps overlap, gets none)."""
+        eos, seqs, got = self.eos_token_ids, out.seqs, []
+        for i, (row, token) in enumerate(zip(out.sample_rows, token_ids)):
+            seq = seqs[row]
+            if seq.status is SequenceStatus.FINISHED:
+                continue
+            tokens = seq.token_ids
+            index = len(tokens) - seq.num_pending  # this step's placeholder: the oldest one
+            tokens[index] = token
+            seq.num_pending -= 1
+            got.append(seq)
             if logprobs is not None and logprobs[i] is not None:
                 seq.cumulative_logprob += logprobs[i][0]
                 seq.logprobs.append(logprobs[i][1])
             p = seq.params
-            num_outputs = len(seq.token_ids) - seq.num_prompt_tokens
+            num_outputs = index + 1 - seq.num_prompt_tokens
             can_stop = num_outputs >= p.min_tokens
             if can_stop and p.stop_token_ids and token in p.stop_token_ids:
                 seq.finish_reason, seq.stop_reason = "stop", token
@@ -184,13 +216,20 @@ class Scheduler:
                 elif num_outputs >= p.max_tokens:
                     seq.finish_reason = "length"
             if seq.finish_reason is not None:
+                seq.drop_pending()
+                self.block_manager.commit(seq)
                 self.finish(seq)
+        for seq in out.filling:
+            if seq.status is not SequenceStatus.FINISHED:
+                self.block_manager.commit(seq)
+        return got
 
     def finish(self, seq: Sequence) -> None:
-        """Release a finished or aborted sequence wherever it is."""
+        """Release a finished or aborted sequence wherever it is, with any token still being sampled for it."""
         if seq.status is SequenceStatus.RUNNING:
             self.running.remove(seq)
         elif seq.status is SequenceStatus.WAITING:
             self.waiting.remove(seq)
+        seq.drop_pending()
         self.block_manager.free(seq)
         seq.status = SequenceStatus.FINISHED

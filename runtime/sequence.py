@@ -3,11 +3,18 @@
 A request owns n sequences (one per completion). A sequence's KV state is `num_computed_tokens` tokens of
 `token_ids` written into the blocks of `block_table`; a preempted sequence drops its blocks and recomputes
 its whole token list later, so its outputs never change.
+
+A token being sampled on the device is already in `token_ids` as a placeholder: the negative number
+-(1 + its row in that step's samples). The scheduler appends it when it schedules the step, so the next step
+can be scheduled (and, with async scheduling, launched, its input taken from the device) before the token is
+known on the host; `Scheduler.postprocess` puts the real token in its place. `num_pending` counts them; they
+are always the last entries.
 """
 from __future__ import annotations
 
 import enum
 import itertools
+import sys
 
 import torch
 
@@ -34,11 +41,17 @@ class Sequence:
         self.token_ids: list[int] = list(prompt_token_ids)
         self.num_prompt_tokens = len(prompt_token_ids)
         self.num_computed_tokens = 0
+        self.num_pending = 0  # trailing placeholders: tokens sampled on the device, not yet on the host
         self.status = SequenceStatus.WAITING
         self.block_table: list[int] = []
         self.block_hashes: list[bytes] = []  # hash chain of the full blocks of token_ids seen so far
         self.num_committed_blocks = 0  # leading blocks already published to the prefix cache
         self.num_cached_tokens = 0  # prompt tokens served from the prefix cache at first admission
+        # The sampler takes the plain argmax of the raw logits (greedy; no penalties, no logprobs; no token
+        # held back by min_tokens) once token_ids (placeholder included) is this long; never if not greedy.
+        p = self.params
+        plain = p.temperature == 0.0 and p.logprobs is None and not p.has_penalties
+        self.argmax_from = self.num_prompt_tokens + p.min_tokens + 1 if plain else sys.maxsize
         # The sampler's private RNG for a seeded sequence, made on the logits' device at its first draw.
         self.generator: torch.Generator | None = None
         # Sampling and detokenization results.
@@ -56,11 +69,18 @@ class Sequence:
 
     @property
     def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens:]
+        """The outputs known on the host (placeholders left out)."""
+        return self.token_ids[self.num_prompt_tokens:len(self.token_ids) - self.num_pending]
 
     @property
     def num_output_tokens(self) -> int:
-        return len(self.token_ids) - self.num_prompt_tokens
+        return len(self.token_ids) - self.num_prompt_tokens - self.num_pending
+
+    def drop_pending(self) -> None:
+        """Forget the tokens still being sampled (the sequence finished before they arrive)."""
+        if self.num_pending:
+            del self.token_ids[len(self.token_ids) - self.num_pending:]
+            self.num_pending = 0
 
     @property
     def is_finished(self) -> bool:

@@ -11,6 +11,8 @@ from kiln.runtime.engine import LLMEngine
 from kiln.runtime.sampling_params import SamplingParams
 from runtime_fakes import FakeModel, reference_greedy
 
+pytestmark = pytest.mark.usefixtures("overlap")  # every test with async scheduling off and on
+
 VOCAB = 64
 
 

@@ -10,6 +10,8 @@ from kiln.runtime.llm import LLM
 from kiln.runtime.sampling_params import SamplingParams
 from runtime_fakes import CharTokenizer, FakeModel, check_invariants, reference_greedy
 
+pytestmark = pytest.mark.usefixtures("overlap")  # every test with async scheduling off and on
+
 VOCAB = 64
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 

@@ -7,6 +7,7 @@ from kiln.compiler.metadata import AttentionMetadata
 from kiln.runtime.model_runner import ModelRunner, capture_sizes
 from kiln.runtime.sampler import Sampler
 from kiln.runtime.sampling_params import SamplingParams
+from kiln.runtime.scheduler import SchedulerOutput
 from kiln.runtime.sequence import Request
 
 from runtime_fakes import FakeModel
@@ -28,8 +29,12 @@ def _expected(seqs, num_new) -> tuple[list[int], list[int], AttentionMetadata]:
     return ids, positions, meta
 
 
+def _step(seqs, num_new) -> SchedulerOutput:
+    return SchedulerOutput(seqs, list(num_new), [s.num_computed_tokens for s in seqs])
+
+
 def _check(runner: ModelRunner, seqs, num_new) -> None:
-    ids, positions, meta = runner.prepare(seqs, num_new)
+    ids, positions, meta = runner.prepare(_step(seqs, num_new))
     want_ids, want_pos, want = _expected(seqs, num_new)
     assert ids.tolist() == want_ids and positions.tolist() == want_pos
     for name in AttentionMetadata.input_names():
@@ -60,6 +65,18 @@ def test_rows_are_recycled_when_they_run_out() -> None:
     for i in range(5):  # two rows, five sequences one after another (finished ones never released)
         _check(runner, [_seq([i + 1, 2, 3], [i])], [3])
     assert len(runner.rows) <= runner.num_rows
+
+
+def test_placeholders_take_the_previous_steps_tokens_on_the_device() -> None:
+    """A decode input still being sampled (async scheduling) comes from the last step's sampled ids."""
+    runner = ModelRunner(FakeModel(64), num_blocks=64, block_size=BLOCK, max_num_seqs=2, max_model_len=64,
+                         sampler=Sampler([]), enforce_eager=True)
+    a, b = _seq([1, 2, 3], [0], computed=3), _seq([4, 5], [1], computed=2)
+    a.token_ids.append(-2)  # row 1 of the previous step's samples
+    b.token_ids.append(-1)  # row 0
+    runner.last_sampled = torch.tensor([17, 42])
+    ids, positions, _ = runner.prepare(_step([a, b], [1, 1]))
+    assert ids.tolist() == [42, 17] and positions.tolist() == [3, 2] and ids.dtype == torch.int64
 
 
 def test_capture_sizes_cover_every_batch_up_to_max_num_seqs() -> None:

@@ -16,14 +16,20 @@ from kiln.runtime.sampling_params import SamplingParams
 from kiln.runtime.sequence import Request
 from runtime_fakes import FakeModel
 
+pytestmark = pytest.mark.usefixtures("overlap")  # every test with async scheduling off and on
+
 VOCAB = 64
 
 
 def seqs_for(params: list[SamplingParams], outputs: list[list[int]] | None = None):
+    """Sequences as the scheduler hands them to the sampler: outputs so far, then the placeholder of the token
+    being sampled."""
     seqs = []
     for i, p in enumerate(params):
         seq = Request(f"r{i}", None, [1, 2, 3], p, 0.0).seqs[0]
         seq.token_ids.extend((outputs or [[]] * len(params))[i])
+        seq.token_ids.append(-1 - i)
+        seq.num_pending = 1
         seqs.append(seq)
     return seqs
 
@@ -275,8 +281,9 @@ def test_seeded_rows_repeat_across_steps_whatever_shares_the_batch() -> None:
             logits = torch.randn(len(seqs), VOCAB)
             logits[row] = step_logits
             ids = sampler.sample(logits, seqs).token_ids.tolist()
-            for seq, token in zip(seqs, ids):
-                seq.token_ids.append(token)
+            for seq, token in zip(seqs, ids):  # the token takes its placeholder's place; the next one follows
+                seq.token_ids[-1] = token
+                seq.token_ids.append(-1)
             tokens.append(ids[row])
         return tokens
 

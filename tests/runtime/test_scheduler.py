@@ -1,12 +1,15 @@
 """Scheduler invariants under random traffic: budgets hold, blocks are never double-owned, nothing leaks."""
 from __future__ import annotations
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kiln.runtime.engine import LLMEngine
 from kiln.runtime.sampling_params import SamplingParams
 from runtime_fakes import FakeModel, check_invariants, reference_greedy
+
+pytestmark = pytest.mark.usefixtures("overlap")  # every test with async scheduling off and on
 
 VOCAB = 32
 
@@ -22,7 +25,8 @@ op_st = st.one_of(
 )
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(
     ops=st.lists(op_st, min_size=1, max_size=30),
     num_blocks=st.integers(14, 40),
