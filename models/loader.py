@@ -54,9 +54,10 @@ def load_model(
         family = family_for(model.config)
         target = _resolve_dtype(dtype, model.dtype)
         where = model.device if device in (None, "auto") else resolve_device(device)
-        model = model.to(device=where, dtype=target).eval()
-        model.set_attn_implementation(family.attn_implementation)
-        return LoadedModel(model, family, None, getattr(model, "generation_config", None), type(model).__name__)
+        moved: Any = model  # transformers types `to` through a wrapper that mypy cannot call
+        moved = moved.to(device=where, dtype=target)
+        moved.eval().set_attn_implementation(family.attn_implementation)
+        return LoadedModel(moved, family, None, getattr(moved, "generation_config", None), type(moved).__name__)
 
     path = Path(model)
     if not path.is_dir():
@@ -70,6 +71,7 @@ def load_model(
     family = family_for(config)
     target = _resolve_dtype(dtype, getattr(config, "dtype", None) or getattr(config, "torch_dtype", None))
     prequantized = None
+    hf: Any
     if getattr(config, "quantization_config", None) is not None:  # GPTQ / AWQ, converted on the CPU, then moved
         from .prequantized import load_prequantized
 
@@ -80,7 +82,8 @@ def load_model(
     if hf is None:  # pytorch_model.bin or legacy tensor names: transformers reads it on the CPU, then it moves
         hf = AutoModelForCausalLM.from_pretrained(
             path, dtype=target, attn_implementation=family.attn_implementation, trust_remote_code=trust_remote_code
-        ).to(where).eval()
+        )
+        hf = hf.to(where).eval()
     tokenizer = None
     if any((path / f).is_file() for f in _TOKENIZER_FILES):
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)

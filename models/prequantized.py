@@ -70,8 +70,13 @@ class Prequantized:
     def lookup(self, names: list[str]) -> PackedLinear | None:
         """One linear's packed weight, or several fused along N (fuse_linears' q/k/v, gate/up); None when any
         part stayed float in the checkpoint or the parts' group sizes differ (the linear then stays float)."""
-        parts = [self.linears.get(name) for name in names]
-        if not parts or any(p is None for p in parts) or len({p.group_size for p in parts}) != 1:
+        parts = []
+        for name in names:
+            part = self.linears.get(name)
+            if part is None:
+                return None
+            parts.append(part)
+        if not parts or len({p.group_size for p in parts}) != 1:
             return None
         if len(parts) == 1:
             return parts[0]
@@ -195,7 +200,7 @@ def load_prequantized(path: Path, config: PretrainedConfig, dtype: torch.dtype,
     if not pre.linears:
         raise ValueError(f"model: {path} declares {pre.method} quantization but holds no qweight tensors")
     del config.quantization_config  # what transformers would hand to optimum / autoawq
-    model_class = AutoModelForCausalLM._model_mapping.get(type(config), None)
+    model_class: Any = AutoModelForCausalLM._model_mapping.get(type(config), None)
     if model_class is None:
         raise ValueError(f"model: {path}: pre-quantized {type(config).__name__} models are not supported")
     model, info = model_class.from_pretrained(None, config=config, state_dict=tensors, dtype=dtype,

@@ -66,15 +66,16 @@ class AsyncLLMEngine:
         if self._loop is not loop or self._loop_task is None or self._loop_task.done():
             self._loop = loop
             self._wakeup = asyncio.Event()
-            self._loop_task = loop.create_task(self._run())
+            self._loop_task = loop.create_task(self._run(self._wakeup))
+        assert self._wakeup is not None
         self._wakeup.set()
 
-    async def _run(self) -> None:
+    async def _run(self, wakeup: asyncio.Event) -> None:
         """Step while there is work, sleep on the wakeup event otherwise."""
         while True:
             if not self.engine.has_unfinished_requests():
-                self._wakeup.clear()
-                await self._wakeup.wait()
+                wakeup.clear()
+                await wakeup.wait()
                 continue
             try:
                 outputs = self.engine.step()
@@ -84,9 +85,9 @@ class AsyncLLMEngine:
                 self.engine.abort(list(self.engine.requests))
                 continue
             for out in outputs:
-                queue = self._queues.get(out.request_id)
-                if queue is not None:
-                    queue.put_nowait(out)
+                listener = self._queues.get(out.request_id)
+                if listener is not None:
+                    listener.put_nowait(out)
             await asyncio.sleep(0)
 
     async def shutdown(self) -> None:

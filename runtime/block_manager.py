@@ -74,13 +74,13 @@ class BlockManager:
 
     # Allocation ----------------------------------------------------------------------------------------
 
-    def can_allocate(self, seq: Sequence, num_new_tokens: int, cached_blocks: list[int] = ()) -> bool:
+    def can_allocate(self, seq: Sequence, num_new_tokens: int, cached_blocks: list[int] | tuple[int, ...] = ()) -> bool:
         need = self.blocks_needed(seq.num_computed_tokens + len(cached_blocks) * self.block_size
                                   + num_new_tokens) - len(seq.block_table) - len(cached_blocks)
         revived = sum(1 for b in cached_blocks if self.ref_counts[b] == 0)
         return max(need, 0) + revived <= self.num_free_blocks
 
-    def allocate(self, seq: Sequence, num_new_tokens: int, cached_blocks: list[int] = ()) -> bool:
+    def allocate(self, seq: Sequence, num_new_tokens: int, cached_blocks: list[int] | tuple[int, ...] = ()) -> bool:
         """Take the cached prefix blocks (first admission) and enough fresh blocks for num_new_tokens more.
 
         Returns False, changing nothing, when the pool cannot supply them.
@@ -120,7 +120,9 @@ class BlockManager:
             block = self._free_plain.pop()
         else:
             block, _ = self._free_cached.popitem(last=False)  # evict the least recently freed
-            del self.cached[self.block_hash[block]]
+            block_hash = self.block_hash[block]
+            assert block_hash is not None  # _free_cached holds hashed blocks only
+            del self.cached[block_hash]
             self.block_hash[block] = None
         self.ref_counts[block] = 1
         return block

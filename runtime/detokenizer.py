@@ -47,6 +47,7 @@ class Detokenizer:
         return seq.text[:len(seq.text) - hold] if hold else seq.text
 
     def _decode_new(self, seq: Sequence) -> str:
+        assert self.tokenizer is not None
         skip = seq.params.skip_special_tokens
         tokens, end = seq.token_ids, len(seq.token_ids) - seq.num_pending
         prefix_text = self.tokenizer.decode(tokens[seq.prefix_offset:seq.read_offset], skip_special_tokens=skip)

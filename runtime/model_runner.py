@@ -153,6 +153,7 @@ class ModelRunner:
         )
         input_ids = dev[:tokens]
         if ids.min() < 0:  # tokens the previous step is sampling: take them from its ids on the device
+            assert self.last_sampled is not None
             input_ids = torch.where(input_ids < 0, self.last_sampled[(-1 - input_ids).clamp_(min=0)], input_ids)
         return input_ids, dev[tokens:2 * tokens], meta
 
@@ -162,8 +163,8 @@ class ModelRunner:
         if self.device.type == "cpu":
             return host
         dev = host.to(self.device, non_blocking=True)
-        self._copied[self._step] = torch.cuda.Event()
-        self._copied[self._step].record()
+        copied = self._copied[self._step] = torch.cuda.Event()
+        copied.record()
         return dev
 
     # The step --------------------------------------------------------------------------------------------

@@ -151,7 +151,7 @@ def chat_logprobs(tokenizer: Any, token_ids: list[int], logprobs: list[dict[int,
     content = []
     for tid, lp in zip(token_ids, logprobs):
         best = sorted(lp.items(), key=lambda kv: -kv[1])[:top]
-        content.append({**entry(tid, lp.get(tid)), "top_logprobs": [entry(t, v) for t, v in best]})
+        content.append({**entry(tid, lp[tid]), "top_logprobs": [entry(t, v) for t, v in best]})
     return {"content": content}
 
 

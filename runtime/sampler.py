@@ -133,13 +133,13 @@ class Sampler:
         thr = ops.keep_threshold(x, temperature, [p.top_k if 0 < p.top_k < vocab else vocab for p in params],
                                  [p.top_p for p in params], [p.min_p for p in params])
         noise = torch.empty_like(x)
-        seeded = [i for i, p in enumerate(params) if p.seed is not None]
+        seeded = [(i, p.seed) for i, p in enumerate(params) if p.seed is not None]
         if len(seeded) < len(seqs):
             ops.log_exponential_(noise)  # seeded rows are overwritten below
-        for i in seeded:
+        for i, seed in seeded:
             seq = seqs[i]
             if seq.generator is None:
-                seq.generator = make_generator(seq.params.seed, seq.index, device)
+                seq.generator = make_generator(seed, seq.index, device)
             ops.log_exponential_(noise[i], seq.generator)
         neg_temperature = ops.to_device([[-t] for t in temperature], torch.float32, device)
         return ops.race(x, neg_temperature, noise, thr)

@@ -199,9 +199,10 @@ class Scheduler:
             tokens[index] = token
             seq.num_pending -= 1
             got.append(seq)
-            if logprobs is not None and logprobs[i] is not None:
-                seq.cumulative_logprob += logprobs[i][0]
-                seq.logprobs.append(logprobs[i][1])
+            if logprobs is not None and seq.logprobs is not None:
+                chosen, top = logprobs[i] or (0.0, {})
+                seq.cumulative_logprob += chosen
+                seq.logprobs.append(top)
             p = seq.params
             num_outputs = index + 1 - seq.num_prompt_tokens
             can_stop = num_outputs >= p.min_tokens
