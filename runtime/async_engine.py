@@ -50,6 +50,8 @@ class AsyncLLMEngine:
                 if isinstance(item, BaseException):
                     raise item
                 finished = item.finished
+                if item.error is not None:
+                    raise RuntimeError(f"request {request_id} failed: {item.error}")
                 yield item
         finally:
             self._queues.pop(request_id, None)

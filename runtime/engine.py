@@ -19,7 +19,7 @@ from .detokenizer import Detokenizer
 from .kv_memory import GIB, size_kv_pool
 from .model_runner import ModelRunner
 from .outputs import CompletionOutput, RequestOutput
-from .sampler import DeviceSample, Sampler
+from .sampler import DeviceSample, Sampler, SamplerOutput
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler, SchedulerOutput
 from .sequence import Request, Sequence
@@ -142,14 +142,17 @@ class LLMEngine:
         """Stop requests now and free all their blocks; unknown or finished ids are ignored."""
         for rid in [request_id] if isinstance(request_id, str) else list(request_id):
             request = self.requests.pop(rid, None)
-            if request is None:
-                continue
-            for seq in request.seqs:
-                if not seq.is_finished:
-                    seq.finish_reason = "abort"
-                    self.scheduler.finish(seq)
-                self.runner.release(seq)
-            request.metrics.finished_time = time.time()
+            if request is not None:
+                self._end(request)
+                request.metrics.finished_time = time.time()
+
+    def _end(self, request: Request) -> None:
+        """Abort whatever of the request still runs and give back its blocks and rows."""
+        for seq in request.seqs:
+            if not seq.is_finished:
+                seq.finish_reason = "abort"
+                self.scheduler.finish(seq)
+            self.runner.release(seq)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests) or self.in_flight is not None
@@ -172,7 +175,11 @@ class LLMEngine:
         launched = None
         if not sched.is_empty:
             self.num_steps += 1
-            launched = (sched, self.runner.launch(sched))
+            try:
+                launched = (sched, self.runner.launch(sched))
+            except Exception as exc:  # noqa: BLE001 - the step's requests fail; the engine and the queue go on
+                logger.exception("kiln: a forward pass failed; its requests fail, the others go on")
+                outputs += self._fail(sched, f"forward pass failed: {type(exc).__name__}: {exc}")
         if self.in_flight is not None:
             outputs += self._report()
         self.in_flight = launched
@@ -191,12 +198,18 @@ class LLMEngine:
         sched, sample = self.in_flight
         self.in_flight = None
         if sample is None:
-            self.scheduler.postprocess(sched, [], None, self.detokenizer)
+            self.scheduler.postprocess(sched, SamplerOutput([]), self.detokenizer)
             return []
-        sampled = sample.to_host()
-        seqs = self.scheduler.postprocess(sched, sampled.token_ids, sampled.logprobs, self.detokenizer)
+        seqs = self.scheduler.postprocess(sched, sample.to_host(), self.detokenizer)
         self.num_generated_tokens += len(seqs)
         return self._outputs(seqs)
+
+    def _fail(self, sched: SchedulerOutput, error: str) -> list[RequestOutput]:
+        """End every request of a step that could not run, with `error`; the requests stay in no queue."""
+        for seq in sched.seqs:
+            if not seq.is_finished:
+                seq.request.error = error
+        return self._outputs(sched.seqs)
 
     def _outputs(self, seqs: list[Sequence]) -> list[RequestOutput]:
         """RequestOutputs for the requests whose sequences just got a token: every streamed one, and the others
@@ -205,7 +218,9 @@ class LLMEngine:
         touched: dict[str, Request] = {}
         for seq in seqs:
             request = seq.request
-            if request.metrics.first_token_time is None:
+            if request.error is not None:  # a failure of this request alone: it ends whole
+                self._end(request)
+            elif request.metrics.first_token_time is None:
                 request.metrics.first_token_time = now
             if seq.finish_reason is not None:
                 self.runner.release(seq)
@@ -236,7 +251,7 @@ class LLMEngine:
             for seq in request.seqs
         ]
         return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, completions,
-                             finished, request.metrics, request.seqs[0].num_cached_tokens)
+                             finished, request.metrics, request.seqs[0].num_cached_tokens, request.error)
 
     def stats(self) -> dict[str, int | float]:
         bm = self.block_manager

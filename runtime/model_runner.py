@@ -12,6 +12,7 @@ Two staging buffers alternate, so the host writes step N+1's inputs while step N
 """
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import numpy as np
@@ -22,6 +23,8 @@ from .sampler import DeviceSample, Sampler
 from .sampling_ops import to_device
 from .scheduler import SchedulerOutput
 from .sequence import Sequence
+
+logger = logging.getLogger("kiln")
 
 
 class _Row:
@@ -181,7 +184,12 @@ class ModelRunner:
         if len(rows) != len(seqs):
             logits = logits[to_device(rows, torch.int64, logits.device)]
             seqs = [seqs[i] for i in rows]
-        sample = self.sampler.sample(logits.float(), seqs)
+        logits = logits.float()
+        try:
+            sample = self.sampler.sample(logits, seqs)
+        except Exception:  # noqa: BLE001 - one request's parameters must not fail the others
+            logger.exception("kiln: sampling the batch failed; sampling its rows apart")
+            sample = self.sampler.sample_apart(logits, seqs)
         self.last_sampled = sample.token_ids
         sample.start_copy()
         return sample

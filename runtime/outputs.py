@@ -47,3 +47,6 @@ class RequestOutput:
     finished: bool
     metrics: RequestMetrics | None = None
     num_cached_tokens: int = 0
+    # Set when a failure of this request alone (its sampling, its text, or the forward pass it was in)
+    # ended it; its completions then finish with 'abort'. Other requests are not affected.
+    error: str | None = None

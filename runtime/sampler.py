@@ -24,6 +24,7 @@ class SamplerOutput:
     token_ids: list[int]
     # Per sequence: (logprob of the sampled token, {token_id: logprob} top-k + sampled), None if not asked.
     logprobs: list[tuple[float, dict[int, float]] | None] | None = None
+    errors: dict[int, str] = field(default_factory=dict)  # rows that could not be sampled, and why
 
 
 @dataclass
@@ -37,6 +38,7 @@ class DeviceSample:
     top_logprobs: torch.Tensor | None = None  # [B, K] their raw logprobs
     _host: list[torch.Tensor] | None = field(default=None, repr=False)  # pinned copies under way
     _copied: torch.cuda.Event | None = field(default=None, repr=False)
+    _done: SamplerOutput | None = field(default=None, repr=False)  # already on the host (rows sampled apart)
 
     def _tensors(self) -> list[torch.Tensor]:
         return [t for t in (self.token_ids, self.logprob, self.top_ids, self.top_logprobs) if t is not None]
@@ -44,7 +46,7 @@ class DeviceSample:
     def start_copy(self) -> None:
         """Queue the copy of the results into pinned host memory (GPU only), so that the host can prepare the
         next step while this one runs; `to_host` then only waits for it."""
-        if self.token_ids.device.type != "cuda":
+        if self.token_ids.device.type != "cuda" or self._done is not None:
             return
         self._host = [t.to("cpu", non_blocking=True) for t in self._tensors()]
         self._copied = torch.cuda.Event()
@@ -52,6 +54,8 @@ class DeviceSample:
 
     def to_host(self) -> SamplerOutput:
         """The results as Python lists: the one wait of a step."""
+        if self._done is not None:
+            return self._done
         if self._copied is not None:
             self._copied.synchronize()
         tensors = self._host if self._host is not None else self._tensors()
@@ -82,14 +86,14 @@ class Sampler:
     def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> DeviceSample:
         """Next tokens for float32 `logits` [B, V] (row i belongs to seqs[i]) without leaving logits.device.
 
-        Greedy rows (temperature 0) take the argmax of the penalised logits; the others are drawn after
+        Greedy rows (temperature < 1e-5) take the argmax of the penalised logits; the others are drawn after
         temperature, top-k, top-p and min-p. Logprobs are those of the raw model distribution, as in vLLM.
         """
         if all(len(s.token_ids) >= s.argmax_from for s in seqs):  # the common case: one cheap pass
             return DeviceSample(ops.argmax(logits), [None] * len(seqs))
         params = [s.params for s in seqs]
         x = self._penalised(logits, seqs)
-        sampled = [i for i, p in enumerate(params) if p.temperature > 0.0]
+        sampled = [i for i, p in enumerate(params) if not p.greedy]
         if len(sampled) == len(seqs):
             tokens = self._draw(x, seqs)
         else:
@@ -103,6 +107,26 @@ class Sampler:
         chosen, top_logprobs, top_ids = ops.logprobs(logits, tokens, max(n for n in asked if n is not None))
         return DeviceSample(tokens, asked, chosen, top_ids, top_logprobs)
 
+    def sample_apart(self, logits: torch.Tensor, seqs: list[Sequence]) -> DeviceSample:
+        """Row by row, for a batch whose sampling raised: a row that raises again fails alone (its error is
+        reported for its request) and every other row gets the token it would have had in the batch."""
+        tokens: list[int] = []
+        logprobs: list[tuple[float, dict[int, float]] | None] = []
+        errors: dict[int, str] = {}
+        for i, seq in enumerate(seqs):
+            try:
+                row = self.sample(logits[i:i + 1], [seq]).to_host()
+            except Exception as exc:  # noqa: BLE001 - isolated and reported for this request only
+                errors[i] = f"sampling failed: {type(exc).__name__}: {exc}"
+                tokens.append(0)
+                logprobs.append(None)
+                continue
+            tokens.append(row.token_ids[0])
+            logprobs.append(row.logprobs[0] if row.logprobs else None)
+        asked = [s.params.logprobs for s in seqs]
+        done = SamplerOutput(tokens, logprobs if any(n is not None for n in asked) else None, errors)
+        return DeviceSample(ops.to_device(tokens, torch.int64, logits.device), asked, _done=done)
+
     def _penalised(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         """Logits after penalties and min_tokens: `logits` itself when no row has either (no copy)."""
         vocab = logits.shape[-1]
@@ -114,6 +138,8 @@ class Sampler:
                 prompts = [seqs[i].token_ids[:seqs[i].num_prompt_tokens] for i in rows]
             logits = ops.apply_penalties(logits, rows, prompts, [seqs[i].output_token_ids for i in rows],
                                          [(x.repetition_penalty, x.frequency_penalty, x.presence_penalty) for x in p])
+            # A tiny repetition penalty divides logits into +-inf; keep them finite so that sampling stays sane.
+            logits = logits.clamp_(-ops.LOGIT_LIMIT, ops.LOGIT_LIMIT)
         banned = [i * vocab + t for i, s in enumerate(seqs)
                   if len(s.token_ids) - 1 - s.num_prompt_tokens < s.params.min_tokens
                   for t in self._held_back(s) if t < vocab]
@@ -126,7 +152,7 @@ class Sampler:
 
     @staticmethod
     def _draw(x: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-        """One token per row (all rows have temperature > 0) after top-k, top-p and min-p."""
+        """One token per row (no row greedy) after top-k, top-p and min-p."""
         params = [s.params for s in seqs]
         vocab, device = x.shape[-1], x.device
         temperature = [p.temperature for p in params]

@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from ..compiler import cpu_kernels
 
 NEG_INF = float("-inf")
+# Penalised logits are clamped to +-this: finite after any temperature >= 1e-5 in float32 (max 3.4e38).
+LOGIT_LIMIT = 1e30
 
 
 def argmax(x: torch.Tensor) -> torch.Tensor:
@@ -64,9 +66,9 @@ def keep_threshold(x: torch.Tensor, temperature: list[float], top_k: list[int], 
 
     `top_k` holds vocab for rows without one, `top_p` 1.0, `min_p` 0.0; temperatures are > 0. As in vLLM, top-p
     applies to the distribution renormalised over the top k; min-p (a ratio to the top probability, which
-    renormalising does not change) then applies to what is left, as this sampler always did. A threshold in logit space lets the caller apply all
-    three to the unsorted logits with one mask; tokens tied with the last kept one stay in. The sort runs only
-    when some row has a top-p; top-k alone is a topk of the largest k.
+    renormalising does not change) then applies to what is left, as this sampler always did. A threshold in
+    logit space lets the caller apply all three to the unsorted logits with one mask; tokens tied with the last
+    kept one stay in. The sort runs only when some row has a top-p; top-k alone is a topk of the largest k.
     """
     vocab, device = x.shape[-1], x.device
     need_p = any(p < 1.0 for p in top_p)
@@ -82,7 +84,7 @@ def keep_threshold(x: torch.Tensor, temperature: list[float], top_k: list[int], 
         mass_k = cum.gather(1, k_last)  # top-p is measured against the top-k mass
         before = cum.sub_(probs)  # the mass ranked above each token; the token crossing p stays in
         keep = (before < t_p[:, 1:] * mass_k).sum(dim=-1, keepdim=True)
-        thr = sorted_x.gather(1, torch.minimum(keep - 1, k_last))
+        thr = sorted_x.gather(1, torch.minimum(keep - 1, k_last).clamp_(min=0))  # NaN rows keep one token
         row_max = sorted_x[:, :1]
     elif need_k:
         largest = max(k for k in top_k if k < vocab)

@@ -16,6 +16,8 @@ MAX_STOP_TOKEN_IDS = 1024
 MAX_LOGPROBS = 20
 MAX_TEMPERATURE = 100.0
 MAX_TOKENS_CAP = 1 << 20
+# Temperatures below this are greedy (vLLM's choice too): dividing logits by less overflows float32.
+SAMPLING_EPS = 1e-5
 
 
 def _is_int(value: Any) -> bool:
@@ -28,7 +30,7 @@ def _is_number(value: Any) -> bool:
 
 @dataclass
 class SamplingParams:
-    """Per-request sampling and stopping options; temperature == 0 means greedy."""
+    """Per-request sampling and stopping options; temperature below SAMPLING_EPS (1e-5) means greedy."""
 
     n: int = 1
     max_tokens: int = 16
@@ -119,7 +121,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < SAMPLING_EPS
 
     @property
     def has_penalties(self) -> bool:

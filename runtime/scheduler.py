@@ -18,6 +18,7 @@ from .sequence import Request, Sequence, SequenceStatus
 
 if TYPE_CHECKING:
     from .detokenizer import Detokenizer
+    from .sampler import SamplerOutput
 
 
 @dataclass
@@ -181,18 +182,21 @@ class Scheduler:
 
     # After the forward ----------------------------------------------------------------------------------
 
-    def postprocess(self, out: SchedulerOutput, token_ids: list[int],
-                    logprobs: list[tuple[float, dict[int, float]] | None] | None,
-                    detokenizer: Detokenizer) -> list[Sequence]:
+    def postprocess(self, out: SchedulerOutput, sampled: SamplerOutput, detokenizer: Detokenizer) -> list[Sequence]:
         """Put each sampled token in its placeholder and finish the sequences it ends, as vLLM decides: a stop
         token or EOS (unless ignore_eos) ends without text, a stop string cuts the text before it, then
         max_tokens; none before min_tokens outputs exist. Then publish the blocks the step filled. Returns the
         sequences that got a token (a sequence finished meanwhile, by an abort or by the step before when
-        steps overlap, gets none)."""
+        steps overlap, gets none) or failed: a row the sampler could not sample, or whose text cannot be
+        decoded, fails its request alone."""
         eos, seqs, got = self.eos_token_ids, out.seqs, []
-        for i, (row, token) in enumerate(zip(out.sample_rows, token_ids)):
+        logprobs, errors = sampled.logprobs, sampled.errors
+        for i, (row, token) in enumerate(zip(out.sample_rows, sampled.token_ids)):
             seq = seqs[row]
             if seq.status is SequenceStatus.FINISHED:
+                continue
+            if errors and i in errors:
+                got.append(self._fail(seq, errors[i]))
                 continue
             tokens = seq.token_ids
             index = len(tokens) - seq.num_pending  # this step's placeholder: the oldest one
@@ -211,7 +215,11 @@ class Scheduler:
             elif can_stop and not p.ignore_eos and token in eos:
                 seq.finish_reason = "stop"
             else:
-                stop = detokenizer.update(seq, can_stop)
+                try:
+                    stop = detokenizer.update(seq, can_stop)
+                except Exception as exc:  # noqa: BLE001 - e.g. a token id the tokenizer cannot decode
+                    self._fail(seq, f"detokenizing failed: {type(exc).__name__}: {exc}")
+                    continue
                 if stop is not None:
                     seq.finish_reason, seq.stop_reason = "stop", stop
                 elif num_outputs >= p.max_tokens:
@@ -224,6 +232,13 @@ class Scheduler:
             if seq.status is not SequenceStatus.FINISHED:
                 self.block_manager.commit(seq)
         return got
+
+    def _fail(self, seq: Sequence, error: str) -> Sequence:
+        """End seq (and, through the engine, its request) with an error that only its request sees."""
+        seq.finish_reason = "abort"
+        seq.request.error = error
+        self.finish(seq)
+        return seq
 
     def finish(self, seq: Sequence) -> None:
         """Release a finished or aborted sequence wherever it is, with any token still being sampled for it."""

@@ -50,7 +50,7 @@ class Sequence:
         # The sampler takes the plain argmax of the raw logits (greedy; no penalties, no logprobs; no token
         # held back by min_tokens) once token_ids (placeholder included) is this long; never if not greedy.
         p = self.params
-        plain = p.temperature == 0.0 and p.logprobs is None and not p.has_penalties
+        plain = p.greedy and p.logprobs is None and not p.has_penalties
         self.argmax_from = self.num_prompt_tokens + p.min_tokens + 1 if plain else sys.maxsize
         # The sampler's private RNG for a seeded sequence, made on the logits' device at its first draw.
         self.generator: torch.Generator | None = None
@@ -110,6 +110,7 @@ class Request:
         self.prompt_token_ids = prompt_token_ids
         self.params = params
         self.metrics = RequestMetrics(arrival_time=arrival_time)
+        self.error: str | None = None  # why the request failed (a step failed it alone); None if it did not
         self.seqs = [Sequence(self, i, prompt_token_ids) for i in range(params.n)]
 
     @property
