@@ -115,20 +115,24 @@ class ModelRunner:
             row_index.append(row.index)
             width = max(width, length)
         updates = len(upd_vals)
-        # Layout: ids, positions, slots [T] | logits_indices, row index, seq_lens, query starts [S] (+1) | updates.
-        staging = self._staging_buffer(3 * tokens + 4 * num_seqs + 1 + 3 * updates)
+        # Layout (int64 slots): ids, positions, slots [T] | logits_indices, row index [S] | seq_lens [S] and
+        # query starts [S + 1] as int32, two to a slot | block-table updates (row, column, block id) [3U].
+        o, o32 = 3 * tokens, 3 * tokens + 2 * num_seqs
+        end32 = o32 + num_seqs + 1  # (2S + 1) int32 fit in S + 1 slots
+        staging = self._staging_buffer(end32 + 3 * updates)
         buf = staging.numpy()
         ids, pos, slots = buf[:tokens], buf[tokens:2 * tokens], buf[2 * tokens:3 * tokens]
-        o = 3 * tokens
-        logits_idx, row_idx = buf[o:o + num_seqs], buf[o + num_seqs:o + 2 * num_seqs]
-        seq_lens, starts = buf[o + 2 * num_seqs:o + 3 * num_seqs], buf[o + 3 * num_seqs:o + 4 * num_seqs + 1]
-        upd = buf[o + 4 * num_seqs + 1:o + 4 * num_seqs + 1 + 3 * updates]
+        logits_idx, row_idx = buf[o:o + num_seqs], buf[o + num_seqs:o32]
+        ints = buf[o32:end32].view(np.int32)
+        seq_lens, starts = ints[:num_seqs], ints[num_seqs:2 * num_seqs + 1]
+        upd = buf[end32:end32 + 3 * updates]
         context = np.asarray(out.context, dtype=np.int64)
         row_idx[:] = row_index
         if tokens == num_seqs:  # decode: one token per sequence, the one after its context
             ids[:] = [s.token_ids[c] for s, c in zip(seqs, out.context)]
             pos[:] = context
             starts[:] = np.arange(num_seqs + 1)
+            seq_lens[:] = context + 1
             seq_index = np.arange(num_seqs)
         else:
             query = np.asarray(num_new, dtype=np.int64)
@@ -137,20 +141,21 @@ class ModelRunner:
             ids[:] = [t for s, c, n in zip(seqs, out.context, num_new) for t in s.token_ids[c:c + n]]
             seq_index = np.repeat(np.arange(num_seqs), query)
             pos[:] = np.arange(tokens) - (starts[:-1] - context)[seq_index]
-        seq_lens[:] = context + np.asarray(num_new, dtype=np.int64)
+            seq_lens[:] = context + query
         logits_idx[:] = starts[1:] - 1
         slots[:] = self.host_table[row_idx[seq_index], pos // bs].astype(np.int64) * bs + pos % bs
         if updates:
             upd[:updates], upd[updates:2 * updates], upd[2 * updates:] = upd_rows, upd_cols, upd_vals
-        dev = self._to_device(staging[:o + 4 * num_seqs + 1 + 3 * updates])
+        dev = self._to_device(staging[:end32 + 3 * updates])
         if updates and self.device.type != "cpu":  # on the CPU the host table is the table
-            u = dev[o + 4 * num_seqs + 1:]
+            u = dev[end32:]
             self.table[u[:updates], u[updates:2 * updates]] = u[2 * updates:].to(torch.int32)
+        dev32 = dev[o32:end32].view(torch.int32)
         meta = AttentionMetadata(
             slot_mapping=dev[2 * tokens:3 * tokens],
-            block_tables=self.table[dev[o + num_seqs:o + 2 * num_seqs], :width],
-            seq_lens=dev[o + 2 * num_seqs:o + 3 * num_seqs].to(torch.int32),
-            query_start_loc=dev[o + 3 * num_seqs:o + 4 * num_seqs + 1].to(torch.int32),
+            block_tables=self.table[dev[o + num_seqs:o32], :width],
+            seq_lens=dev32[:num_seqs],
+            query_start_loc=dev32[num_seqs:2 * num_seqs + 1],
             logits_indices=dev[o:o + num_seqs],
             max_query_len=max(num_new),
         )

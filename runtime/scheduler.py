@@ -74,20 +74,38 @@ class Scheduler:
         device is as good as done for the next schedule, which is what lets async scheduling run ahead."""
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
-        running, take = SequenceStatus.RUNNING, self._take
+        running, take, bs = SequenceStatus.RUNNING, self._take, self.block_manager.block_size
+        publish = self.block_manager.enable_prefix_caching
+        seqs, num_new_tokens, contexts, rows, filling = (out.seqs, out.num_new_tokens, out.context,
+                                                         out.sample_rows, out.filling)
         partial: list[Sequence] = []  # running sequences with several prompt tokens left go after the decodes
         for seq in list(self.running):
             if budget == 0:
                 break
             if seq.status is not running:  # preempted earlier in this loop
                 continue
-            num_new = len(seq.token_ids) - seq.num_computed_tokens
-            if num_new > 1:
+            tokens = seq.token_ids
+            context = seq.num_computed_tokens
+            if len(tokens) - context > 1:
                 partial.append(seq)
-            elif seq.num_pending and len(seq.token_ids) - seq.num_prompt_tokens >= seq.params.max_tokens:
+                continue
+            if seq.num_pending and len(tokens) - seq.num_prompt_tokens >= seq.params.max_tokens:
                 continue  # its last allowed token is still being sampled: the sequence ends with it
-            elif self._make_room(out, seq, 1):
-                budget -= take(out, seq, 1)
+            if context >= len(seq.block_table) * bs and not self._make_room(out, seq, 1):
+                continue
+            # _take for a decode, inlined: this runs for every sequence at every step.
+            seq.num_computed_tokens = context + 1
+            seqs.append(seq)
+            num_new_tokens.append(1)
+            contexts.append(context)
+            tokens.append(-1 - len(rows))
+            seq.num_pending += 1
+            rows.append(len(seqs) - 1)
+            if publish and context + 1 >= (seq.num_committed_blocks + 1) * bs:
+                filling.append(seq)
+            if context < seq.num_prompt_tokens:
+                out.prompt_done.add(seq.seq_id)
+            budget -= 1
         for seq in partial:
             if budget == 0:
                 break
@@ -126,7 +144,8 @@ class Scheduler:
             tokens.append(-1 - len(out.sample_rows))
             seq.num_pending += 1
             out.sample_rows.append(len(out.seqs) - 1)
-        if computed >= (seq.num_committed_blocks + 1) * self.block_manager.block_size:
+        bm = self.block_manager
+        if bm.enable_prefix_caching and computed >= (seq.num_committed_blocks + 1) * bm.block_size:
             out.filling.append(seq)
         if context < seq.num_prompt_tokens <= computed:
             out.prompt_done.add(seq.seq_id)
