@@ -2,15 +2,19 @@
 
 One background task drives `LLMEngine.step()` in the event loop itself (no threads, so adds, aborts and steps
 never race) and yields to the loop between steps so that consumers receive their outputs. A consumer that
-stops listening, by closing its generator or by being cancelled, aborts its request right away.
+stops listening, by closing its generator or by being cancelled, aborts its request right away; one that stops
+reading (a stalled client) holds one output in its mailbox, and after `stall_timeout` seconds is aborted, its
+blocks freed, and told so.
 """
 from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from typing import Any, AsyncIterator
 
 from .engine import LLMEngine
+from .mailbox import Mailbox
 from .outputs import RequestOutput
 from .sampling_params import SamplingParams
 
@@ -18,9 +22,13 @@ from .sampling_params import SamplingParams
 class AsyncLLMEngine:
     """Wraps an LLMEngine; `generate` is an async iterator of cumulative RequestOutputs."""
 
-    def __init__(self, engine: LLMEngine) -> None:
+    def __init__(self, engine: LLMEngine, stall_timeout: float = 60.0) -> None:
+        if not isinstance(stall_timeout, (int, float)) or not stall_timeout > 0:
+            raise ValueError(f"stall_timeout must be a positive number of seconds, got {stall_timeout!r}")
         self.engine = engine
-        self._queues: dict[str, asyncio.Queue] = {}
+        self.stall_timeout = float(stall_timeout)
+        self._queues: dict[str, Mailbox] = {}
+        self._next_stall_check = 0.0
         self._wakeup: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -39,7 +47,7 @@ class AsyncLLMEngine:
         if request_id in self._queues:
             raise ValueError(f"request_id {request_id!r} is already in use")
         request = self.engine.make_request(request_id, prompt, sampling_params)
-        queue: asyncio.Queue = asyncio.Queue()
+        queue = Mailbox()
         self._queues[request_id] = queue
         self.engine.enqueue(request)
         self._ensure_loop()
@@ -83,14 +91,27 @@ class AsyncLLMEngine:
                 outputs = self.engine.step()
             except Exception as exc:  # fail every listener rather than leave them hanging
                 for queue in self._queues.values():
-                    queue.put_nowait(exc)
+                    queue.put(exc)
                 self.engine.abort(list(self.engine.requests))
                 continue
             for out in outputs:
                 listener = self._queues.get(out.request_id)
                 if listener is not None:
-                    listener.put_nowait(out)
+                    listener.put(out)
+            self._abort_stalled()
             await asyncio.sleep(0)
+
+    def _abort_stalled(self) -> None:
+        """Abort the requests whose consumer has left an output unread for stall_timeout (checked each second)."""
+        now = time.monotonic()
+        if now < self._next_stall_check:
+            return
+        self._next_stall_check = now + 1.0
+        for request_id, mailbox in list(self._queues.items()):
+            if mailbox.unread_since is not None and now - mailbox.unread_since > self.stall_timeout:
+                self.engine.abort(request_id)
+                mailbox.put(TimeoutError(f"request {request_id} aborted: its client read nothing for "
+                                         f"{self.stall_timeout:g} s"))
 
     async def shutdown(self) -> None:
         """Stop the background loop and abort whatever is still in flight."""

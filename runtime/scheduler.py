@@ -2,14 +2,20 @@
 
 Each step spends a token budget (`max_num_batched_tokens`) over at most `max_num_seqs` running sequences:
 running decodes first (so that in-flight requests never stall behind a long prompt), then the rest of any
-partially computed prompts, then new requests in arrival order. With chunked prefill a prompt larger than
-the remaining budget is split over several steps. When the block pool runs dry, the newest running sequence
-is preempted: its blocks are freed and it is recomputed later (prefix caching usually makes that cheap).
+partially computed prompts, then waiting sequences. With chunked prefill a prompt larger than the remaining
+budget is split over several steps. When the block pool runs dry, the newest running sequence is preempted:
+its blocks are freed and it is recomputed later (prefix caching usually makes that cheap).
+
+Fairness: waiting sequences are admitted by rank, then arrival. A request's k-th sequence (n > 1) has rank k
+and a preempted sequence rank -1, so a request with many sequences takes its turns interleaved with later
+requests instead of all in front of them: a later request's first sequence waits for first sequences only.
 """
 from __future__ import annotations
 
+import bisect
 import time
 from dataclasses import dataclass, field
+from operator import attrgetter
 
 from typing import TYPE_CHECKING
 
@@ -19,6 +25,9 @@ from .sequence import Request, Sequence, SequenceStatus
 if TYPE_CHECKING:
     from .detokenizer import Detokenizer
     from .sampler import SamplerOutput
+
+
+_RANK = attrgetter("admission_rank")
 
 
 @dataclass
@@ -64,7 +73,8 @@ class Scheduler:
         self.eos_token_ids = frozenset(eos_token_ids or ())
 
     def add_request(self, request: Request) -> None:
-        self.waiting.extend(request.seqs)
+        for seq in request.seqs:  # after every waiting sequence of lower or equal rank
+            self.waiting.insert(bisect.bisect_right(self.waiting, seq.admission_rank, key=_RANK), seq)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -196,6 +206,7 @@ class Scheduler:
         self.block_manager.free(seq)
         self.running.remove(seq)
         seq.status = SequenceStatus.WAITING
+        seq.admission_rank = -1
         self.waiting.insert(0, seq)
         self.num_preemptions += 1
 

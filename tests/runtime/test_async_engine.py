@@ -104,3 +104,28 @@ def test_engine_survives_a_new_event_loop() -> None:
     first = asyncio.run(collect(engine, [1, 2, 3], 4, "a"))
     second = asyncio.run(collect(engine, [1, 2, 3], 4, "b"))
     assert first[-1].outputs[0].token_ids == second[-1].outputs[0].token_ids == reference_greedy([1, 2, 3], 4, VOCAB)
+
+
+def test_a_client_that_stops_reading_holds_one_output_and_is_aborted_after_the_stall_timeout() -> None:
+    async def main():
+        engine = AsyncLLMEngine(LLMEngine(FakeModel(VOCAB), num_kv_blocks=300, block_size=4), stall_timeout=0.3)
+        params = SamplingParams(temperature=0, max_tokens=1000, ignore_eos=True)  # still running at 0.3 s
+        stalled = engine.generate([1, 2, 3], params, "stalled")
+        first = await stalled.__anext__()  # reads once, then stops reading
+        reader = asyncio.create_task(collect(engine, [4, 5], 8, "reader"))
+        for _ in range(200):  # bounded: the stall timeout is 0.3 s
+            await asyncio.sleep(0.02)
+            if "stalled" not in engine.engine.requests and reader.done():
+                break
+        mailbox = engine._queues["stalled"]
+        held = mailbox._item
+        with pytest.raises(TimeoutError, match="read nothing"):
+            await stalled.__anext__()
+        await engine.shutdown()
+        return engine, first, held, await reader
+
+    engine, first, held, reader = asyncio.run(main())
+    assert len(first.outputs[0].token_ids) == 1
+    assert isinstance(held, TimeoutError), "the mailbox holds one item: the latest update, then the error"
+    assert reader[-1].outputs[0].token_ids == reference_greedy([4, 5], 8, VOCAB)
+    assert engine.engine.stats()["kv_blocks_in_use"] == 0 and not engine.engine.has_unfinished_requests()

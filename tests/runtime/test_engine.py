@@ -226,3 +226,23 @@ def test_kv_pool_sizing() -> None:
     assert LLM(model, block_size=8, num_kv_blocks=11).stats()["kv_blocks_total"] == 11
     # Default: room for max_num_seqs sequences of max_model_len tokens.
     assert LLM(model, block_size=8, max_num_seqs=4).stats()["kv_blocks_total"] == -(-4 * 100 // 8)
+
+
+def test_a_request_with_many_sequences_does_not_starve_a_later_one() -> None:
+    """Fairness: B's only sequence (rank 0) is admitted before A's second to eighth (ranks 1-7)."""
+    engine = LLMEngine(FakeModel(VOCAB), num_kv_blocks=128, block_size=4, max_num_seqs=4)
+    engine.add_request("A", [1, 2, 3], SamplingParams(n=8, max_tokens=20, **GREEDY))
+    engine.step()  # A's first sequence computes the shared prompt; its siblings wait for it
+    engine.add_request("B", [4, 5], SamplingParams(max_tokens=2, **GREEDY))
+    first_token_step, finished, steps = None, {}, 0
+    while engine.has_unfinished_requests():
+        steps += 1
+        for out in engine.step():
+            if out.request_id == "B" and first_token_step is None and out.outputs[0].token_ids:
+                first_token_step = steps
+            if out.finished:
+                finished[out.request_id] = out
+    assert finished["B"].outputs[0].token_ids == reference_greedy([4, 5], 2, VOCAB)
+    assert finished["A"].outputs[0].token_ids == reference_greedy([1, 2, 3], 20, VOCAB)
+    assert first_token_step is not None and first_token_step <= 3, "B waited behind A's siblings"
+    assert engine.stats()["kv_blocks_in_use"] == 0
