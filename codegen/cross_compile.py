@@ -18,15 +18,24 @@ import re
 import subprocess
 import sys
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
 from .kernel_plan import SIZING_SMS, Launch, Target
-from .kernels import cache_write_plan, gated_act_plan, matmul_plan, paged_attention_plan, pointwise_plan
-from .kernels import quant_matmul_plan, rms_norm_plan, rope_plan
+from .kernels import (
+    cache_write_plan,
+    gated_act_plan,
+    matmul_plan,
+    paged_attention_plan,
+    pointwise_plan,
+    quant_matmul_plan,
+    rms_norm_plan,
+    rope_plan,
+)
 from .render import interpreting
 
 # Per capability: usable shared memory per block (opt-in maximum) and the SM count of a representative part
@@ -87,8 +96,10 @@ class ModelShapes:
     max_positions: int
 
     @classmethod
-    def from_config(cls, config: Any) -> "ModelShapes":
-        get = (lambda k, d=None: config.get(k, d)) if isinstance(config, dict) else (lambda k, d=None: getattr(config, k, d))
+    def from_config(cls, config: Any) -> ModelShapes:
+        def get(key: str, default: Any = None) -> Any:
+            return config.get(key, default) if isinstance(config, dict) else getattr(config, key, default)
+
         heads = get("num_attention_heads")
         head_dim = get("head_dim") or get("hidden_size") // heads
         act = {"silu": "silu", "gelu": "gelu"}.get(get("hidden_act", "silu"), "gelu_tanh")
@@ -120,7 +131,7 @@ def step_launches(shapes: ModelShapes, dtype: torch.dtype, target: Target, step:
     s, t = shapes, seqs * query_len
     x, w = _meta(t, s.hidden, dtype=dtype), _meta(s.hidden, dtype=dtype)
     q, k = _meta(t, s.heads, s.head_dim, dtype=dtype), _meta(t, s.kv_heads, s.head_dim, dtype=dtype)
-    caches = [_meta(4096, block_size, s.kv_heads, s.head_dim, dtype=dtype) for _ in range(2)]
+    k_cache, v_cache = (_meta(4096, block_size, s.kv_heads, s.head_dim, dtype=dtype) for _ in range(2))
     cos_sin = _meta(s.max_positions, s.rotary_dim, dtype=torch.float32)
     add_mul = pointwise_plan.Chain(("a", "b"), "a + b * alpha", ("alpha",))
     out = [
@@ -129,7 +140,7 @@ def step_launches(shapes: ModelShapes, dtype: torch.dtype, target: Target, step:
         Planned(f"{s.act}_mul", step, gated_act_plan.plan(_meta(t, 2 * s.intermediate, dtype=dtype),
                                                           _meta(t, s.intermediate, dtype=dtype), s.act)),
         Planned("rope", step, rope_plan.plan(q, k, q, k, _meta(t, dtype=torch.int64), cos_sin, s.rotary_dim, True)),
-        Planned("cache_write", step, cache_write_plan.plan(k, k, *caches, _meta(t, dtype=torch.int64))),
+        Planned("cache_write", step, cache_write_plan.plan(k, k, k_cache, v_cache, _meta(t, dtype=torch.int64))),
         Planned("pointwise_add_mul", step, pointwise_plan.plan(add_mul, {"a": x, "b": x}, {"alpha": 1.0}, x)),
     ]
     config, splits = paged_attention_plan.choose(seqs, query_len, s.heads, s.kv_heads, s.head_dim, s.head_dim, dtype,
@@ -138,15 +149,15 @@ def step_launches(shapes: ModelShapes, dtype: torch.dtype, target: Target, step:
     lse = _meta(t, s.heads, splits, dtype=torch.float32)
     tables = _meta(seqs, MAX_BLOCKS_PER_SEQ, dtype=torch.int32)
     attention, *merge = paged_attention_plan.plan(
-        q, *caches, q, tables, _meta(seqs, dtype=torch.int32), _meta(seqs + 1, dtype=torch.int32), s.head_dim ** -0.5,
-        s.window, s.softcap, query_len, config, splits, partial, lse)
+        q, k_cache, v_cache, q, tables, _meta(seqs, dtype=torch.int32), _meta(seqs + 1, dtype=torch.int32),
+        s.head_dim ** -0.5, s.window, s.softcap, query_len, config, splits, partial, lse)
     out.append(Planned("attention", step, attention, config.shared_bytes))
     out += [Planned("attention_merge", step, launch) for launch in merge]
-    for name, n, kk, extra in (("matmul_qkv", (s.heads + 2 * s.kv_heads) * s.head_dim, s.hidden, {}),
-                               ("matmul_down_residual", s.hidden, s.intermediate, {"residual": x})):
+    for name, n, kk, residual in (("matmul_qkv", (s.heads + 2 * s.kv_heads) * s.head_dim, s.hidden, None),
+                                  ("matmul_down_residual", s.hidden, s.intermediate, x)):
         config = matmul_plan.choose(t, dtype, target)
         a, b, c = _meta(t, kk, dtype=dtype), _meta(n, kk, dtype=dtype), _meta(t, n, dtype=dtype)
-        out.append(Planned(name, step, matmul_plan.plan(a, b, c, config, **extra), config.shared_bytes))
+        out.append(Planned(name, step, matmul_plan.plan(a, b, c, config, residual=residual), config.shared_bytes))
     return out + (quant_step_launches(shapes, dtype, target, step, t) if quantized else [])
 
 
@@ -212,7 +223,8 @@ def _compile(launch: Launch, capability: int) -> tuple[Any, int, int]:
     constexprs = {(names.index(k),): v for k, v in launch.constexprs.items()}
     log = io.StringIO()
     with contextlib.redirect_stdout(log):
-        kernel = triton.compile(ASTSource(fn, signature, constexprs, launch.attrs()), target=GPUTarget("cuda", capability, 32),
+        kernel = triton.compile(ASTSource(fn, signature, constexprs, launch.attrs()),
+                                target=GPUTarget("cuda", capability, 32),
                                 options={"num_warps": launch.num_warps, "num_stages": launch.num_stages})
     text = log.getvalue()
     regs = re.search(r"Used (\d+) registers", text)
@@ -270,7 +282,7 @@ def _interpreter_bound() -> bool:
         return True
     if "triton" not in sys.modules:
         return False
-    import triton.language.standard as standard
+    from triton.language import standard
     from triton.runtime.jit import JITFunction
 
     return not isinstance(standard.cdiv, JITFunction)
@@ -291,7 +303,9 @@ def cross_compile(compiled_or_config: Any, target: str = "cuda:90", out_dir: str
     dtype = dtype or (compiled_or_config.dtype if compiled else torch.bfloat16)
     config = config if isinstance(config, dict) else config.to_dict()
     base = TARGETS.get(capability, TARGETS[86])
-    device = Target(shared_limit or base.shared_limit, base.sms)
+    limit = shared_limit or base.shared_limit
+    assert limit is not None  # every TARGETS entry has a limit
+    device = Target(limit, base.sms)
     root = Path(out_dir) / f"sm_{capability}"
     if _interpreter_bound():
         request = {"config": config, "target": target, "out_dir": str(out_dir),
@@ -305,7 +319,7 @@ def cross_compile(compiled_or_config: Any, target: str = "cuda:90", out_dir: str
         planned = [p for p in model_launches(ModelShapes.from_config(config), dtype, device, block_size, quantized)
                    if kernels is None or p.kernel in kernels]
         with gpu_compilation():
-            records = compile_launches(planned, target, device.shared_limit, root)
+            records = compile_launches(planned, target, limit, root)
         (root / "records.json").write_text(json.dumps([asdict(r) for r in records], indent=1))
     problems = [p for r in records for p in r.problems()]
     if strict and problems:

@@ -8,7 +8,7 @@ declaration (signature.py) and ordered by it when the launch runs or is compiled
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from typing import Any
 
 import torch
@@ -150,7 +150,7 @@ def device_target(device: torch.device) -> Target:
     return _cuda_target(device.index if device.index is not None else torch.cuda.current_device())
 
 
-@lru_cache(maxsize=None)
+@cache
 def _cuda_target(index: int) -> Target:
     props = torch.cuda.get_device_properties(index)
     shared = int(getattr(props, "shared_memory_per_block_optin", 0) or props.shared_memory_per_block)

@@ -7,16 +7,17 @@ tensors under TRITON_INTERPRET=1. Names are kept short because they appear as ca
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
+from kiln.compiler.metadata import current_max_query_len
 from torch import Tensor
 
-from kiln.compiler.metadata import current_max_query_len
-
 from .kernel_plan import device_target, run
-from .kernels import cache_write_plan, gated_act_plan, paged_attention_plan as attn, quant_matmul_plan as quant
-from .kernels import rms_norm_plan, rope_plan
+from .kernels import cache_write_plan, gated_act_plan, rms_norm_plan, rope_plan
+from .kernels import paged_attention_plan as attn
+from .kernels import quant_matmul_plan as quant
 
 F = TypeVar("F", bound=Callable[..., object])
 # kiln op name ("kiln.rms_norm") -> its launcher; ops without one keep their torch reference (layer_norm, ...).
@@ -126,8 +127,8 @@ def paged_attention(
     return out
 
 
-def _quant_matmul(x: Tensor, weight: Tensor, scales: Tensor, mode: str, n: int, bias: Optional[Tensor] = None,
-                  qzeros: Optional[Tensor] = None, input_scale: Optional[Tensor] = None,
+def _quant_matmul(x: Tensor, weight: Tensor, scales: Tensor, mode: str, n: int, bias: Tensor | None = None,
+                  qzeros: Tensor | None = None, input_scale: Tensor | None = None,
                   group_size: int = 128) -> Tensor:
     """Plan and run one quantized matmul over x [..., K] (rows flattened); returns [..., N] in x's dtype."""
     x2 = _rows(x)
@@ -146,21 +147,21 @@ def _quant_matmul(x: Tensor, weight: Tensor, scales: Tensor, mode: str, n: int, 
 
 
 @lowers("kiln.linear_int8")
-def linear_int8(x: Tensor, weight: Tensor, scale: Tensor, bias: Optional[Tensor]) -> Tensor:
+def linear_int8(x: Tensor, weight: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:
     """kiln::linear_int8."""
     return _quant_matmul(x, weight, scale, "int8", weight.shape[0], bias=bias)
 
 
 @lowers("kiln.linear_w8a8")
-def linear_w8a8(x: Tensor, weight: Tensor, scale: Tensor, input_scale: Optional[Tensor],
-                bias: Optional[Tensor]) -> Tensor:
+def linear_w8a8(x: Tensor, weight: Tensor, scale: Tensor, input_scale: Tensor | None,
+                bias: Tensor | None) -> Tensor:
     """kiln::linear_w8a8."""
     return _quant_matmul(x, weight, scale, "w8a8", weight.shape[0], input_scale=input_scale, bias=bias)
 
 
 @lowers("kiln.linear_int4")
-def linear_int4(x: Tensor, qweight: Tensor, scales: Tensor, qzeros: Optional[Tensor], input_scale: Optional[Tensor],
-                bias: Optional[Tensor], group_size: int) -> Tensor:
+def linear_int4(x: Tensor, qweight: Tensor, scales: Tensor, qzeros: Tensor | None, input_scale: Tensor | None,
+                bias: Tensor | None, group_size: int) -> Tensor:
     """kiln::linear_int4."""
     return _quant_matmul(x, qweight, scales, "int4", qweight.shape[1], qzeros=qzeros, input_scale=input_scale,
                          bias=bias, group_size=group_size)

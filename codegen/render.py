@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -55,7 +55,7 @@ def render(template: str, flags: dict[str, Any]) -> str:
     return _ENV.get_template(f"{template}.py.jinja").render(**flags, kernel_signature=kernel_signature)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _load(template: str, frozen: tuple, interpret: bool) -> ModuleType:
     """`interpret` is part of the key: `@triton.jit` makes interpreted functions when it is set, and
     cross-compiling needs real ones in the same process."""

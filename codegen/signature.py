@@ -9,13 +9,13 @@ template and `if` branches in the plan.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
-from typing import Any, Literal, Union
+from functools import cache
+from typing import Any, Literal
 
 import torch
 
 Kind = Literal["pointer", "scalar", "constexpr"]
-When = Union[str, tuple[str, Any], None]  # a flag that must be truthy, or (flag, value) it must equal
+When = str | tuple[str, Any] | None  # a flag that must be truthy, or (flag, value) it must equal
 LINE = 116  # rendered signature lines stay within the 120-column limit
 
 
@@ -60,7 +60,7 @@ class Repeat:
     args: tuple[Arg, ...]
 
 
-_DECLARED: dict[str, dict[str, "Kernel"]] = {}
+_DECLARED: dict[str, dict[str, Kernel]] = {}
 
 
 @dataclass(frozen=True)
@@ -115,7 +115,7 @@ class Kernel:
         return runtime, constexprs
 
 
-@lru_cache(maxsize=None)
+@cache
 def _arguments(kernel: Kernel, frozen: tuple) -> tuple[Arg, ...]:
     flags = thaw(frozen)
     out: list[Arg] = []

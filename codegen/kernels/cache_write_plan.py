@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from kiln.codegen.kernel_plan import Launch, next_pow2
-from kiln.codegen.signature import Kernel, const, ptr, scalar
+from ..kernel_plan import Launch, next_pow2
+from ..signature import Kernel, const, ptr, scalar
 
 KERNEL = Kernel("cache_write", "kernel", (
     ptr("k_ptr"), ptr("v_ptr"), ptr("k_cache_ptr"), ptr("v_cache_ptr"), ptr("slot_ptr"),

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from kiln.codegen.kernel_plan import Config, Launch, cdiv, next_pow2
-from kiln.codegen.signature import Kernel, const, ptr, scalar
+from ..kernel_plan import Config, Launch, cdiv, next_pow2
+from ..signature import Kernel, const, ptr, scalar
 
 KERNEL = Kernel("gated_act", "kernel", (
     ptr("gate_up_ptr"), ptr("out_ptr"), scalar("n_cols"), scalar("in_stride"), scalar("out_stride"),

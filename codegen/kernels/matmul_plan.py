@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from kiln.codegen.kernel_plan import Config, Launch, Target, cdiv, ieee_dots, pick
-from kiln.codegen.render import interpreting
-from kiln.codegen.signature import Kernel, const, ptr, scalar
+from ..kernel_plan import Config, Launch, Target, cdiv, ieee_dots, pick
+from ..render import interpreting
+from ..signature import Kernel, const, ptr, scalar
 
 KERNEL = Kernel("matmul", "kernel", (
     ptr("a_ptr"), ptr("b_ptr"), ptr("c_ptr"), ptr("bias_ptr", "bias"), ptr("res_ptr", "residual"),

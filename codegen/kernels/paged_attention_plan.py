@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from kiln.codegen.kernel_plan import Config, Launch, Target, cdiv, ieee_dots, next_pow2, pick
-from kiln.codegen.render import interpreting
-from kiln.codegen.signature import Kernel, const, ptr, scalar
+from ..kernel_plan import Config, Launch, Target, cdiv, ieee_dots, next_pow2, pick
+from ..render import interpreting
+from ..signature import Kernel, const, ptr, scalar
 
 KERNEL = Kernel("paged_attention", "kernel", (
     ptr("q_ptr"), ptr("k_cache_ptr"), ptr("v_cache_ptr"), ptr("out_ptr"), ptr("lse_ptr", "split"),

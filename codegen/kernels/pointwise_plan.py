@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
-from kiln.codegen.kernel_plan import Config, Launch, cdiv, next_pow2
-from kiln.codegen.signature import Kernel, Repeat, const, ptr, scalar
+from ..kernel_plan import Config, Launch, cdiv, next_pow2
+from ..signature import Kernel, Repeat, const, ptr, scalar
 
 KERNEL = Kernel("pointwise", "kernel", (
     Repeat("inputs", (ptr("{}_ptr"), scalar("{}_stride"))), ptr("out_ptr"), scalar("out_stride"), scalar("n_cols"),

@@ -4,13 +4,11 @@ output tiles still fill the GPU. `choose` is the launchers' choice of config and
 check reproduces for each target."""
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 
-from kiln.codegen.kernel_plan import Config, Launch, Target, cdiv, ieee_dots, next_pow2, pick
-from kiln.codegen.signature import Kernel, const, ptr, scalar
+from ..kernel_plan import Config, Launch, Target, cdiv, ieee_dots, next_pow2, pick
+from ..signature import Kernel, const, ptr, scalar
 
 KERNEL = Kernel("quant_matmul", "kernel", (
     ptr("a_ptr"), ptr("w_ptr"), ptr("scale_ptr"), ptr("c_ptr"), ptr("a_scale_ptr", ("weight", "w8a8")),
@@ -68,8 +66,8 @@ def choose(m: int, n: int, k: int, mode: str, dtype: torch.dtype, zero_point: bo
 
 
 def plan(a: Tensor, weight: Tensor, scales: Tensor, c: Tensor, mode: str, config: Config, split_k: int = 1,
-         a_scale: Optional[Tensor] = None, qzeros: Optional[Tensor] = None, input_scale: Optional[Tensor] = None,
-         bias: Optional[Tensor] = None, group_size: int = 128) -> Launch:
+         a_scale: Tensor | None = None, qzeros: Tensor | None = None, input_scale: Tensor | None = None,
+         bias: Tensor | None = None, group_size: int = 128) -> Launch:
     """a [M, K] (int8 codes for w8a8, with a_scale [M]); c [M, N], fp32 and zeroed when split_k > 1."""
     if mode not in MODES:
         raise ValueError(f"mode: {mode!r} is not one of {', '.join(MODES)}")
@@ -86,7 +84,7 @@ def plan(a: Tensor, weight: Tensor, scales: Tensor, c: Tensor, mode: str, config
     return Launch(KERNEL, flags, args, grid, config.num_warps, config.num_stages)
 
 
-def plan_quantize_rows(x: Tensor, q: Tensor, scale: Tensor, input_scale: Optional[Tensor] = None) -> Launch:
+def plan_quantize_rows(x: Tensor, q: Tensor, scale: Tensor, input_scale: Tensor | None = None) -> Launch:
     """x [M, K] -> int8 codes q [M, K] and per-row scale [M]."""
     m, k = x.shape
     args = {"x_ptr": x, "q_ptr": q, "s_ptr": scale, "K": k, "x_stride_m": x.stride(0), "BLOCK": next_pow2(k)}

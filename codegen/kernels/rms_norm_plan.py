@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from kiln.codegen.kernel_plan import Config, Launch, next_pow2
-from kiln.codegen.signature import Kernel, const, ptr, scalar
+from ..kernel_plan import Config, Launch, next_pow2
+from ..signature import Kernel, const, ptr, scalar
 
 KERNEL = Kernel("rms_norm", "kernel", (
     ptr("x_ptr"), ptr("weight_ptr"), ptr("out_ptr"), ptr("res_ptr", "residual"), ptr("res_out_ptr", "residual"),

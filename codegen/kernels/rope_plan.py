@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from kiln.codegen.kernel_plan import Launch, next_pow2
-from kiln.codegen.signature import Kernel, const, ptr, scalar
+from ..kernel_plan import Launch, next_pow2
+from ..signature import Kernel, const, ptr, scalar
 
 KERNEL = Kernel("rope", "kernel", (
     ptr("q_ptr"), ptr("k_ptr"), ptr("q_out_ptr"), ptr("k_out_ptr"), ptr("positions_ptr"), ptr("cos_sin_ptr"),
