@@ -1,12 +1,12 @@
 """Compile the kernels a model's launchers pick, at the model's real sizes, for an NVIDIA target with no GPU.
 
-Each step's launches are planned the way the launchers plan them: the plans' `choose` functions, given
-the target's shared-memory limit and SM count, on `meta` tensors of the step's shapes (decode at batch 1 and
-256, prefill of 512-token and 2048-token sequences), the quantized linears included when asked. So what is
-compiled here is what a GPU of that
-capability would run, not a candidate that happens to compile. Each distinct kernel (source, constants,
-signature, options) is compiled once and recorded: its shared memory against the target's limit and against
-its config's bound (which `pick` trusts), registers and spills; its source and cubin go under out_dir/sm_<cc>/.
+Each step's launches come from every plan's `@at_model_size` hook (model_step.py), planned the way the
+launchers plan them: the plans' `choose` functions, given the target's shared-memory limit and SM count, on
+`meta` tensors of the step's shapes (decode at batch 1 and 256, prefill of 512-token and 2048-token sequences),
+the quantized linears included when asked. So what is compiled here is what a GPU of that capability would run,
+not a candidate that happens to compile. Each distinct kernel (source, constants, signature, options) is
+compiled once and recorded: its shared memory against the target's limit and against its config's bound (which
+`pick` trusts), registers and spills; its source and cubin go under out_dir/sm_<cc>/.
 """
 from __future__ import annotations
 
@@ -26,26 +26,15 @@ from typing import Any
 import torch
 
 from .kernel_plan import SIZING_SMS, Launch, Target
-from .kernels import (
-    cache_write_plan,
-    gated_act_plan,
-    matmul_plan,
-    paged_attention_plan,
-    pointwise_plan,
-    quant_matmul_plan,
-    rms_norm_plan,
-    rope_plan,
-)
+from .model_step import ModelShapes, ModelStep, Planned, step_launches
 from .render import interpreting
 
 # Per capability: usable shared memory per block (opt-in maximum) and the SM count of a representative part
 # (H100 SXM, A100, L4, A10), which only sizes the decode split.
 TARGETS = {90: Target(232_448, SIZING_SMS), 80: Target(166_912, 108), 89: Target(101_376, 58),
            86: Target(101_376, 72)}
-QUANT_GROUP_SIZE = 128  # int4's group size at which the quantized linears are compiled
 # Steps as (name, sequences, query length of each): decode at two batch sizes, prefill at two prompt lengths.
 STEPS = (("decode_1", 1, 1), ("decode_256", 256, 1), ("prefill_512", 4, 512), ("prefill_2048", 1, 2048))
-MAX_BLOCKS_PER_SEQ = 512  # block-table width: only a stride, the kernels take any
 
 
 @dataclass
@@ -79,117 +68,11 @@ class KernelRecord:
         return [f"{self.name} {self.config} warps={self.num_warps} stages={self.num_stages}: {p}" for p in out]
 
 
-@dataclass(frozen=True)
-class ModelShapes:
-    """The sizes kernels are specialised and sized for, read from an HF config."""
-
-    hidden: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    intermediate: int
-    rotary_dim: int
-    act: str
-    weight_offset: float
-    window: int
-    softcap: float
-    max_positions: int
-
-    @classmethod
-    def from_config(cls, config: Any) -> ModelShapes:
-        def get(key: str, default: Any = None) -> Any:
-            return config.get(key, default) if isinstance(config, dict) else getattr(config, key, default)
-
-        heads = get("num_attention_heads")
-        head_dim = get("head_dim") or get("hidden_size") // heads
-        act = {"silu": "silu", "gelu": "gelu"}.get(get("hidden_act", "silu"), "gelu_tanh")
-        model_type = get("model_type", "")
-        return cls(get("hidden_size"), heads, get("num_key_value_heads") or heads, head_dim,
-                   get("intermediate_size"), int(head_dim * (get("partial_rotary_factor") or 1.0)), act,
-                   1.0 if str(model_type).startswith("gemma") else 0.0, int(get("sliding_window") or 0),
-                   float(get("attn_logit_softcapping") or 0.0), min(int(get("max_position_embeddings", 4096)), 1 << 20))
-
-
-@dataclass
-class Planned:
-    """One launch of one step, with the bound of the config it was chosen by (None: no choice made)."""
-
-    kernel: str
-    step: str
-    launch: Launch
-    shared_bound: int | None = None
-
-
-def _meta(*shape: int, dtype: torch.dtype) -> torch.Tensor:
-    return torch.empty(*shape, dtype=dtype, device="meta")
-
-
-def step_launches(shapes: ModelShapes, dtype: torch.dtype, target: Target, step: str, seqs: int, query_len: int,
-                  block_size: int = 16, quantized: bool = False) -> list[Planned]:
-    """Every kernel one step of the model runs, planned as the launchers plan them for `target`; with
-    `quantized`, the quantized linears too (`quant_step_launches`)."""
-    s, t = shapes, seqs * query_len
-    x, w = _meta(t, s.hidden, dtype=dtype), _meta(s.hidden, dtype=dtype)
-    q, k = _meta(t, s.heads, s.head_dim, dtype=dtype), _meta(t, s.kv_heads, s.head_dim, dtype=dtype)
-    k_cache, v_cache = (_meta(4096, block_size, s.kv_heads, s.head_dim, dtype=dtype) for _ in range(2))
-    cos_sin = _meta(s.max_positions, s.rotary_dim, dtype=torch.float32)
-    add_mul = pointwise_plan.Chain(("a", "b"), "a + b * alpha", ("alpha",))
-    out = [
-        Planned("rms_norm", step, rms_norm_plan.plan(x, w, x, 1e-5, s.weight_offset)),
-        Planned("add_rms_norm", step, rms_norm_plan.plan(x, w, x, 1e-5, s.weight_offset, x, x)),
-        Planned(f"{s.act}_mul", step, gated_act_plan.plan(_meta(t, 2 * s.intermediate, dtype=dtype),
-                                                          _meta(t, s.intermediate, dtype=dtype), s.act)),
-        Planned("rope", step, rope_plan.plan(q, k, q, k, _meta(t, dtype=torch.int64), cos_sin, s.rotary_dim, True)),
-        Planned("cache_write", step, cache_write_plan.plan(k, k, k_cache, v_cache, _meta(t, dtype=torch.int64))),
-        Planned("pointwise_add_mul", step, pointwise_plan.plan(add_mul, {"a": x, "b": x}, {"alpha": 1.0}, x)),
-    ]
-    config, splits = paged_attention_plan.choose(seqs, query_len, s.heads, s.kv_heads, s.head_dim, s.head_dim, dtype,
-                                                 target)
-    partial = _meta(t, s.heads, splits, s.head_dim, dtype=torch.float32)
-    lse = _meta(t, s.heads, splits, dtype=torch.float32)
-    tables = _meta(seqs, MAX_BLOCKS_PER_SEQ, dtype=torch.int32)
-    attention, *merge = paged_attention_plan.plan(
-        q, k_cache, v_cache, q, tables, _meta(seqs, dtype=torch.int32), _meta(seqs + 1, dtype=torch.int32),
-        s.head_dim ** -0.5, s.window, s.softcap, query_len, config, splits, partial, lse)
-    out.append(Planned("attention", step, attention, config.shared_bytes))
-    out += [Planned("attention_merge", step, launch) for launch in merge]
-    for name, n, kk, residual in (("matmul_qkv", (s.heads + 2 * s.kv_heads) * s.head_dim, s.hidden, None),
-                                  ("matmul_down_residual", s.hidden, s.intermediate, x)):
-        config = matmul_plan.choose(t, dtype, target)
-        a, b, c = _meta(t, kk, dtype=dtype), _meta(n, kk, dtype=dtype), _meta(t, n, dtype=dtype)
-        out.append(Planned(name, step, matmul_plan.plan(a, b, c, config, residual=residual), config.shared_bytes))
-    return out + (quant_step_launches(shapes, dtype, target, step, t) if quantized else [])
-
-
-def quant_step_launches(shapes: ModelShapes, dtype: torch.dtype, target: Target, step: str,
-                        tokens: int) -> list[Planned]:
-    """The quantized down projection in each mode (few output tiles: decode splits K) and W8A8's activation
-    quantizer at one step's token count, planned as the quantized launchers plan them."""
-    m, n, k, group = tokens, shapes.hidden, shapes.intermediate, QUANT_GROUP_SIZE
-    x = _meta(m, k, dtype=dtype)
-    q8, s8 = _meta(n, k, dtype=torch.int8), _meta(n, dtype=torch.float32)
-    q4, s4 = _meta(k // 8, n, dtype=torch.int32), _meta(k // group, n, dtype=torch.float32)
-    z4, xs = _meta(k // group, n // 8, dtype=torch.int32), _meta(k, dtype=torch.float32)
-    a_scale = _meta(m, dtype=torch.float32)
-    out = []
-    for name, mode, weight, scales, extra in (
-            ("int8", "int8", q8, s8, {}), ("int4", "int4", q4, s4, {"input_scale": xs}),
-            ("int4_zp", "int4", q4, s4, {"qzeros": z4}), ("w8a8", "w8a8", q8, s8, {"a_scale": a_scale})):
-        config, split = quant_matmul_plan.choose(m, n, k, mode, dtype, "qzeros" in extra, target)
-        a = _meta(m, k, dtype=torch.int8) if mode == "w8a8" else x
-        c = _meta(m, n, dtype=torch.float32 if split > 1 else dtype)
-        launch = quant_matmul_plan.plan(a, weight, scales, c, mode, config, split, group_size=group, **extra)
-        out.append(Planned(f"quant_{name}", step, launch, config.shared_bytes))
-    out.append(Planned("quantize_rows", step, quant_matmul_plan.plan_quantize_rows(
-        x, _meta(m, k, dtype=torch.int8), _meta(m, dtype=torch.float32))))
-    return out
-
-
 def model_launches(shapes: ModelShapes, dtype: torch.dtype, target: Target, block_size: int = 16,
                    quantized: bool = False) -> list[Planned]:
-    """Every kernel launch of every step in STEPS."""
-    return [p for step, seqs, query_len in STEPS
-            for p in step_launches(shapes, dtype, target, step, seqs, query_len, block_size, quantized)]
+    """Every kernel launch of every step in STEPS, from every plan's `@at_model_size` hook."""
+    return [p for name, seqs, query_len in STEPS
+            for p in step_launches(ModelStep(shapes, dtype, target, name, seqs, query_len, block_size, quantized))]
 
 
 @contextlib.contextmanager

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..kernel_plan import Launch, next_pow2
+from ..model_step import ModelStep, Planned, at_model_size
 from ..signature import Kernel, const, ptr, scalar
 
 KERNEL = Kernel("cache_write", "kernel", (
@@ -26,3 +27,12 @@ def plan(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
         "BLOCK_DV": next_pow2(dv),
     }
     return Launch(KERNEL, {}, args, (tokens,), num_warps=2)
+
+
+@at_model_size
+def model_step_launches(step: ModelStep) -> list[Planned]:
+    """The step's K/V into a paged cache of the step's block size."""
+    s, t = step.shapes, step.tokens
+    k = step.tensor(t, s.kv_heads, s.head_dim)
+    k_cache, v_cache = (step.tensor(4096, step.block_size, s.kv_heads, s.head_dim) for _ in range(2))
+    return [Planned("cache_write", step.name, plan(k, k, k_cache, v_cache, step.tensor(t, dtype=torch.int64)))]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..kernel_plan import Config, Launch, cdiv, next_pow2
+from ..model_step import ModelStep, Planned, at_model_size
 from ..signature import Kernel, const, ptr, scalar
 
 KERNEL = Kernel("gated_act", "kernel", (
@@ -28,3 +29,11 @@ def plan(gate_up: torch.Tensor, out: torch.Tensor, act: str) -> Launch:
             "out_stride": out.stride(0), **cfg.blocks}
     return Launch(KERNEL, {"act": act}, args, (rows, cdiv(cols, cfg.blocks["BLOCK"])), cfg.num_warps,
                   cfg.num_stages)
+
+
+@at_model_size
+def model_step_launches(step: ModelStep) -> list[Planned]:
+    """The model's gated activation over the step's gate/up projection."""
+    s, t = step.shapes, step.tokens
+    return [Planned(f"{s.act}_mul", step.name,
+                    plan(step.tensor(t, 2 * s.intermediate), step.tensor(t, s.intermediate), s.act))]

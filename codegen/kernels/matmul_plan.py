@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..kernel_plan import Config, Launch, Target, cdiv, ieee_dots, pick
+from ..model_step import ModelStep, Planned, at_model_size
 from ..render import interpreting
 from ..signature import Kernel, const, ptr, scalar
 
@@ -67,3 +68,16 @@ def plan(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, config: Config, bias
         args.update(res_ptr=residual, res_stride_m=residual.stride(0))
     grid = (cdiv(m, config.blocks["BLOCK_M"]) * cdiv(n, config.blocks["BLOCK_N"]),)
     return Launch(KERNEL, flags, args, grid, config.num_warps, config.num_stages)
+
+
+@at_model_size
+def model_step_launches(step: ModelStep) -> list[Planned]:
+    """The fused QKV projection and the down projection with its residual add, at the step's token count."""
+    s, t = step.shapes, step.tokens
+    out = []
+    for name, n, k, residual in (("matmul_qkv", (s.heads + 2 * s.kv_heads) * s.head_dim, s.hidden, None),
+                                 ("matmul_down_residual", s.hidden, s.intermediate, step.tensor(t, s.hidden))):
+        config = choose(t, step.dtype, step.target)
+        a, b, c = step.tensor(t, k), step.tensor(n, k), step.tensor(t, n)
+        out.append(Planned(name, step.name, plan(a, b, c, config, residual=residual), config.shared_bytes))
+    return out

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..kernel_plan import Config, Launch, Target, cdiv, ieee_dots, next_pow2, pick
+from ..model_step import MAX_BLOCKS_PER_SEQ, ModelStep, Planned, at_model_size
 from ..render import interpreting
 from ..signature import Kernel, const, ptr, scalar
 
@@ -111,3 +112,22 @@ def plan(
                       "BLOCK_DV": next_pow2(v_dim), "NUM_SPLITS": num_splits}
         launches.append(Launch(MERGE, flags, merge_args, (q.shape[0], num_heads), 2, 1))
     return launches
+
+
+@at_model_size
+def model_step_launches(step: ModelStep) -> list[Planned]:
+    """The step's attention (and the split-KV merge when the launcher would split), with the config and split
+    count the launcher chooses for the step's target."""
+    s, t, seqs = step.shapes, step.tokens, step.seqs
+    config, splits = choose(seqs, step.query_len, s.heads, s.kv_heads, s.head_dim, s.head_dim, step.dtype,
+                            step.target)
+    q = step.tensor(t, s.heads, s.head_dim)
+    k_cache, v_cache = (step.tensor(4096, step.block_size, s.kv_heads, s.head_dim) for _ in range(2))
+    partial = step.tensor(t, s.heads, splits, s.head_dim, dtype=torch.float32)
+    lse = step.tensor(t, s.heads, splits, dtype=torch.float32)
+    tables = step.tensor(seqs, MAX_BLOCKS_PER_SEQ, dtype=torch.int32)
+    attention, *merge = plan(
+        q, k_cache, v_cache, q, tables, step.tensor(seqs, dtype=torch.int32), step.tensor(seqs + 1, dtype=torch.int32),
+        s.head_dim ** -0.5, s.window, s.softcap, step.query_len, config, splits, partial, lse)
+    return ([Planned("attention", step.name, attention, config.shared_bytes)]
+            + [Planned("attention_merge", step.name, launch) for launch in merge])

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from ..kernel_plan import Config, Launch, cdiv, next_pow2
+from ..model_step import ModelStep, Planned, at_model_size
 from ..signature import Kernel, Repeat, const, ptr, scalar
 
 KERNEL = Kernel("pointwise", "kernel", (
@@ -45,3 +46,11 @@ def plan(chain: Chain, tensors: dict[str, torch.Tensor], scalars: dict[str, floa
     flags = {"inputs": list(chain.inputs), "scalars": list(chain.scalars), "expr": chain.expr, "reduce": chain.reduce}
     grid = (rows, 1 if chain.reduce != "none" else cdiv(cols, cfg.blocks["BLOCK"]))
     return Launch(KERNEL, flags, args, grid, cfg.num_warps, cfg.num_stages)
+
+
+@at_model_size
+def model_step_launches(step: ModelStep) -> list[Planned]:
+    """A two-input chain over the step's hidden states (what region fusion typically emits)."""
+    x = step.tensor(step.tokens, step.shapes.hidden)
+    add_mul = Chain(("a", "b"), "a + b * alpha", ("alpha",))
+    return [Planned("pointwise_add_mul", step.name, plan(add_mul, {"a": x, "b": x}, {"alpha": 1.0}, x))]

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from ..kernel_plan import Config, Launch, Target, cdiv, ieee_dots, next_pow2, pick
+from ..model_step import ModelStep, Planned, at_model_size
 from ..signature import Kernel, const, ptr, scalar
 
 KERNEL = Kernel("quant_matmul", "kernel", (
@@ -21,6 +22,7 @@ QUANTIZE_ROWS = Kernel("quant_matmul", "quantize_rows", (
     const("BLOCK"),
 ))
 MODES = ("int8", "int4", "w8a8")
+MODEL_GROUP_SIZE = 128  # int4's group size in the model-size launches the cross-compile check compiles
 
 
 def configs(m: int, mode: str, dtype: torch.dtype, zero_point: bool = False) -> list[Config]:
@@ -93,3 +95,28 @@ def plan_quantize_rows(x: Tensor, q: Tensor, scale: Tensor, input_scale: Tensor 
     flags = {"weight": "w8a8", "zero_point": False, "input_scale": input_scale is not None, "bias": False,
              "split_k": False, "ieee": False}
     return Launch(QUANTIZE_ROWS, flags, args, (m,), num_warps=4, num_stages=1)
+
+
+@at_model_size
+def model_step_launches(step: ModelStep) -> list[Planned]:
+    """When the step is quantized: the down projection in each mode (few output tiles: decode splits K) and
+    W8A8's activation quantizer, at the step's token count, planned as the quantized launchers plan them."""
+    if not step.quantized:
+        return []
+    m, n, k, group = step.tokens, step.shapes.hidden, step.shapes.intermediate, MODEL_GROUP_SIZE
+    x = step.tensor(m, k)
+    q8, s8 = step.tensor(n, k, dtype=torch.int8), step.tensor(n, dtype=torch.float32)
+    q4, s4 = step.tensor(k // 8, n, dtype=torch.int32), step.tensor(k // group, n, dtype=torch.float32)
+    z4, xs = step.tensor(k // group, n // 8, dtype=torch.int32), step.tensor(k, dtype=torch.float32)
+    a_scale = step.tensor(m, dtype=torch.float32)
+    out = []
+    for name, mode, weight, scales, extra in (
+            ("int8", "int8", q8, s8, {}), ("int4", "int4", q4, s4, {"input_scale": xs}),
+            ("int4_zp", "int4", q4, s4, {"qzeros": z4}), ("w8a8", "w8a8", q8, s8, {"a_scale": a_scale})):
+        config, split = choose(m, n, k, mode, step.dtype, "qzeros" in extra, step.target)
+        a = step.tensor(m, k, dtype=torch.int8) if mode == "w8a8" else x
+        c = step.tensor(m, n, dtype=torch.float32 if split > 1 else step.dtype)
+        launch = plan(a, weight, scales, c, mode, config, split, group_size=group, **extra)
+        out.append(Planned(f"quant_{name}", step.name, launch, config.shared_bytes))
+    quantize = plan_quantize_rows(x, step.tensor(m, k, dtype=torch.int8), step.tensor(m, dtype=torch.float32))
+    return out + [Planned("quantize_rows", step.name, quantize)]

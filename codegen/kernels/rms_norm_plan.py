@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..kernel_plan import Config, Launch, next_pow2
+from ..model_step import ModelStep, Planned, at_model_size
 from ..signature import Kernel, const, ptr, scalar
 
 KERNEL = Kernel("rms_norm", "kernel", (
@@ -35,3 +36,12 @@ def plan(
     cfg = config(cols)
     flags = {"residual": residual is not None, "weight_offset": float(weight_offset)}
     return Launch(KERNEL, flags, {**args, **cfg.blocks}, (rows,), cfg.num_warps, cfg.num_stages)
+
+
+@at_model_size
+def model_step_launches(step: ModelStep) -> list[Planned]:
+    """rms_norm and add_rms_norm over the step's hidden states."""
+    x, w = step.tensor(step.tokens, step.shapes.hidden), step.tensor(step.shapes.hidden)
+    offset = step.shapes.weight_offset
+    return [Planned("rms_norm", step.name, plan(x, w, x, 1e-5, offset)),
+            Planned("add_rms_norm", step.name, plan(x, w, x, 1e-5, offset, x, x))]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..kernel_plan import Launch, next_pow2
+from ..model_step import ModelStep, Planned, at_model_size
 from ..signature import Kernel, const, ptr, scalar
 
 KERNEL = Kernel("rope", "kernel", (
@@ -38,3 +39,13 @@ def plan(
     }
     flags = {"neox": bool(neox_style), "copy_rest": rest > 0 and not in_place}
     return Launch(KERNEL, flags, args, (tokens,), num_warps=4 if hq * half >= 512 else 2)
+
+
+@at_model_size
+def model_step_launches(step: ModelStep) -> list[Planned]:
+    """Rotary embedding of the step's q and k, in place, over the model's whole position table."""
+    s, t = step.shapes, step.tokens
+    q, k = step.tensor(t, s.heads, s.head_dim), step.tensor(t, s.kv_heads, s.head_dim)
+    cos_sin = step.tensor(s.max_positions, s.rotary_dim, dtype=torch.float32)
+    return [Planned("rope", step.name, plan(q, k, q, k, step.tensor(t, dtype=torch.int64), cos_sin, s.rotary_dim,
+                                            True))]

@@ -1,6 +1,6 @@
 """Each kernel's arguments are declared once: the template's signature is rendered from the declaration, a
-launch's arguments are checked by name against it (missing, unexpected, wrong kind), and each launcher declares
-the kiln op it runs."""
+launch's arguments are checked by name against it (missing, unexpected, wrong kind), each launcher declares the
+kiln op it runs, and each plan declares its launches at a model's sizes for the cross-compile check."""
 from __future__ import annotations
 
 import ast
@@ -74,3 +74,19 @@ def test_each_launcher_declares_the_op_it_runs() -> None:
             "kiln.linear_int8", "kiln.linear_w8a8"} <= set(launchers.LOWERINGS)
     with pytest.raises(ValueError, match="kiln.rms_norm has two launchers"):
         launchers.lowers("kiln.rms_norm")(lambda x: x)
+
+
+def test_every_plan_declares_its_launches_at_model_size() -> None:
+    import transformers
+
+    from kiln.codegen.cross_compile import TARGETS
+    from kiln.codegen.model_step import ModelShapes, ModelStep, step_launches
+
+    config = transformers.LlamaConfig(hidden_size=256, num_attention_heads=4, num_key_value_heads=2,
+                                      intermediate_size=512, num_hidden_layers=1, vocab_size=100)
+    step = ModelStep(ModelShapes.from_config(config), torch.bfloat16, TARGETS[90], "decode_1", 1, 1, quantized=True)
+    planned = step_launches(step)
+    templates = {p.launch.kernel.template for p in planned}
+    assert templates == {"cache_write", "gated_act", "matmul", "paged_attention", "pointwise", "quant_matmul",
+                         "rms_norm", "rope"}
+    assert all(set(p.launch.bind()[1]) for p in planned)  # every launch binds against its declaration
