@@ -8,8 +8,7 @@ template and `if` branches in the plan.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from functools import cache
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -64,6 +63,18 @@ _DECLARED: dict[str, dict[str, Kernel]] = {}
 
 
 @dataclass(frozen=True)
+class _Layout:
+    """A kernel's arguments under one set of flags, as `bind` uses them."""
+
+    args: tuple[Arg, ...]
+    names: frozenset[str]
+    runtime: tuple[str, ...]
+    constexprs: tuple[str, ...]
+    pointers: tuple[str, ...]
+    scalars: tuple[str, ...]
+
+
+@dataclass(frozen=True, eq=False)  # hashed by identity: a launch looks its layout up on every run
 class Kernel:
     """One `@triton.jit` function `name` of template `<template>.py.jinja`, with its arguments in order.
 
@@ -72,52 +83,72 @@ class Kernel:
     template: str
     name: str
     args: tuple[Arg | Repeat, ...]
+    _layouts: dict[tuple, _Layout] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         kernels = _DECLARED.setdefault(self.template, {})
-        if self.name in kernels and kernels[self.name] != self:
+        if self.name in kernels and kernels[self.name].args != self.args:
             raise ValueError(f"kernel {self.template}.{self.name} is declared twice, differently")
         kernels[self.name] = self
 
+    def _layout(self, flags: dict[str, Any]) -> _Layout:
+        try:  # the flags' items as they are (the common case, cheap); sorted, lists as tuples, when unhashable
+            key = tuple(flags.items())
+            layout = self._layouts.get(key)
+        except TypeError:
+            key = freeze(flags)
+            layout = self._layouts.get(key)
+        if layout is None:
+            args = _enabled(self, flags)
+            layout = self._layouts[key] = _Layout(
+                args, frozenset(a.name for a in args), tuple(a.name for a in args if a.kind != "constexpr"),
+                tuple(a.name for a in args if a.kind == "constexpr"),
+                tuple(a.name for a in args if a.kind == "pointer"), tuple(a.name for a in args if a.kind == "scalar"))
+        return layout
+
     def arguments(self, flags: dict[str, Any]) -> tuple[Arg, ...]:
         """The arguments these flags enable, in the kernel's order."""
-        return _arguments(self, freeze(flags))
+        return self._layout(flags).args
 
     def header(self, flags: dict[str, Any]) -> str:
         """`def name(...):` with the enabled arguments, runtime ones first, then the constexprs."""
-        args = self.arguments(flags)
-        runtime = [a.name for a in args if a.kind != "constexpr"]
-        constexprs = [f"{a.name}: tl.constexpr" for a in args if a.kind == "constexpr"]
-        lines = [line for group in (runtime, constexprs) for line in _wrap(group)]
+        layout = self._layout(flags)
+        constexprs = [f"{name}: tl.constexpr" for name in layout.constexprs]
+        lines = [line for group in (list(layout.runtime), constexprs) for line in _wrap(group)]
         return f"def {self.name}(\n" + "".join(f"    {line}\n" for line in lines) + "):"
 
     def bind(self, flags: dict[str, Any], given: dict[str, Any]) -> tuple[list[tuple[str, Any]], dict[str, Any]]:
         """(runtime arguments in the kernel's order, constexprs) from arguments given by name; ValueError naming
         the kernel and the argument for a missing or unexpected name, TypeError for a value of the wrong kind."""
-        args = self.arguments(flags)
-        names = {a.name for a in args}
-        label = f"kernel {self.template}.{self.name}"
-        missing = [a.name for a in args if a.name not in given]
-        if missing:
-            raise ValueError(f"{label}: missing argument(s) {', '.join(missing)}")
-        unexpected = [name for name in given if name not in names]
-        if unexpected:
+        layout = self._layout(flags)
+        if given.keys() != layout.names:
+            label = f"kernel {self.template}.{self.name}"
+            missing = [a.name for a in layout.args if a.name not in given]
+            if missing:
+                raise ValueError(f"{label}: missing argument(s) {', '.join(missing)}")
+            unexpected = [name for name in given if name not in layout.names]
             raise ValueError(f"{label}: unexpected argument(s) {', '.join(unexpected)} for flags {flags}")
-        runtime, constexprs = [], {}
-        for a in args:
-            value = given[a.name]
-            if (a.kind == "pointer") != isinstance(value, torch.Tensor):
-                raise TypeError(f"{label}: argument {a.name} is a {a.kind}, given a {type(value).__name__}")
-            if a.kind == "constexpr":
-                constexprs[a.name] = value
-            else:
-                runtime.append((a.name, value))
+        runtime = [(name, given[name]) for name in layout.runtime]
+        constexprs = {name: given[name] for name in layout.constexprs}
+        # Plain-type checks first: isinstance against torch.Tensor is slow for values that are not tensors.
+        if not (all(isinstance(given[name], torch.Tensor) for name in layout.pointers)
+                and all(isinstance(given[name], (int, float)) for name in layout.scalars)
+                and all(isinstance(value, (int, float, str)) for value in constexprs.values())):
+            wrong = next(a for a in layout.args if not _fits(a.kind, given[a.name]))
+            raise TypeError(f"kernel {self.template}.{self.name}: argument {wrong.name} is a {wrong.kind}, given a "
+                            f"{type(given[wrong.name]).__name__}")
         return runtime, constexprs
 
 
-@cache
-def _arguments(kernel: Kernel, frozen: tuple) -> tuple[Arg, ...]:
-    flags = thaw(frozen)
+def _fits(kind: Kind, value: Any) -> bool:
+    """Whether `value` can be passed as an argument of `kind`."""
+    if kind == "pointer":
+        return isinstance(value, torch.Tensor)
+    return isinstance(value, (int, float) if kind == "scalar" else (int, float, str))
+
+
+def _enabled(kernel: Kernel, flags: dict[str, Any]) -> tuple[Arg, ...]:
+    """The arguments `flags` enable, Repeat groups expanded; an error if a name repeats."""
     out: list[Arg] = []
     for entry in kernel.args:
         if isinstance(entry, Repeat):

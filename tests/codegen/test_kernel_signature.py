@@ -8,10 +8,12 @@ import ast
 import kernel_checks  # noqa: F401  (first: sets TRITON_INTERPRET)
 import pytest
 import torch
-
+import transformers
 from kiln.codegen import launchers
+from kiln.codegen.cross_compile import TARGETS
 from kiln.codegen.kernel_plan import Launch, run
 from kiln.codegen.kernels import pointwise_plan, quant_matmul_plan, rms_norm_plan
+from kiln.codegen.model_step import ModelShapes, ModelStep, step_launches
 from kiln.codegen.signature import Kernel, const, declared, ptr, scalar
 
 
@@ -77,11 +79,6 @@ def test_each_launcher_declares_the_op_it_runs() -> None:
 
 
 def test_every_plan_declares_its_launches_at_model_size() -> None:
-    import transformers
-
-    from kiln.codegen.cross_compile import TARGETS
-    from kiln.codegen.model_step import ModelShapes, ModelStep, step_launches
-
     config = transformers.LlamaConfig(hidden_size=256, num_attention_heads=4, num_key_value_heads=2,
                                       intermediate_size=512, num_hidden_layers=1, vocab_size=100)
     step = ModelStep(ModelShapes.from_config(config), torch.bfloat16, TARGETS[90], "decode_1", 1, 1, quantized=True)
