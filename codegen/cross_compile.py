@@ -1,11 +1,12 @@
 """Compile the kernels a model's launchers pick, at the model's real sizes, for an NVIDIA target with no GPU.
 
-Each step's launches are planned the way the launchers plan them: the descriptors' `choose` functions, given
-the target's shared-memory limit and SM count, on `meta` tensors of the step's shapes (decode at batch 1 and
-256, prefill of 512-token and 2048-token sequences). So what is compiled here is what a GPU of that
-capability would run, not a candidate that happens to compile. Each distinct kernel (source, constants,
-signature, options) is compiled once and recorded: its shared memory against the target's limit and against
-its config's bound (which `pick` trusts), registers and spills; its source and cubin go under out_dir/sm_<cc>/.
+Each step's launches come from every plan's `@at_model_size` hook (model_step.py), planned the way the
+launchers plan them: the plans' `choose` functions, given the target's shared-memory limit and SM count, on
+`meta` tensors of the step's shapes (decode at batch 1 and 256, prefill of 512-token and 2048-token sequences),
+the quantized linears included when asked. So what is compiled here is what a GPU of that capability would run,
+not a candidate that happens to compile. Each distinct kernel (source, constants, signature, options) is
+compiled once and recorded: its shared memory against the target's limit and against its config's bound (which
+`pick` trusts), registers and spills; its source and cubin go under out_dir/sm_<cc>/.
 """
 from __future__ import annotations
 
@@ -17,22 +18,23 @@ import re
 import subprocess
 import sys
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
-from .launch import Launch, Target
-from .render import interpreting, render
-from .templates import cache_write, gated_act, matmul, paged_attention, pointwise, quant_matmul, rms_norm, rope
+from .kernel_plan import SIZING_SMS, Launch, Target
+from .model_step import ModelShapes, ModelStep, Planned, step_launches
+from .render import interpreting
 
 # Per capability: usable shared memory per block (opt-in maximum) and the SM count of a representative part
 # (H100 SXM, A100, L4, A10), which only sizes the decode split.
-TARGETS = {90: Target(232_448, 132), 80: Target(166_912, 108), 89: Target(101_376, 58), 86: Target(101_376, 72)}
+TARGETS = {90: Target(232_448, SIZING_SMS), 80: Target(166_912, 108), 89: Target(101_376, 58),
+           86: Target(101_376, 72)}
 # Steps as (name, sequences, query length of each): decode at two batch sizes, prefill at two prompt lengths.
 STEPS = (("decode_1", 1, 1), ("decode_256", 256, 1), ("prefill_512", 4, 512), ("prefill_2048", 1, 2048))
-MAX_BLOCKS_PER_SEQ = 512  # block-table width: only a stride, the kernels take any
 
 
 @dataclass
@@ -66,114 +68,11 @@ class KernelRecord:
         return [f"{self.name} {self.config} warps={self.num_warps} stages={self.num_stages}: {p}" for p in out]
 
 
-@dataclass(frozen=True)
-class ModelShapes:
-    """The sizes kernels are specialised and sized for, read from an HF config."""
-
-    hidden: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    intermediate: int
-    rotary_dim: int
-    act: str
-    weight_offset: float
-    window: int
-    softcap: float
-    max_positions: int
-
-    @classmethod
-    def from_config(cls, config: Any) -> "ModelShapes":
-        get = (lambda k, d=None: config.get(k, d)) if isinstance(config, dict) else (lambda k, d=None: getattr(config, k, d))
-        heads = get("num_attention_heads")
-        head_dim = get("head_dim") or get("hidden_size") // heads
-        act = {"silu": "silu", "gelu": "gelu"}.get(get("hidden_act", "silu"), "gelu_tanh")
-        model_type = get("model_type", "")
-        return cls(get("hidden_size"), heads, get("num_key_value_heads") or heads, head_dim,
-                   get("intermediate_size"), int(head_dim * (get("partial_rotary_factor") or 1.0)), act,
-                   1.0 if str(model_type).startswith("gemma") else 0.0, int(get("sliding_window") or 0),
-                   float(get("attn_logit_softcapping") or 0.0), min(int(get("max_position_embeddings", 4096)), 1 << 20))
-
-
-@dataclass
-class Planned:
-    """One launch of one step, with the bound of the config it was chosen by (None: no choice made)."""
-
-    kernel: str
-    step: str
-    launch: Launch
-    shared_bound: int | None = None
-
-
-def _meta(*shape: int, dtype: torch.dtype) -> torch.Tensor:
-    return torch.empty(*shape, dtype=dtype, device="meta")
-
-
-def step_launches(shapes: ModelShapes, dtype: torch.dtype, target: Target, step: str, seqs: int, query_len: int,
-                  block_size: int = 16) -> list[Planned]:
-    """Every kernel one step of the model runs, planned as the launchers plan it for `target`."""
-    s, t = shapes, seqs * query_len
-    x, w = _meta(t, s.hidden, dtype=dtype), _meta(s.hidden, dtype=dtype)
-    q, k = _meta(t, s.heads, s.head_dim, dtype=dtype), _meta(t, s.kv_heads, s.head_dim, dtype=dtype)
-    caches = [_meta(4096, block_size, s.kv_heads, s.head_dim, dtype=dtype) for _ in range(2)]
-    cos_sin = _meta(s.max_positions, s.rotary_dim, dtype=torch.float32)
-    out = [
-        Planned("rms_norm", step, rms_norm.plan(x, w, x, 1e-5, s.weight_offset)),
-        Planned("add_rms_norm", step, rms_norm.plan(x, w, x, 1e-5, s.weight_offset, x, x)),
-        Planned(f"{s.act}_mul", step, gated_act.plan(_meta(t, 2 * s.intermediate, dtype=dtype),
-                                                     _meta(t, s.intermediate, dtype=dtype), s.act)),
-        Planned("rope", step, rope.plan(q, k, q, k, _meta(t, dtype=torch.int64), cos_sin, s.rotary_dim, True)),
-        Planned("cache_write", step, cache_write.plan(k, k, *caches, _meta(t, dtype=torch.int64))),
-        Planned("pointwise_add_mul", step, pointwise.plan(pointwise.Chain(("a", "b"), "a + b * alpha", ("alpha",)),
-                                                          {"a": x, "b": x}, {"alpha": 1.0}, x)),
-    ]
-    config, splits = paged_attention.choose(seqs, query_len, s.heads, s.kv_heads, s.head_dim, s.head_dim, dtype, target)
-    partial = _meta(t, s.heads, splits, s.head_dim, dtype=torch.float32)
-    lse = _meta(t, s.heads, splits, dtype=torch.float32)
-    tables = _meta(seqs, MAX_BLOCKS_PER_SEQ, dtype=torch.int32)
-    attention, *merge = paged_attention.plan(
-        q, *caches, q, tables, _meta(seqs, dtype=torch.int32), _meta(seqs + 1, dtype=torch.int32), s.head_dim ** -0.5,
-        s.window, s.softcap, query_len, config, splits, partial, lse)
-    out.append(Planned("attention", step, attention, config.shared_bytes))
-    out += [Planned("attention_merge", step, launch) for launch in merge]
-    for name, n, kk, extra in (("matmul_qkv", (s.heads + 2 * s.kv_heads) * s.head_dim, s.hidden, {}),
-                               ("matmul_down_residual", s.hidden, s.intermediate, {"residual": x})):
-        config = matmul.choose(t, dtype, target)
-        a, b, c = _meta(t, kk, dtype=dtype), _meta(n, kk, dtype=dtype), _meta(t, n, dtype=dtype)
-        out.append(Planned(name, step, matmul.plan(a, b, c, config, **extra), config.shared_bytes))
-    return out
-
-
-def model_launches(shapes: ModelShapes, dtype: torch.dtype, target: Target, block_size: int = 16) -> list[Planned]:
-    """Every kernel launch of every step in STEPS."""
-    return [p for step, seqs, query_len in STEPS
-            for p in step_launches(shapes, dtype, target, step, seqs, query_len, block_size)]
-
-
-def quant_launches(hidden: int, intermediate: int, dtype: torch.dtype, target: Target,
-                   group_size: int = 128) -> list[Planned]:
-    """The quantized down projection in each mode (few output tiles: decode splits K) and W8A8's activation
-    quantizer at every step's token count, planned as quant_matmul's launchers plan them."""
-    n, k = hidden, intermediate
-    out = []
-    for step, seqs, query_len in STEPS:
-        m = seqs * query_len
-        x = _meta(m, k, dtype=dtype)
-        q8, s8 = _meta(n, k, dtype=torch.int8), _meta(n, dtype=torch.float32)
-        q4, s4 = _meta(k // 8, n, dtype=torch.int32), _meta(k // group_size, n, dtype=torch.float32)
-        z4, xs = _meta(k // group_size, n // 8, dtype=torch.int32), _meta(k, dtype=torch.float32)
-        a_scale = _meta(m, dtype=torch.float32)
-        for name, mode, weight, scales, extra in (
-                ("int8", "int8", q8, s8, {}), ("int4", "int4", q4, s4, {"input_scale": xs}),
-                ("int4_zp", "int4", q4, s4, {"qzeros": z4}), ("w8a8", "w8a8", q8, s8, {"a_scale": a_scale})):
-            config, split = quant_matmul.choose(m, n, k, mode, dtype, "qzeros" in extra, target)
-            a = _meta(m, k, dtype=torch.int8) if mode == "w8a8" else x
-            c = _meta(m, n, dtype=torch.float32 if split > 1 else dtype)
-            launch = quant_matmul.plan(a, weight, scales, c, mode, config, split, group_size=group_size, **extra)
-            out.append(Planned(f"quant_{name}", step, launch, config.shared_bytes))
-        out.append(Planned("quantize_rows", step, quant_matmul.plan_quantize_rows(
-            x, _meta(m, k, dtype=torch.int8), _meta(m, dtype=torch.float32))))
-    return out
+def model_launches(shapes: ModelShapes, dtype: torch.dtype, target: Target, block_size: int = 16,
+                   quantized: bool = False) -> list[Planned]:
+    """Every kernel launch of every step in STEPS, from every plan's `@at_model_size` hook."""
+    return [p for name, seqs, query_len in STEPS
+            for p in step_launches(ModelStep(shapes, dtype, target, name, seqs, query_len, block_size, quantized))]
 
 
 @contextlib.contextmanager
@@ -207,7 +106,8 @@ def _compile(launch: Launch, capability: int) -> tuple[Any, int, int]:
     constexprs = {(names.index(k),): v for k, v in launch.constexprs.items()}
     log = io.StringIO()
     with contextlib.redirect_stdout(log):
-        kernel = triton.compile(ASTSource(fn, signature, constexprs, launch.attrs()), target=GPUTarget("cuda", capability, 32),
+        kernel = triton.compile(ASTSource(fn, signature, constexprs, launch.attrs()),
+                                target=GPUTarget("cuda", capability, 32),
                                 options={"num_warps": launch.num_warps, "num_stages": launch.num_stages})
     text = log.getvalue()
     regs = re.search(r"Used (\d+) registers", text)
@@ -217,7 +117,7 @@ def _compile(launch: Launch, capability: int) -> tuple[Any, int, int]:
 
 def _key(launch: Launch) -> tuple:
     """What makes two launches one compiled kernel (runtime sizes aside)."""
-    return (render(launch.family, launch.flags), launch.name, tuple(sorted(launch.constexprs.items())),
+    return (launch.source(), launch.kernel.name, tuple(sorted(launch.constexprs.items())),
             tuple(launch.signature().items()), tuple(sorted(launch.attrs())), launch.num_warps, launch.num_stages)
 
 
@@ -244,7 +144,7 @@ def compile_launches(planned: list[Planned], target: str, shared_limit: int, roo
         if variants[p.kernel] > 1:
             record.name = f"{p.kernel}_{record.steps[0]}"
         source, cubin = root / f"{record.name}.py", root / f"{record.name}.cubin"
-        source.write_text(render(p.launch.family, p.launch.flags))
+        source.write_text(p.launch.source())
         cubin.write_bytes(kernel.asm["cubin"])
         record.source, record.cubin = str(source), str(cubin)
         records.append(record)
@@ -265,7 +165,7 @@ def _interpreter_bound() -> bool:
         return True
     if "triton" not in sys.modules:
         return False
-    import triton.language.standard as standard
+    from triton.language import standard
     from triton.runtime.jit import JITFunction
 
     return not isinstance(standard.cdiv, JITFunction)
@@ -273,32 +173,36 @@ def _interpreter_bound() -> bool:
 
 def cross_compile(compiled_or_config: Any, target: str = "cuda:90", out_dir: str | Path = "kernels",
                   dtype: torch.dtype | None = None, block_size: int = 16, shared_limit: int | None = None,
-                  kernels: list[str] | None = None, strict: bool = True) -> list[KernelRecord]:
+                  kernels: list[str] | None = None, strict: bool = True, quantized: bool = False) -> list[KernelRecord]:
     """Compile the kernels a model (a CompiledModel, an HF config, or a dict of its fields) runs on `target`.
 
     shared_limit lowers the target's per-block shared memory (configs are then chosen for the lower limit; an
-    unlisted capability gets sm_86's); `kernels` picks kernels by name. With `strict`, raises ValueError listing every kernel that exceeds the
-    target's shared memory or its config's bound, or spills; otherwise the records say so."""
+    unlisted capability gets sm_86's); `kernels` picks kernels by name; `quantized` adds the quantized linears
+    (every mode, at the down projection's size). With `strict`, raises ValueError listing every kernel that
+    exceeds the target's shared memory or its config's bound, or spills; otherwise the records say so."""
     capability = _target(target)
     compiled = hasattr(compiled_or_config, "hf_config")  # a CompiledModel knows its dtype; a config does not
     config = compiled_or_config.hf_config if compiled else compiled_or_config
     dtype = dtype or (compiled_or_config.dtype if compiled else torch.bfloat16)
     config = config if isinstance(config, dict) else config.to_dict()
     base = TARGETS.get(capability, TARGETS[86])
-    device = Target(shared_limit or base.shared_limit, base.sms)
+    limit = shared_limit or base.shared_limit
+    assert limit is not None  # every TARGETS entry has a limit
+    device = Target(limit, base.sms)
     root = Path(out_dir) / f"sm_{capability}"
     if _interpreter_bound():
-        request = {"config": config, "target": target, "out_dir": str(out_dir), "dtype": str(dtype).removeprefix("torch."),
-                   "block_size": block_size, "shared_limit": shared_limit, "kernels": kernels, "strict": False}
+        request = {"config": config, "target": target, "out_dir": str(out_dir),
+                   "dtype": str(dtype).removeprefix("torch."), "block_size": block_size, "shared_limit": shared_limit,
+                   "kernels": kernels, "strict": False, "quantized": quantized}
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         subprocess.run([sys.executable, "-m", "kiln.codegen.cross_compile"], input=json.dumps(request), text=True,
                        env=env, check=True)
         records = [KernelRecord(**r) for r in json.loads((root / "records.json").read_text())]
     else:
-        planned = [p for p in model_launches(ModelShapes.from_config(config), dtype, device, block_size)
+        planned = [p for p in model_launches(ModelShapes.from_config(config), dtype, device, block_size, quantized)
                    if kernels is None or p.kernel in kernels]
         with gpu_compilation():
-            records = compile_launches(planned, target, device.shared_limit, root)
+            records = compile_launches(planned, target, limit, root)
         (root / "records.json").write_text(json.dumps([asdict(r) for r in records], indent=1))
     problems = [p for r in records for p in r.problems()]
     if strict and problems:

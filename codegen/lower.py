@@ -63,7 +63,7 @@ class LowerToTriton(GraphPass):
     name = "lower_triton"
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> dict[str, int]:
-        from .launchers import LOWERINGS  # imports triton: only this backend needs it
+        from .launchers import LOWERINGS  # the launchers declare the ops they run; only this backend needs them
 
         lowered = kept = 0
         for node in gm.graph.nodes:

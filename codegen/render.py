@@ -1,22 +1,26 @@
 """Render a kernel template with its feature flags, write it to the kernel cache, import it from there.
 
-Triton's real compiler reads a kernel's source from its file (`inspect.getsource`), so a kernel made with
-`exec()` runs in the interpreter but is rejected on a GPU: every rendered source is a real file, named by
-the hash of its content so that identical renders share one file and one import.
+A template's `@triton.jit` signatures come from its kernels' declarations (signature.py), through the
+`kernel_signature(name)` hook. Triton's real compiler reads a kernel's source from its file
+(`inspect.getsource`), so a kernel made with `exec()` runs in the interpreter but is rejected on a GPU: every
+rendered source is a real file, named by the hash of its content so that identical renders share one file and
+one import.
 """
 from __future__ import annotations
 
 import hashlib
 import importlib.util
 import os
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import jinja2
 
-TEMPLATE_DIR = Path(__file__).parent / "templates"
+from .signature import declared, freeze, thaw
+
+TEMPLATE_DIR = Path(__file__).parent / "kernels"
 
 _ENV = jinja2.Environment(
     loader=jinja2.FileSystemLoader(str(TEMPLATE_DIR)),
@@ -39,39 +43,44 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def render(family: str, flags: dict[str, Any]) -> str:
-    """The Triton source of template `family` (templates/<family>.py.jinja) for these flags."""
-    return _ENV.get_template(f"{family}.py.jinja").render(**flags)
+def render(template: str, flags: dict[str, Any]) -> str:
+    """The Triton source of kernels/<template>.py.jinja for these flags."""
+    kernels = declared(template)
+
+    def kernel_signature(name: str = "kernel") -> str:
+        if name not in kernels:
+            raise ValueError(f"template {template} renders kernel {name!r}, which no plan declares")
+        return kernels[name].header(flags)
+
+    return _ENV.get_template(f"{template}.py.jinja").render(**flags, kernel_signature=kernel_signature)
 
 
-def _freeze(flags: dict[str, Any]) -> tuple:
-    return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in flags.items()))
-
-
-@lru_cache(maxsize=None)
-def _load(family: str, frozen: tuple, interpret: bool) -> ModuleType:
+@cache
+def _load(template: str, frozen: tuple, interpret: bool) -> ModuleType:
     """`interpret` is part of the key: `@triton.jit` makes interpreted functions when it is set, and
     cross-compiling needs real ones in the same process."""
-    source = render(family, {k: list(v) if isinstance(v, tuple) else v for k, v in frozen})
+    source = render(template, thaw(frozen))
     digest = hashlib.sha256(source.encode()).hexdigest()[:16]
     directory = cache_dir()
     directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"{family}_{digest}.py"
+    path = directory / f"{template}_{digest}.py"
     if not path.exists():
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(source)
         tmp.replace(path)  # atomic: a concurrent reader sees the whole file or none
     spec = importlib.util.spec_from_file_location(f"kiln_kernels.{path.stem}", path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot import the rendered kernel {path}")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-def load(family: str, flags: dict[str, Any]) -> ModuleType:
-    """The imported module of a rendered template (cached per family and flags)."""
-    return _load(family, _freeze(flags), interpreting())
+def load(template: str, flags: dict[str, Any]) -> ModuleType:
+    """The imported module of a rendered template (cached per template and flags)."""
+    return _load(template, freeze(flags), interpreting())
 
 
-def kernel(family: str, flags: dict[str, Any], name: str = "kernel") -> Any:
+def kernel(template: str, flags: dict[str, Any], name: str = "kernel") -> Any:
     """The `@triton.jit` function `name` of a rendered template."""
-    return getattr(load(family, flags), name)
+    return getattr(load(template, flags), name)

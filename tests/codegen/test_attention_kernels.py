@@ -8,8 +8,8 @@ import torch
 
 from kernel_checks import DEVICE, assert_close, poisoned, randn  # first: sets TRITON_INTERPRET
 
-from kiln.codegen.launch import Config, run
-from kiln.codegen.templates import cache_write, paged_attention as attn
+from kiln.codegen.kernel_plan import Config, run
+from kiln.codegen.kernels import cache_write_plan as cache_write, paged_attention_plan as attn
 from kiln.compiler import ops  # noqa: F401  (registers the kiln::paged_attention reference)
 from kiln.compiler.metadata import AttentionMetadata
 

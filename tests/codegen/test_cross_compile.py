@@ -14,8 +14,8 @@ from kernel_checks import in_clean_processes  # first: sets TRITON_INTERPRET
 
 from kiln.codegen import cross_compile as xc
 from kiln.codegen import launchers
-from kiln.codegen.render import render
-from kiln.codegen.templates import matmul, quant_matmul
+from kiln.codegen.kernels import matmul_plan, quant_matmul_plan
+from kiln.codegen.model_step import MAX_BLOCKS_PER_SEQ, ModelShapes, ModelStep, step_launches
 
 LLAMA_1B = transformers.LlamaConfig(
     hidden_size=2048, num_attention_heads=32, num_key_value_heads=8, head_dim=64, intermediate_size=8192,
@@ -74,9 +74,9 @@ def test_launcher_choices_fit_sm90_and_sm80(compiled: list[dict[str, Any]]) -> N
 def test_float32_dots_are_ieee_and_16_bit_dots_keep_the_default(dtype: torch.dtype) -> None:
     # On a GPU a float32 tl.dot is TF32 unless told otherwise (the interpreter cannot tell the difference).
     target = xc.TARGETS[90]
-    planned = (xc.step_launches(xc.ModelShapes.from_config(LLAMA_1B), dtype, target, "prefill_512", 4, 512)
-               + xc.quant_launches(2048, 8192, dtype, target))
-    dots = [line for p in planned for line in render(p.launch.family, p.launch.flags).splitlines()
+    planned = step_launches(ModelStep(ModelShapes.from_config(LLAMA_1B), dtype, target, "prefill_512", 4, 512,
+                                      quantized=True))
+    dots = [line for p in planned for line in p.launch.source().splitlines()
             if "tl.dot(" in line and "out_dtype=tl.int32" not in line]  # W8A8's int8 dot has no float precision
     assert len(dots) >= 4 and all(('input_precision="ieee"' in line) == (dtype == torch.float32) for line in dots)
 
@@ -91,15 +91,14 @@ def _capture(monkeypatch: pytest.MonkeyPatch, module: Any, target: xc.Target) ->
 
 def _what(launch: Any) -> tuple:
     """Everything of a launch that decides which kernel is compiled and how it is gridded."""
-    return (launch.family, launch.name, launch.flags, launch.constexprs, launch.num_warps, launch.num_stages,
-            launch.grid)
+    return (launch.kernel, launch.flags, launch.constexprs, launch.num_warps, launch.num_stages, launch.grid)
 
 
 @pytest.mark.parametrize("capability", [90, 80])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cross_compile_plans_what_the_attention_launcher_launches(monkeypatch, capability: int,
                                                                    dtype: torch.dtype) -> None:
-    target, shapes = xc.TARGETS[capability], xc.ModelShapes.from_config(HEAD_DIM_128)
+    target, shapes = xc.TARGETS[capability], ModelShapes.from_config(HEAD_DIM_128)
     launched = _capture(monkeypatch, launchers, target)
     for step, seqs, query_len in xc.STEPS:
         t = seqs * query_len
@@ -107,12 +106,12 @@ def test_cross_compile_plans_what_the_attention_launcher_launches(monkeypatch, c
         k = torch.empty(t, shapes.kv_heads, shapes.head_dim, dtype=dtype)
         cache = torch.empty(8, 16, shapes.kv_heads, shapes.head_dim, dtype=dtype)
         launched.clear()
-        tables = torch.empty(seqs, xc.MAX_BLOCKS_PER_SEQ, dtype=torch.int32)
+        tables = torch.empty(seqs, MAX_BLOCKS_PER_SEQ, dtype=torch.int32)
         query_start_loc = torch.arange(seqs + 1, dtype=torch.int32) * query_len
         seq_lens, slots = torch.empty(seqs, dtype=torch.int32), torch.empty(t, dtype=torch.int64)
         launchers.paged_attention(q, k, k, cache, cache, slots, tables, seq_lens, query_start_loc,
                                   shapes.head_dim ** -0.5, 0, 0.0)
-        planned = [p.launch for p in xc.step_launches(shapes, dtype, target, step, seqs, query_len)
+        planned = [p.launch for p in step_launches(ModelStep(shapes, dtype, target, step, seqs, query_len))
                    if p.kernel in ("cache_write", "attention", "attention_merge")]
         assert [_what(launch) for launch in launched] == [_what(launch) for launch in planned], step
 
@@ -120,25 +119,27 @@ def test_cross_compile_plans_what_the_attention_launcher_launches(monkeypatch, c
 @pytest.mark.parametrize("capability", [90, 80])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cross_compile_plans_what_the_quant_launchers_launch(monkeypatch, capability: int, dtype: torch.dtype) -> None:
-    target, (n, k, group) = xc.TARGETS[capability], (2048, 8192, 128)
-    launched = _capture(monkeypatch, quant_matmul, target)
-    planned = {(p.kernel, p.step): p.launch for p in xc.quant_launches(n, k, dtype, target, group)}
+    target, group = xc.TARGETS[capability], quant_matmul_plan.MODEL_GROUP_SIZE
+    n, k = LLAMA_1B.hidden_size, LLAMA_1B.intermediate_size
+    launched = _capture(monkeypatch, launchers, target)
+    planned = {(p.kernel, p.step): p.launch
+               for p in xc.model_launches(ModelShapes.from_config(LLAMA_1B), dtype, target, quantized=True)}
     for step, seqs, query_len in xc.STEPS:
         x = torch.empty(seqs * query_len, k, dtype=dtype)
         q8, s8 = torch.empty(n, k, dtype=torch.int8), torch.empty(n)
         q4, s4 = torch.empty(k // 8, n, dtype=torch.int32), torch.empty(k // group, n)
         zeros = torch.empty(k // group, n // 8, dtype=torch.int32)
         for kernel, launcher, args in (
-                ("quant_int8", quant_matmul.linear_int8, (x, q8, s8, None)),
-                ("quant_int4_zp", quant_matmul.linear_int4, (x, q4, s4, zeros, None, None, group)),
-                ("quant_w8a8", quant_matmul.linear_w8a8, (x, q8, s8, None, None))):
+                ("quant_int8", launchers.linear_int8, (x, q8, s8, None)),
+                ("quant_int4_zp", launchers.linear_int4, (x, q4, s4, zeros, None, None, group)),
+                ("quant_w8a8", launchers.linear_w8a8, (x, q8, s8, None, None))):
             launched.clear()
             launcher(*args)
             assert _what(launched[-1]) == _what(planned[(kernel, step)]), (kernel, step)
 
 
 def test_a_lower_shared_limit_picks_the_next_config(tmp_path: Path) -> None:
-    first, second = matmul.configs(2048, torch.bfloat16)[:2]
+    first, second = matmul_plan.configs(2048, torch.bfloat16)[:2]
     limit = (first.shared_bytes + second.shared_bytes) // 2  # between the two candidates' bounds
     records = xc.cross_compile(LLAMA_1B, out_dir=tmp_path, shared_limit=limit, kernels=["matmul_qkv"])
     prefill = next(r for r in records if "prefill_2048" in r.steps)

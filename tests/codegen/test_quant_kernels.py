@@ -1,4 +1,4 @@
-"""Quantized matmul kernels (codegen/templates/quant_matmul) against the kiln:: op references, under the Triton
+"""Quantized matmul kernels (codegen/kernels/quant_matmul) against the kiln:: op references, under the Triton
 interpreter on CPU; and cross-compiled for sm_90 and sm_80 at Llama-3.2-1B's MLP size."""
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from kernel_checks import DEVICE, in_clean_processes, randn
-from kiln.codegen.launch import run
-from kiln.codegen.templates import quant_matmul as qm
+from kiln.codegen import launchers
+from kiln.codegen.kernel_plan import Target, run
+from kiln.codegen.kernels import quant_matmul_plan as qm
 from kiln.compiler import quant_ops as Q
 
 K, N = 256, 96
@@ -27,7 +28,7 @@ def close(actual: torch.Tensor, expected: torch.Tensor) -> None:
 def test_int8_dequant_matmul(m: int) -> None:
     x, w, bias = randn(m, K), randn(N, K), randn(N)
     q, s = Q.quantize_int8(w)
-    close(qm.linear_int8(x, q, s, bias), Q.linear_int8(x, q, s, bias))
+    close(launchers.linear_int8(x, q, s, bias), Q.linear_int8(x, q, s, bias))
 
 
 @pytest.mark.parametrize("group,zero_point", [(32, True), (64, False)])
@@ -35,7 +36,7 @@ def test_int4_dequant_matmul(group: int, zero_point: bool) -> None:
     x, w = randn(3, K), randn(N, K)
     qweight, scales, qzeros = Q.quantize_int4(w, group, zero_point)
     input_scale = torch.rand(K, device=DEVICE) + 0.5
-    close(qm.linear_int4(x, qweight, scales, qzeros, input_scale, None, group),
+    close(launchers.linear_int4(x, qweight, scales, qzeros, input_scale, None, group),
           Q.linear_int4(x, qweight, scales, qzeros, input_scale, None, group))
 
 
@@ -43,7 +44,7 @@ def test_split_k_adds_partials_once() -> None:
     x, w, bias = randn(2, 1024), randn(N, 1024), randn(N)
     q, s = Q.quantize_int8(w)
     config = qm.configs(2, "int8", x.dtype)[0]
-    assert qm.split_k_for(2, N, 1024, config) > 1  # what the launcher picks for this decode-sized M
+    assert qm.split_k_for(2, N, 1024, config, Target().split_sms) > 1  # what the launcher picks for this M
     out = torch.zeros(2, N, device=DEVICE)
     run(qm.plan(x, q, s, out, "int8", config, split_k=2, bias=bias))
     close(out, Q.linear_int8(x, q, s, bias))
@@ -65,30 +66,31 @@ def test_w8a8_scaled_int8_matmul(m: int) -> None:
     x, w, bias = randn(m, K), randn(N, K), randn(N)
     q, s = Q.quantize_int8(w)
     input_scale = torch.rand(K, device=DEVICE) + 0.5
-    close(qm.linear_w8a8(x, q, s, input_scale, bias), Q.linear_w8a8(x, q, s, input_scale, bias))
+    close(launchers.linear_w8a8(x, q, s, input_scale, bias), Q.linear_w8a8(x, q, s, input_scale, bias))
 
 
 QUANT_SCRIPT = """
 import json, sys, torch
 from dataclasses import asdict
-from pathlib import Path
-from kiln.codegen import cross_compile as xc
-capability, out_dir = json.loads(sys.argv[1])
-target, out = xc.TARGETS[capability], []
-with xc.gpu_compilation():
-    for dtype in (torch.bfloat16, torch.float32):
-        launches = xc.quant_launches(2048, 8192, dtype, target)
-        root = Path(out_dir) / str(dtype)[6:] / f"sm_{capability}"
-        out += [{"problems": r.problems(), **asdict(r)}
-                for r in xc.compile_launches(launches, f"cuda:{capability}", target.shared_limit, root)]
+from kiln.codegen.cross_compile import cross_compile
+capability, out_dir, config = json.loads(sys.argv[1])
+kernels = ["quant_int8", "quant_int4", "quant_int4_zp", "quant_w8a8", "quantize_rows"]
+out = []
+for dtype in (torch.bfloat16, torch.float32):
+    records = cross_compile(config, f"cuda:{capability}", f"{out_dir}/{str(dtype)[6:]}", dtype, kernels=kernels,
+                            strict=False, quantized=True)
+    out += [{"problems": r.problems(), **asdict(r)} for r in records]
 print(json.dumps(out))
 """
+LLAMA_1B_MLP = {"hidden_size": 2048, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 64,
+                "intermediate_size": 8192, "max_position_embeddings": 131072}
 
 
 def test_chosen_configs_cross_compile_for_sm90_and_sm80(tmp_path: Path) -> None:
     """At Llama-3.2-1B's down projection, for bf16 and float32 activations: the configs `choose` picks (what
     the launchers run) fit shared memory and their bounds, without spills."""
-    records = [r for rs in in_clean_processes(QUANT_SCRIPT, [(90, str(tmp_path)), (80, str(tmp_path))]) for r in rs]
+    args = [(capability, str(tmp_path), LLAMA_1B_MLP) for capability in (90, 80)]
+    records = [r for rs in in_clean_processes(QUANT_SCRIPT, args) for r in rs]
     problems = [f"{r['target']}: {p}" for r in records for p in r["problems"]]
     assert not problems, "\n".join(problems)
     names = {r["name"] for r in records}
@@ -106,7 +108,7 @@ def test_triton_backend_runs_quantized_models_like_the_reference(checkpoint, spe
 
     path = checkpoint("llama")
     reference, triton = (kiln.compile(path, backend=b, quantization=spec) for b in ("reference", "triton"))
-    assert "torch.ops.kiln.linear" not in triton.code and "quant_matmul_linear" in triton.code
+    assert "torch.ops.kiln.linear" not in triton.code and "kiln_codegen_launchers_linear_" in triton.code
     prompts = [[1, 5, 9, 200, 31, 7, 8], [3, 4]]
     want, want_logits = run_prefill_then_decode(reference, prompts, steps=2)
     got, got_logits = run_prefill_then_decode(triton, prompts, steps=2)

@@ -1,18 +1,20 @@
-"""A kernel launch as plain data: which rendered template, its runtime arguments, constants, grid and config.
+"""A kernel launch as plain data: which declared kernel, its flags, its arguments by name, grid and config.
 
-Each template's descriptor builds a `Launch` from tensor shapes alone, so the same plan serves a real launch
-(CUDA tensors, or CPU tensors under TRITON_INTERPRET=1) and a cross-compile from `meta` tensors at a model's
-real sizes, where only dtypes and shapes exist.
+Each kernel's plan (kernels/<name>_plan.py) builds a `Launch` from tensor shapes alone, so the same plan serves
+a real launch (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1) and a cross-compile from `meta` tensors
+at a model's real sizes, where only dtypes and shapes exist. The arguments are checked against the kernel's
+declaration (signature.py) and ordered by it when the launch runs or is compiled.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from typing import Any
 
 import torch
 
-from .render import kernel
+from .render import kernel, render
+from .signature import Kernel
 
 TRITON_DTYPES = {
     torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.int32: "i32",
@@ -31,6 +33,11 @@ class Config:
     shared_bytes: int = 0
 
 
+# The SM count a split-K grid is sized for where the device has none (the interpreter): an H100 SXM's, so that
+# interpreted runs take the split path a GPU takes.
+SIZING_SMS = 132
+
+
 @dataclass(frozen=True)
 class Target:
     """What a launcher's choice depends on beyond shapes: the device's per-block shared memory (opt-in) and
@@ -39,38 +46,54 @@ class Target:
     shared_limit: int | None = None
     sms: int | None = None
 
+    @property
+    def split_sms(self) -> int:
+        """The SM count that sizes split-K grids: the device's, else SIZING_SMS."""
+        return self.sms or SIZING_SMS
+
 
 @dataclass
 class Launch:
-    """Everything needed to run or cross-compile one kernel call."""
+    """Everything needed to run or cross-compile one call of a declared kernel."""
 
-    family: str
+    kernel: Kernel
     flags: dict[str, Any]
-    args: list[tuple[str, Any]]  # runtime arguments in the kernel's order: tensors and scalars
-    constexprs: dict[str, Any]
+    args: dict[str, Any]  # by name: tensors, scalars and constexprs, as the kernel's declaration names them
     grid: tuple[int, ...]
     num_warps: int = 4
     num_stages: int = 2
-    name: str = "kernel"
 
     @property
     def label(self) -> str:
         on = [f"{k}={v}" for k, v in sorted(self.flags.items()) if v not in (False, None, "none")]
-        return f"{self.family}.{self.name}[{','.join(on)}]"
+        return f"{self.kernel.template}.{self.kernel.name}[{','.join(on)}]"
+
+    def bind(self) -> tuple[list[tuple[str, Any]], dict[str, Any]]:
+        """(runtime arguments in the kernel's order, constexprs), checked against the declaration."""
+        return self.kernel.bind(self.flags, self.args)
+
+    @property
+    def constexprs(self) -> dict[str, Any]:
+        return self.bind()[1]
 
     def fn(self) -> Any:
-        return kernel(self.family, self.flags, self.name)
+        return kernel(self.kernel.template, self.flags, self.kernel.name)
+
+    def source(self) -> str:
+        """The rendered template this launch's kernel comes from."""
+        return render(self.kernel.template, self.flags)
 
     def signature(self) -> dict[str, str]:
         """Triton types of the arguments, constants included (for `ASTSource`)."""
-        sig = {name: _triton_type(value) for name, value in self.args}
-        sig.update({name: "constexpr" for name in self.constexprs})
+        runtime, constexprs = self.bind()
+        sig = {name: _triton_type(value) for name, value in runtime}
+        sig.update({name: "constexpr" for name in constexprs})
         return sig
 
     def attrs(self) -> dict[tuple[int], list[list[Any]]]:
         """The specialisation Triton applies at launch, for a cross-compile to match: tensors (16-byte aligned
         from torch's allocator) and integers that are multiples of 16 are known divisible by 16."""
-        return {(i,): [["tt.divisibility", 16]] for i, (_, value) in enumerate(self.args)
+        return {(i,): [["tt.divisibility", 16]] for i, (_, value) in enumerate(self.bind()[0])
                 if isinstance(value, torch.Tensor)
                 or (isinstance(value, int) and not isinstance(value, bool) and value % 16 == 0)}
 
@@ -95,11 +118,13 @@ def ieee_dots(dtype: torch.dtype) -> bool:
 
 
 def run(launch: Launch) -> None:
-    """Launch on the arguments' device (a GPU, or the interpreter for CPU tensors)."""
+    """Launch on the arguments' device (a GPU, or the interpreter for CPU tensors), arguments checked by name
+    against the kernel's declaration and passed in its order."""
+    runtime, constexprs = launch.bind()
     if not launch.grid or min(launch.grid) == 0:
         return
-    values = [value for _, value in launch.args]
-    launch.fn()[launch.grid](*values, **launch.constexprs, num_warps=launch.num_warps, num_stages=launch.num_stages)
+    launch.fn()[launch.grid](*(value for _, value in runtime), **constexprs, num_warps=launch.num_warps,
+                             num_stages=launch.num_stages)
 
 
 def next_pow2(n: int) -> int:
@@ -125,7 +150,7 @@ def device_target(device: torch.device) -> Target:
     return _cuda_target(device.index if device.index is not None else torch.cuda.current_device())
 
 
-@lru_cache(maxsize=None)
+@cache
 def _cuda_target(index: int) -> Target:
     props = torch.cuda.get_device_properties(index)
     shared = int(getattr(props, "shared_memory_per_block_optin", 0) or props.shared_memory_per_block)

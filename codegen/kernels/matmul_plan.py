@@ -1,14 +1,21 @@
-"""Descriptor of matmul.py.jinja: a GEMM with a fused epilogue (bias, activation, residual add, cast). The
+"""Plan of matmul.py.jinja: a GEMM with a fused epilogue (bias, activation, residual add, cast). The
 backend leaves plain GEMMs on torch (cuBLAS); this template is for epilogues worth fusing and for targets
 without a vendor BLAS."""
 from __future__ import annotations
 
 import torch
 
-from kiln.codegen.launch import Config, Launch, Target, cdiv, ieee_dots, pick
-from kiln.codegen.render import interpreting
+from ..kernel_plan import Config, Launch, Target, cdiv, ieee_dots, pick
+from ..model_step import ModelStep, Planned, at_model_size
+from ..render import interpreting
+from ..signature import Kernel, const, ptr, scalar
 
-TEMPLATE = "matmul"
+KERNEL = Kernel("matmul", "kernel", (
+    ptr("a_ptr"), ptr("b_ptr"), ptr("c_ptr"), ptr("bias_ptr", "bias"), ptr("res_ptr", "residual"),
+    scalar("res_stride_m", "residual"), scalar("M"), scalar("N"), scalar("K"), scalar("a_stride_m"),
+    scalar("b_stride_n"), scalar("c_stride_m"),
+    const("BLOCK_M"), const("BLOCK_N"), const("BLOCK_K"), const("GROUP_M"),
+))
 ACTIVATIONS = {"none": lambda x: x, "silu": torch.nn.functional.silu, "relu": torch.relu,
                "gelu": torch.nn.functional.gelu,
                "gelu_tanh": lambda x: torch.nn.functional.gelu(x, approximate="tanh")}
@@ -53,13 +60,24 @@ def plan(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, config: Config, bias
     n = b.shape[0]
     flags = {"bias": bias is not None, "residual": residual is not None, "activation": activation,
              "upcast": interpreting() and a.dtype == torch.bfloat16, "ieee": ieee_dots(a.dtype)}
-    args = [("a_ptr", a), ("b_ptr", b), ("c_ptr", c)]
+    args = {"a_ptr": a, "b_ptr": b, "c_ptr": c, "M": m, "N": n, "K": k, "a_stride_m": a.stride(0),
+            "b_stride_n": b.stride(0), "c_stride_m": c.stride(0), **config.blocks}
     if bias is not None:
-        args.append(("bias_ptr", bias))
+        args["bias_ptr"] = bias
     if residual is not None:
-        args += [("res_ptr", residual), ("res_stride_m", residual.stride(0))]
-    args += [("M", m), ("N", n), ("K", k), ("a_stride_m", a.stride(0)), ("b_stride_n", b.stride(0)),
-             ("c_stride_m", c.stride(0))]
-    blocks = config.blocks
-    grid = (cdiv(m, blocks["BLOCK_M"]) * cdiv(n, blocks["BLOCK_N"]),)
-    return Launch(TEMPLATE, flags, args, dict(blocks), grid, config.num_warps, config.num_stages)
+        args.update(res_ptr=residual, res_stride_m=residual.stride(0))
+    grid = (cdiv(m, config.blocks["BLOCK_M"]) * cdiv(n, config.blocks["BLOCK_N"]),)
+    return Launch(KERNEL, flags, args, grid, config.num_warps, config.num_stages)
+
+
+@at_model_size
+def model_step_launches(step: ModelStep) -> list[Planned]:
+    """The fused QKV projection and the down projection with its residual add, at the step's token count."""
+    s, t = step.shapes, step.tokens
+    out = []
+    for name, n, k, residual in (("matmul_qkv", (s.heads + 2 * s.kv_heads) * s.head_dim, s.hidden, None),
+                                 ("matmul_down_residual", s.hidden, s.intermediate, step.tensor(t, s.hidden))):
+        config = choose(t, step.dtype, step.target)
+        a, b, c = step.tensor(t, k), step.tensor(n, k), step.tensor(t, n)
+        out.append(Planned(name, step.name, plan(a, b, c, config, residual=residual), config.shared_bytes))
+    return out

@@ -1,4 +1,4 @@
-"""Descriptor of paged_attention.py.jinja: the attention half of kiln::paged_attention (vLLM's unified varlen
+"""Plan of paged_attention.py.jinja: the attention half of kiln::paged_attention (vLLM's unified varlen
 kernel: prefill with a cached prefix and decode in one kernel), plus the split-KV merge for decode.
 
 Config by shape: decode tiles hold one token × the group's heads (padded to the 16 rows tl.dot needs); prefill
@@ -9,10 +9,24 @@ from __future__ import annotations
 
 import torch
 
-from kiln.codegen.launch import Config, Launch, Target, cdiv, ieee_dots, next_pow2, pick
-from kiln.codegen.render import interpreting
+from ..kernel_plan import Config, Launch, Target, cdiv, ieee_dots, next_pow2, pick
+from ..model_step import MAX_BLOCKS_PER_SEQ, ModelStep, Planned, at_model_size
+from ..render import interpreting
+from ..signature import Kernel, const, ptr, scalar
 
-TEMPLATE = "paged_attention"
+KERNEL = Kernel("paged_attention", "kernel", (
+    ptr("q_ptr"), ptr("k_cache_ptr"), ptr("v_cache_ptr"), ptr("out_ptr"), ptr("lse_ptr", "split"),
+    ptr("block_tables_ptr"), ptr("seq_lens_ptr"), ptr("query_start_loc_ptr"), scalar("q_stride_t"),
+    scalar("q_stride_h"), scalar("out_stride_t", ("split", False)), scalar("out_stride_h", ("split", False)),
+    scalar("tables_stride"), scalar("scale"), scalar("softcap", "softcap"), scalar("window", "window"),
+    const("KV_HEADS"), const("GROUP"), const("GROUP_P"), const("BLOCK_Q"), const("BLOCK_M"), const("BLOCK_N"),
+    const("BLOCK_SIZE"), const("HEAD_D"), const("BLOCK_D"), const("HEAD_DV"), const("BLOCK_DV"),
+    const("NUM_SPLITS"),
+))
+MERGE = Kernel("paged_attention", "merge", (
+    ptr("partial_ptr"), ptr("lse_ptr"), ptr("out_ptr"), scalar("out_stride_t"), scalar("out_stride_h"),
+    scalar("n_heads"), const("HEAD_DV"), const("BLOCK_DV"), const("NUM_SPLITS"),
+))
 REFERENCE = "kiln::paged_attention"
 MAX_SPLITS = 16
 
@@ -76,26 +90,44 @@ def plan(
     split = num_splits > 1
     flags = {"split": split, "softcap": softcap > 0, "window": window > 0,
              "upcast": interpreting() and q.dtype == torch.bfloat16, "ieee": ieee_dots(q.dtype)}
-    args = [("q_ptr", q), ("k_cache_ptr", k_cache), ("v_cache_ptr", v_cache), ("out_ptr", partial if split else out)]
+    args = {"q_ptr": q, "k_cache_ptr": k_cache, "v_cache_ptr": v_cache, "block_tables_ptr": block_tables,
+            "seq_lens_ptr": seq_lens, "query_start_loc_ptr": query_start_loc, "q_stride_t": q.stride(0),
+            "q_stride_h": q.stride(1), "tables_stride": block_tables.stride(0), "scale": float(scale),
+            "KV_HEADS": kv_heads, "GROUP": group, "GROUP_P": next_pow2(group), **config.blocks,
+            "BLOCK_SIZE": block_size, "HEAD_D": head_dim, "BLOCK_D": next_pow2(head_dim), "HEAD_DV": v_dim,
+            "BLOCK_DV": next_pow2(v_dim), "NUM_SPLITS": num_splits}
     if split:
-        args.append(("lse_ptr", lse))
-    args += [("block_tables_ptr", block_tables), ("seq_lens_ptr", seq_lens), ("query_start_loc_ptr", query_start_loc),
-             ("q_stride_t", q.stride(0)), ("q_stride_h", q.stride(1))]
-    if not split:
-        args += [("out_stride_t", out.stride(0)), ("out_stride_h", out.stride(1))]
-    args += [("tables_stride", block_tables.stride(0)), ("scale", float(scale))]
+        args.update(out_ptr=partial, lse_ptr=lse)
+    else:
+        args.update(out_ptr=out, out_stride_t=out.stride(0), out_stride_h=out.stride(1))
     if softcap > 0:
-        args.append(("softcap", float(softcap)))
+        args["softcap"] = float(softcap)
     if window > 0:
-        args.append(("window", int(window)))
-    constexprs = {"KV_HEADS": kv_heads, "GROUP": group, "GROUP_P": next_pow2(group), **config.blocks,
-                  "BLOCK_SIZE": block_size, "HEAD_D": head_dim, "BLOCK_D": next_pow2(head_dim), "HEAD_DV": v_dim,
-                  "BLOCK_DV": next_pow2(v_dim), "NUM_SPLITS": num_splits}
+        args["window"] = int(window)
     grid = (seq_lens.shape[0], cdiv(max_query_len, config.blocks["BLOCK_Q"]), kv_heads * num_splits)
-    launches = [Launch(TEMPLATE, flags, args, constexprs, grid, config.num_warps, config.num_stages)]
+    launches = [Launch(KERNEL, flags, args, grid, config.num_warps, config.num_stages)]
     if split:
-        merge_args = [("partial_ptr", partial), ("lse_ptr", lse), ("out_ptr", out), ("out_stride_t", out.stride(0)),
-                      ("out_stride_h", out.stride(1)), ("n_heads", num_heads)]
-        merge_constexprs = {"HEAD_DV": v_dim, "BLOCK_DV": next_pow2(v_dim), "NUM_SPLITS": num_splits}
-        launches.append(Launch(TEMPLATE, flags, merge_args, merge_constexprs, (q.shape[0], num_heads), 2, 1, "merge"))
+        merge_args = {"partial_ptr": partial, "lse_ptr": lse, "out_ptr": out, "out_stride_t": out.stride(0),
+                      "out_stride_h": out.stride(1), "n_heads": num_heads, "HEAD_DV": v_dim,
+                      "BLOCK_DV": next_pow2(v_dim), "NUM_SPLITS": num_splits}
+        launches.append(Launch(MERGE, flags, merge_args, (q.shape[0], num_heads), 2, 1))
     return launches
+
+
+@at_model_size
+def model_step_launches(step: ModelStep) -> list[Planned]:
+    """The step's attention (and the split-KV merge when the launcher would split), with the config and split
+    count the launcher chooses for the step's target."""
+    s, t, seqs = step.shapes, step.tokens, step.seqs
+    config, splits = choose(seqs, step.query_len, s.heads, s.kv_heads, s.head_dim, s.head_dim, step.dtype,
+                            step.target)
+    q = step.tensor(t, s.heads, s.head_dim)
+    k_cache, v_cache = (step.tensor(4096, step.block_size, s.kv_heads, s.head_dim) for _ in range(2))
+    partial = step.tensor(t, s.heads, splits, s.head_dim, dtype=torch.float32)
+    lse = step.tensor(t, s.heads, splits, dtype=torch.float32)
+    tables = step.tensor(seqs, MAX_BLOCKS_PER_SEQ, dtype=torch.int32)
+    attention, *merge = plan(
+        q, k_cache, v_cache, q, tables, step.tensor(seqs, dtype=torch.int32), step.tensor(seqs + 1, dtype=torch.int32),
+        s.head_dim ** -0.5, s.window, s.softcap, step.query_len, config, splits, partial, lse)
+    return ([Planned("attention", step.name, attention, config.shared_bytes)]
+            + [Planned("attention_merge", step.name, launch) for launch in merge])
