@@ -6,7 +6,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 import torch.fx as fx
@@ -74,18 +74,23 @@ def layer_op_counts(gm: fx.GraphModule, num_layers: int) -> list[int]:
     return counts
 
 
-def is_op(node: Any, *names: str) -> bool:
+def is_op(node: object, *names: str) -> TypeGuard[fx.Node]:
     """Whether `node` is a call to one of the aten ops named (`"linear"`, `"softmax"`, ...)."""
     return isinstance(node, fx.Node) and node.op == "call_function" and op_name(node).split(".")[-1] in names
 
 
 @dataclass
 class PassContext:
-    """Facts about the model that a pass may need beyond the graph itself."""
+    """Facts about the model that a pass may need beyond the graph itself, and what one pass leaves for later
+    ones (each field names the pass that writes it)."""
 
     config: Any
     layer_windows: list[int]
-    state: dict[str, Any] = field(default_factory=dict)  # what one pass leaves for later ones
+    # paged_attention: (kv_heads, head_dim, v_head_dim) per layer, the shapes of the caches it adds as inputs
+    kv_shapes: list[tuple[int, int, int]] = field(default_factory=list)
+    logits_indices: fx.Node | None = None  # paged_attention: the graph input prune_logits gathers rows with
+    quantization: dict[str, Any] = field(default_factory=dict)  # quantize: accuracy and memory, for the report
+    kv_cache_dtype: str | None = None  # quantize: the quantized KV cache's dtype, when one was asked for
 
 
 @dataclass

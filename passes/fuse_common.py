@@ -1,22 +1,19 @@
-"""Helpers the fusion passes share: walking through casts, giving new nodes the metadata of the nodes they
-replace (layer attribution, fake values for later passes and codegen), reading parameters."""
+"""Helpers the passes share: typed access to node arguments and fake values, giving new nodes the metadata of the
+nodes they replace (layer attribution, fake values for later passes and codegen), reading and adding parameters."""
 from __future__ import annotations
 
 import torch
 import torch.fx as fx
 from torch._guards import detect_fake_mode
 
-from .base import is_op
-
 aten = torch.ops.aten
-CASTS = ("to", "_to_copy", "type_as")
 
 
-def strip_casts(node: object) -> object:
-    """The node under any chain of dtype casts (they vanish in float32 graphs, stay in bf16 ones)."""
-    while is_op(node, *CASTS):
-        node = node.args[0]
-    return node
+def arg_node(node: fx.Node, index: int) -> fx.Node:
+    """Argument `index` of a call that the pattern already tells is a node (an input tensor, a weight)."""
+    arg = node.args[index]
+    assert isinstance(arg, fx.Node), f"{node.format_node()}: argument {index} is {arg!r}, not a node"
+    return arg
 
 
 def val(node: object) -> torch.Tensor | None:

@@ -19,8 +19,10 @@ from kiln.compiler import ops  # noqa: F401  (registers kiln::paged_attention)
 from kiln.compiler.metadata import AttentionMetadata
 
 from .base import GraphPass, PassContext, is_op
+from .pattern import CASTS, strip_casts
 
 aten = torch.ops.aten
+_PASS_THROUGH = ("dropout", "alias")  # between the scores and the probabilities: eval-mode no-ops
 
 
 class UnsupportedAttentionError(ValueError):
@@ -52,21 +54,15 @@ def _match_sdpa(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node, float, float]
     return q, _strip_repeat_kv(k), _strip_repeat_kv(v), float(scale), 0.0
 
 
-def _through_casts(node: fx.Node) -> fx.Node:
-    while is_op(node, "to", "_to_copy", "dropout", "type_as", "alias"):
-        node = node.args[0]
-    return node
-
-
 def _match_eager(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node, float, float] | None:
     """Match `matmul(softmax(f(matmul(q, kᵀ))), v)` where f is scaling, soft-capping and a mask add."""
     if not is_op(node, "matmul", "bmm"):
         return None
     probs, v = node.args
-    softmax = _through_casts(probs)
+    softmax = strip_casts(probs, also=_PASS_THROUGH)
     if not is_op(softmax, "softmax", "_softmax"):
         return None
-    scale, softcap, x = 1.0, 0.0, _through_casts(softmax.args[0])
+    scale, softcap, x = 1.0, 0.0, strip_casts(softmax.args[0], also=_PASS_THROUGH)
     while not is_op(x, "matmul", "bmm"):
         if is_op(x, "add") and isinstance(x.args[1], fx.Node):
             x = x.args[0]  # the additive mask: causality and windows come from the cache metadata now
@@ -83,7 +79,7 @@ def _match_eager(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node, float, float
         elif is_op(x, "div") and isinstance(x.args[1], (int, float)):
             scale /= float(x.args[1])
             x = x.args[0]
-        elif is_op(x, "to", "_to_copy"):
+        elif is_op(x, *CASTS):
             x = x.args[0]
         else:
             raise UnsupportedAttentionError(f"unrecognised op {x} between attention scores and softmax")
@@ -119,7 +115,7 @@ class PagedAttention(GraphPass):
         with graph.inserting_before(last_input.next):
             new = {name: graph.placeholder(name) for name in names + caches}
         meta = [new[n] for n in names[:4]]
-        ctx.state["logits_indices"] = new["logits_indices"]
+        ctx.logits_indices = new["logits_indices"]
         kv_shapes = []
         for layer, (node, (q, k, v, scale, softcap)) in enumerate(matches):
             with graph.inserting_before(node):
@@ -132,5 +128,5 @@ class PagedAttention(GraphPass):
             node.replace_all_uses_with(out)
             graph.erase_node(node)
             kv_shapes.append((int(k.meta["val"].shape[1]), _head_dim(k), _head_dim(v)))
-        ctx.state["kv_shapes"] = kv_shapes
+        ctx.kv_shapes = kv_shapes
         return {"matched": len(matches), "cache_inputs": len(caches)}

@@ -19,7 +19,7 @@ class PruneLogits(GraphPass):
     name = "prune_logits"
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> dict[str, int]:
-        indices = ctx.state.get("logits_indices")
+        indices = ctx.logits_indices
         if indices is None:
             raise ValueError("prune_logits needs the logits_indices input that paged_attention adds")
         output = next(n for n in gm.graph.nodes if n.op == "output")

@@ -54,7 +54,7 @@ def test_paged_attention_rewrites_every_attention(checkpoint, arch):
     names = _placeholders(gm)
     assert [f"k_cache_{i}" for i in range(layers)] == [n for n in names if n.startswith("k_cache")]
     assert report.records[1].counters["matched"] == layers
-    assert [s for s in ctx.state["kv_shapes"]] == [(2, 16, 16)] * layers  # KV heads kept, not repeated
+    assert ctx.kv_shapes == [(2, 16, 16)] * layers  # KV heads kept, not repeated
 
 
 def test_eager_softcap_is_detected(checkpoint):
