@@ -4,10 +4,9 @@ the halves as slices of one [T, 2I] matmul; separate gate/up tensors are left to
 from __future__ import annotations
 
 import torch
-import torch.fx as fx
-from torch.fx.node import Argument
-
 from kiln.compiler import fused_ops  # noqa: F401  (registers the kiln:: fused ops)
+from torch import fx
+from torch.fx.node import Argument
 
 from .base import GraphPass, PassContext, is_op
 from .fuse_common import call, last_dim, val
@@ -48,8 +47,9 @@ def _replace(gm: fx.GraphModule, m: Match) -> str:
     act, root = m.node("act"), m.root
     half = _half(m.bound["gate"])
     assert half is not None
+    extra: tuple[Argument, ...] = ()
     if is_op(act, "silu"):
-        key, target, extra = "silu_mul", torch.ops.kiln.silu_mul.default, ()
+        key, target = "silu_mul", torch.ops.kiln.silu_mul.default
     else:  # gelu's `approximate` carries over
         approximate = act.kwargs.get("approximate", act.args[1] if len(act.args) > 1 else "none")
         key, target, extra = "gelu_mul", torch.ops.kiln.gelu_mul.default, (approximate,)

@@ -10,10 +10,9 @@ from __future__ import annotations
 import operator
 
 import torch
-import torch.fx as fx
-from torch._ops import OpOverload
-
 from kiln.compiler import fused_ops  # noqa: F401  (registers the kiln:: fused ops)
+from torch import fx
+from torch._ops import OpOverload
 
 from .base import GraphPass, PassContext, is_op
 from .fuse_common import call, param, val
@@ -29,7 +28,9 @@ def _last_dim_mean(mean: fx.Node, m: Match) -> bool:
 
 def _rms_fits(scale: fx.Node, m: Match) -> bool:
     """A 1-D weight parameter, and the norm's output (after its casts) in the dtype of its input."""
-    w, x, out = param(m.root.graph.owning_module, m.bound["weight"]), val(m.bound["x"]), val(m.root)
+    gm = m.root.graph.owning_module
+    assert gm is not None
+    w, x, out = param(gm, m.bound["weight"]), val(m.bound["x"]), val(m.root)
     return w is not None and w.dim() == 1 and x is not None and out is not None and out.dtype == x.dtype
 
 

@@ -19,7 +19,7 @@ import abc
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-import torch.fx as fx
+from torch import fx
 from torch.fx.node import Argument
 
 from .base import is_op

@@ -5,9 +5,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
-import torch.fx as fx
-
 from kiln.compiler import quant_ops as Q
+from torch import fx
 
 from . import quant_calibrate as cal
 from .fuse_common import arg_node, drop_attr, new_attr, param

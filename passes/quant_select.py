@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
-import torch.fx as fx
+from torch import fx
 
 from .base import is_op
 from .fuse_common import arg_node, param
