@@ -42,7 +42,7 @@ def compile(
     backend "auto" follows the device: "triton" on a GPU, "reference" on the CPU.
 
     quantization: "int8", "w8a8[:smooth]" or "int4[:g32|g64|g128][:zp][:awq]" (each may add ":head");
-    kv_cache_dtype: "int8" or "fp8_e4m3". See `kiln.passes.quantize`.
+    kv_cache_dtype: "int8" or "fp8_e4m3". See `kiln.passes.quant_config`.
     options: one flag per optional pass (e.g. `prune_logits=False`); see `kiln.compiler.pipeline.PASS_FLAGS`.
     """
     if artifact.is_artifact(model):  # compiled ahead of time already: nothing to capture or rewrite
