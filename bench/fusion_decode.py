@@ -18,9 +18,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import kiln
 import torch
 import transformers
+
+import kiln
 from kiln.compiler.metadata import AttentionMetadata
 from kiln.compiler.pipeline import PASS_FLAGS
 from kiln.models.testing import build_tiny_checkpoint

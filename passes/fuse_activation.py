@@ -4,9 +4,10 @@ the halves as slices of one [T, 2I] matmul; separate gate/up tensors are left to
 from __future__ import annotations
 
 import torch
-from kiln.compiler import fused_ops  # noqa: F401  (registers the kiln:: fused ops)
 from torch import fx
 from torch.fx.node import Argument
+
+from kiln.compiler import fused_ops  # noqa: F401  (registers the kiln:: fused ops)
 
 from .base import GraphPass, PassContext, is_op
 from .fuse_common import call, last_dim, val

@@ -4,15 +4,19 @@
 RMSNorm is matched as HF writes it: `w * (x * rsqrt(mean(x², -1) + eps))` (or `(1 + w)` for Gemma), through the
 float32 casts it carries in half-precision graphs. A residual add `a + b` feeding the norm is folded in; its
 sum stays available as the op's second output, the residual stream of the next layer.
+
+Each norm is a pattern function (passes/pattern.py) and a replacement function; the replacement inserts the op
+right after the norm's input, so a residual add that feeds it can be folded in.
 """
 from __future__ import annotations
 
 import operator
 
 import torch
-from kiln.compiler import fused_ops  # noqa: F401  (registers the kiln:: fused ops)
 from torch import fx
 from torch._ops import OpOverload
+
+from kiln.compiler import fused_ops  # noqa: F401  (registers the kiln:: fused ops)
 
 from .base import GraphPass, PassContext, is_op
 from .fuse_common import call, param, val
@@ -22,6 +26,7 @@ kiln = torch.ops.kiln
 
 
 def _last_dim_mean(mean: fx.Node, m: Match) -> bool:
+    """The mean runs over the last dim only (the kernel normalises rows)."""
     dims, v = mean.args[1], val(mean)
     return isinstance(dims, (list, tuple)) and v is not None and list(dims) in ([-1], [v.dim() - 1])
 
@@ -45,6 +50,7 @@ def rms_norm_pattern() -> Casts:
 
 
 def _replace_rms(gm: fx.GraphModule, m: Match) -> str:
+    """`kiln::(add_)rms_norm(x, weight, eps, offset)` in place of the matched norm; offset 1 for Gemma's (1 + w)."""
     offset = 1.0 if "offset" in m.bound else 0.0
     eps = m.bound["eps"]
     assert isinstance(eps, float)
@@ -61,6 +67,7 @@ def layer_norm_pattern() -> Op:
 
 
 def _replace_layer_norm(gm: fx.GraphModule, m: Match) -> str:
+    """`kiln::(add_)layer_norm(x, weight, bias, eps)`, with aten's defaults for what the call leaves out."""
     node = m.root
     _, _, weight, bias, eps = (list(node.args) + [None, None, 1e-5])[:5]
     key = _replace(gm, m.node("x"), node, kiln.layer_norm.default, kiln.add_layer_norm.default, (weight, bias, eps))

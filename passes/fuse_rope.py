@@ -12,9 +12,10 @@ import operator
 from typing import Any
 
 import torch
-from kiln.compiler import fused_ops  # noqa: F401  (registers the kiln:: fused ops)
 from torch import fx
 from torch.fx.node import Argument
+
+from kiln.compiler import fused_ops  # noqa: F401  (registers the kiln:: fused ops)
 
 from .base import GraphPass, PassContext, is_op
 from .fuse_common import arg_node, aten, call, last_dim, new_attr, param

@@ -13,10 +13,11 @@ from __future__ import annotations
 import math
 
 import torch
-from kiln.compiler import ops  # noqa: F401  (registers kiln::paged_attention)
-from kiln.compiler.metadata import AttentionMetadata
 from torch import fx
 from torch.fx.node import Argument
+
+from kiln.compiler import ops  # noqa: F401  (registers kiln::paged_attention)
+from kiln.compiler.metadata import AttentionMetadata
 
 from .base import GraphPass, PassContext, is_op
 from .pattern import CASTS, strip_casts

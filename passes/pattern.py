@@ -129,9 +129,10 @@ class Op(Pattern):
         return False
 
 
-def op(names: str | tuple[str, ...], *args: object, **options: object) -> Op:
+def op(names: str | tuple[str, ...], *args: object, commutative: bool = False, partial: bool = False,
+       name: str | None = None, check: Callable[[fx.Node, Match], bool] | None = None) -> Op:
     """`Op` with its arguments written as a call: `op("add", Bind("x"), Bind("eps"))`."""
-    return Op((names,) if isinstance(names, str) else names, args, **options)  # type: ignore[arg-type]
+    return Op((names,) if isinstance(names, str) else names, args, commutative, partial, name, check)
 
 
 @dataclass(frozen=True)

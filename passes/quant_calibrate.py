@@ -6,8 +6,9 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from kiln.compiler.metadata import AttentionMetadata
 from torch import Tensor, fx
+
+from kiln.compiler.metadata import AttentionMetadata
 
 from .fuse_common import arg_node
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
-from kiln.compiler import quant_ops as Q
 from torch import fx
+
+from kiln.compiler import quant_ops as Q
 
 from . import quant_calibrate as cal
 from .fuse_common import arg_node, drop_attr, new_attr, param

@@ -10,8 +10,9 @@ packed int4 weights: exactly the linears it packed are rewritten, with those wei
 from __future__ import annotations
 
 import torch
-from kiln.compiler import quant_ops as Q
 from torch import fx
+
+from kiln.compiler import quant_ops as Q
 
 from . import quant_calibrate as cal
 from .base import GraphPass, PassContext

@@ -1,16 +1,18 @@
 """Each pass alone and in the pipeline: graph effects by op counts, numbers by comparison with HF."""
 from __future__ import annotations
 
-import kiln
 import pytest
 import torch
-from hf_reference import run_prefill_then_decode
+
+import kiln
 from kiln.compiler.capture import capture
 from kiln.models.loader import load_model
 from kiln.models.registry import layer_windows
 from kiln.passes.base import PassContext, PassReport, op_counts, op_name, run_passes
 from kiln.passes.cleanup import Cleanup
 from kiln.passes.paged_attention import PagedAttention
+
+from hf_reference import run_prefill_then_decode
 
 MASK_OPS = {"aten.diff", "aten.cumsum", "aten.arange", "aten.le", "aten.__and__", "aten.new_ones", "aten.where"}
 

@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import torch
-from kiln.passes.base import is_op
-from kiln.passes.pattern import Bind, Casts, Match, OneOf, Rule, apply_rules, match_at, op, strip_casts
 from torch import fx
 from torch.fx.experimental.proxy_tensor import make_fx
+
+from kiln.passes.base import is_op
+from kiln.passes.pattern import Bind, Casts, Match, OneOf, Rule, apply_rules, match_at, op, strip_casts
 
 
 def _graph(fn, *shapes, dtype=torch.float32) -> fx.GraphModule:

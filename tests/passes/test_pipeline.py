@@ -1,8 +1,9 @@
 """The pipeline is one list: what build_pipeline returns is what kiln.compile runs, in named stages."""
 from __future__ import annotations
 
-import kiln
 import pytest
+
+import kiln
 from kiln.compiler.pipeline import PASS_FLAGS, STAGES, build_pipeline, pipeline_stages
 from kiln.passes.quant_config import QuantConfig
 

@@ -2,15 +2,17 @@
 fp8 cache, the report carries accuracy; AWQ and SmoothQuant lower the error on outlier activations."""
 from __future__ import annotations
 
-import kiln
 import pytest
 import torch
-from hf_reference import run_prefill_then_decode
+
+import kiln
 from kiln.compiler import quant_ops as Q
 from kiln.passes import quant_calibrate as cal
 from kiln.passes.base import op_counts
 from kiln.passes.quant_config import QuantConfig
 from kiln.passes.quant_rewrite import int4_forward, w8a8_forward
+
+from hf_reference import run_prefill_then_decode
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14]]
 
