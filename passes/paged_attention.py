@@ -23,7 +23,7 @@ from .base import GraphPass, PassContext, is_op
 from .pattern import CASTS, strip_casts
 
 aten = torch.ops.aten
-_PASS_THROUGH = ("dropout", "alias")  # between the scores and the probabilities: eval-mode no-ops
+_PASS_THROUGH = ("dropout", "alias")  # around the softmax besides casts: no-ops in eval mode
 
 
 class UnsupportedAttentionError(ValueError):
