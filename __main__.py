@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--report", action="store_true", help="print the compile pass report")
     comp.add_argument("--quantize", default=None, metavar="SCHEME",
                       help="int8, w8a8[:smooth] or int4[:g32|g64|g128][:zp][:awq], each optionally :head "
-                           "(see kiln.passes.quantize)")
+                           "(see kiln.passes.quant_config)")
     comp.add_argument("--target", default=None, metavar="TARGET",
                       help="also cross-compile the generated kernels for TARGET (e.g. cuda:90) into the "
                            "artifact's kernels/ dir; no GPU needed (requires -o)")

@@ -23,9 +23,9 @@ import transformers
 
 import kiln
 from kiln.compiler.metadata import AttentionMetadata
+from kiln.compiler.pipeline import PASS_FLAGS
 from kiln.models.testing import build_tiny_checkpoint
 from kiln.passes.base import layer_op_counts
-from kiln.passes.pipeline import PASS_FLAGS
 
 MODEL_SHAPE = dict(vocab_size=8192, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
                    num_attention_heads=8, num_key_value_heads=4, head_dim=64, max_position_embeddings=1024,

@@ -42,8 +42,8 @@ def compile(
     backend "auto" follows the device: "triton" on a GPU, "reference" on the CPU.
 
     quantization: "int8", "w8a8[:smooth]" or "int4[:g32|g64|g128][:zp][:awq]" (each may add ":head");
-    kv_cache_dtype: "int8" or "fp8_e4m3". See `kiln.passes.quantize`.
-    options: one flag per optional pass (e.g. `prune_logits=False`); see `kiln.passes.pipeline.PASS_FLAGS`.
+    kv_cache_dtype: "int8" or "fp8_e4m3". See `kiln.passes.quant_config`.
+    options: one flag per optional pass (e.g. `prune_logits=False`); see `kiln.compiler.pipeline.PASS_FLAGS`.
     """
     if artifact.is_artifact(model):  # compiled ahead of time already: nothing to capture or rewrite
         fixed = {k: v for k, v in (("quantization", quantization), ("kv_cache_dtype", kv_cache_dtype)) if v}
@@ -51,15 +51,13 @@ def compile(
                              trust_remote_code=trust_remote_code, device=device, **fixed, **options)
     # Imported only now: starting from an artifact needs none of this (the model stack, export, passes,
     # codegen), and importing it is most of an artifact's cold start.
-    from kiln.codegen.lower import LowerToReference, LowerToTriton
     from kiln.models.loader import load_model
     from kiln.models.registry import layer_windows
     from kiln.passes.base import PassContext, PassReport, run_passes
-    from kiln.passes.flatten_attrs import FlattenAttributes
-    from kiln.passes.pipeline import build_pipeline
-    from kiln.passes.quantize import QuantConfig
+    from kiln.passes.quant_config import QuantConfig
 
     from .capture import capture, device_constants
+    from .pipeline import build_pipeline
 
     if backend not in BACKENDS:
         raise ValueError(f"backend: {backend!r} is not available; choose one of {', '.join(BACKENDS)}")
@@ -75,8 +73,7 @@ def compile(
     quant = QuantConfig.parse(quantization, kv_cache_dtype)
     if loaded.prequantized is not None:  # a GPTQ / AWQ checkpoint: int4 from its own packed weights
         quant = loaded.prequantized.quant_config(quant, quantization)
-    passes = build_pipeline(options, quant)
-    passes += [LowerToTriton() if backend == "triton" else LowerToReference(), FlattenAttributes()]
+    passes = build_pipeline(options, quant, backend)
     gm = capture(loaded.model, max_model_len)
     ctx = PassContext(config=config, layer_windows=layer_windows(config))
     report = PassReport(num_layers=config.num_hidden_layers)
@@ -84,8 +81,8 @@ def compile(
     pinned = device_constants(gm)
     if pinned:  # an artifact must load on any device: a constant device in the graph would pin it
         raise RuntimeError(f"the compiled graph names a device at {', '.join(pinned)}; capture should not keep one")
-    report.quantization = ctx.state.get("quantization", {})
-    layouts = [KVLayout(*shape) for shape in ctx.state["kv_shapes"]]
+    report.quantization = ctx.quantization
+    layouts = [KVLayout(*shape) for shape in ctx.kv_shapes]
     compiled = CompiledModel(
         graph_module=gm,
         report=report,
@@ -97,7 +94,7 @@ def compile(
         backend=backend,
         tokenizer=loaded.tokenizer,
         eos_token_ids=_eos_ids(loaded.generation_config, config),
-        kv_cache_dtype=ctx.state.get("kv_cache_dtype"),
+        kv_cache_dtype=ctx.kv_cache_dtype,
     )
     compiled.generation_config = loaded.generation_config  # saved into artifacts as generation_config.json
     return compiled

@@ -24,7 +24,7 @@ from .weights import safetensors_files
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel
 
-    from kiln.passes.quantize import QuantConfig
+    from kiln.passes.quant_config import QuantConfig
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # AWQ gemm: the nibble at shift 4 * i holds column AWQ_ORDER[i] of its 8
 _AWQ_UNPACK = [AWQ_ORDER.index(c) for c in range(8)]  # column c sits at nibble _AWQ_UNPACK[c] (0,4,1,5,2,6,3,7)

@@ -6,10 +6,10 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
-import torch.fx as fx
+from torch import fx
 
 # Calls that only re-describe memory; they are not counted as ops of a layer.
 VIEW_OPS = {
@@ -60,32 +60,40 @@ def layer_op_counts(gm: fx.GraphModule, num_layers: int) -> list[int]:
 
     A node a pass created without a module stack (paged_attention) belongs to the latest layer among its inputs.
     """
-    layer: dict[fx.Node, int | None] = {}
+    layer: dict[fx.Node, int] = {}
     counts = [0] * num_layers
     for n in gm.graph.nodes:
         stack = n.meta.get("nn_module_stack")
         if stack:
             found = _LAYER.search("." + str(list(stack.values())[-1][0]))
-            layer[n] = int(found.group(1)) if found else None
+            index = int(found.group(1)) if found else None
         else:
-            layer[n] = max((layer[i] for i in n.all_input_nodes if layer.get(i) is not None), default=None)
-        if layer[n] is not None and layer[n] < num_layers and n.op.startswith("call_") and not is_view(n):
-            counts[layer[n]] += 1
+            index = max((layer[i] for i in n.all_input_nodes if i in layer), default=None)
+        if index is None:
+            continue
+        layer[n] = index
+        if index < num_layers and n.op.startswith("call_") and not is_view(n):
+            counts[index] += 1
     return counts
 
 
-def is_op(node: Any, *names: str) -> bool:
+def is_op(node: object, *names: str) -> TypeGuard[fx.Node]:
     """Whether `node` is a call to one of the aten ops named (`"linear"`, `"softmax"`, ...)."""
     return isinstance(node, fx.Node) and node.op == "call_function" and op_name(node).split(".")[-1] in names
 
 
 @dataclass
 class PassContext:
-    """Facts about the model that a pass may need beyond the graph itself."""
+    """Facts about the model that a pass may need beyond the graph itself, and what one pass leaves for later
+    ones (each field names the pass that writes it)."""
 
     config: Any
     layer_windows: list[int]
-    state: dict[str, Any] = field(default_factory=dict)  # what one pass leaves for later ones
+    # paged_attention: (kv_heads, head_dim, v_head_dim) per layer, the shapes of the caches it adds as inputs
+    kv_shapes: list[tuple[int, int, int]] = field(default_factory=list)
+    logits_indices: fx.Node | None = None  # paged_attention: the graph input prune_logits gathers rows with
+    quantization: dict[str, Any] = field(default_factory=dict)  # quantize: accuracy and memory, for the report
+    kv_cache_dtype: str | None = None  # quantize: the quantized KV cache's dtype, when one was asked for
 
 
 @dataclass
@@ -118,7 +126,7 @@ class PassReport:
     def format(self) -> str:
         lines = ["pass               what it matched/removed/added              graph ops (all calls)"]
         lines += [r.line() for r in self.records]
-        compute = lambda c: sum(v for k, v in c.items() if k.split(".")[-1] not in VIEW_OPS)  # noqa: E731
+        compute = lambda c: sum(v for k, v in c.items() if k.split(".")[-1] not in VIEW_OPS)
         if self.num_layers:
             lines.append(
                 f"compute ops (views excluded): {compute(self.ops_initial)} -> {compute(self.ops_final)} "

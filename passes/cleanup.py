@@ -7,7 +7,7 @@ paged-attention rewrite). It runs first and again as the fixed final pass.
 from __future__ import annotations
 
 import torch
-import torch.fx as fx
+from torch import fx
 
 from .base import GraphPass, PassContext, is_op
 
@@ -20,6 +20,13 @@ _ASSERTS = {
 def _val(node: object) -> torch.Tensor | None:
     val = node.meta.get("val") if isinstance(node, fx.Node) else None
     return val if isinstance(val, torch.Tensor) else None
+
+
+def _is_assert(node: fx.Node) -> bool:
+    """A runtime check export leaves in the graph: the guards submodule or an assert op."""
+    if node.op == "call_module":
+        return node.target == "_guards_fn"
+    return node.op == "call_function" and getattr(node.target, "__name__", "").split(".")[0] in _ASSERTS
 
 
 def _is_noop(node: fx.Node) -> bool:
@@ -44,10 +51,7 @@ class Cleanup(GraphPass):
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> dict[str, int]:
         asserts = noops = 0
         for node in list(gm.graph.nodes):
-            if node.op == "call_module" and node.target == "_guards_fn":
-                gm.graph.erase_node(node)
-                asserts += 1
-            elif node.op == "call_function" and getattr(node.target, "__name__", "").split(".")[0] in _ASSERTS:
+            if _is_assert(node):
                 gm.graph.erase_node(node)
                 asserts += 1
             elif node.op == "call_function" and _is_noop(node):

@@ -10,7 +10,7 @@ each get_attr node keeps the dotted path in `meta["qualified_name"]`.
 from __future__ import annotations
 
 import torch
-import torch.fx as fx
+from torch import fx
 
 from .base import GraphPass, PassContext
 from .fuse_common import param

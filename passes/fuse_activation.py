@@ -4,55 +4,68 @@ the halves as slices of one [T, 2I] matmul; separate gate/up tensors are left to
 from __future__ import annotations
 
 import torch
-import torch.fx as fx
+from torch import fx
+from torch.fx.node import Argument
 
 from kiln.compiler import fused_ops  # noqa: F401  (registers the kiln:: fused ops)
 
 from .base import GraphPass, PassContext, is_op
-from .fuse_common import call, last_dim, single_user, val
+from .fuse_common import call, last_dim, val
+from .pattern import Bind, Match, Op, Rule, apply_rules, op
+
+_END = 2**63 - 1
 
 
-def _half(node: object) -> tuple[fx.Node, int] | None:
+def _half(node: Argument) -> tuple[fx.Node, int] | None:
     """(source, 0 or 1) when `node` is the first or second half of its source's last dim."""
-    if not is_op(node, "slice") or len(node.args) < 4 or not last_dim(node.args[0], node.args[1]):
+    if not is_op(node, "slice") or len(node.args) < 4:
         return None
-    src, start, end = node.args[0], node.args[2], node.args[3]
-    width = val(src).shape[-1]
+    src, dim, start, end = node.args[:4]
+    value = val(src)
+    if not isinstance(src, fx.Node) or not last_dim(src, dim) or value is None:
+        return None
+    width = value.shape[-1]
     if (start, end) == (0, width // 2):
         return src, 0
-    if start == width // 2 and end in (width, 2**63 - 1):
+    if start == width // 2 and end in (width, _END):
         return src, 1
     return None
 
 
-def _activation(node: object) -> tuple[str, object, tuple] | None:
-    """(counter name, kiln op, extra args) for silu and gelu (whose `approximate` carries over)."""
-    if is_op(node, "silu"):
-        return "silu_mul", torch.ops.kiln.silu_mul.default, ()
-    if is_op(node, "gelu"):
-        approximate = node.kwargs.get("approximate", node.args[1] if len(node.args) > 1 else "none")
-        return "gelu_mul", torch.ops.kiln.gelu_mul.default, (approximate,)
-    return None
+def _same_source(mul: fx.Node, m: Match) -> bool:
+    gate, up = _half(m.bound["gate"]), _half(m.bound["up"])
+    return gate is not None and up is not None and gate[0] is up[0] and (gate[1], up[1]) == (0, 1)
+
+
+def gated_activation_pattern() -> Op:
+    """`act(gate_up[..., :I]) * gate_up[..., I:]`, act silu or gelu, either operand order."""
+    act = op(("silu", "gelu"), Bind("gate"), partial=True, name="act")
+    return op("mul", act, Bind("up"), commutative=True, check=_same_source)
+
+
+def _replace(gm: fx.GraphModule, m: Match) -> str:
+    """`kiln::silu_mul(gate_up)` / `kiln::gelu_mul(gate_up, approximate)` in place of the product."""
+    act, root = m.node("act"), m.root
+    half = _half(m.bound["gate"])
+    assert half is not None
+    extra: tuple[Argument, ...] = ()
+    if is_op(act, "silu"):
+        key, target = "silu_mul", torch.ops.kiln.silu_mul.default
+    else:  # gelu's `approximate` carries over
+        approximate = act.kwargs.get("approximate", act.args[1] if len(act.args) > 1 else "none")
+        key, target, extra = "gelu_mul", torch.ops.kiln.gelu_mul.default, (approximate,)
+    with gm.graph.inserting_before(root):
+        fused = call(gm.graph, target, (half[0], *extra), root)
+    root.replace_all_uses_with(fused)
+    m.erase(gm.graph)
+    return key
+
+
+RULES = (Rule(gated_activation_pattern(), _replace),)
 
 
 class FuseActivation(GraphPass):
     name = "fuse_activation"
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> dict[str, int]:
-        counts = {"silu_mul": 0, "gelu_mul": 0}
-        for node in list(gm.graph.nodes):
-            if not is_op(node, "mul") or len(node.args) != 2:
-                continue
-            for act, up in (node.args, node.args[::-1]):
-                found = _activation(act)
-                gate, other = _half(act.args[0]) if found and single_user(act) else None, _half(up)
-                if gate and other and gate[0] is other[0] and (gate[1], other[1]) == (0, 1):
-                    key, op, extra = found
-                    with gm.graph.inserting_before(node):
-                        fused = call(gm.graph, op, (gate[0], *extra), node)
-                    node.replace_all_uses_with(fused)
-                    gm.graph.erase_node(node)
-                    gm.graph.erase_node(act)
-                    counts[key] += 1
-                    break
-        return counts
+        return apply_rules(gm, RULES, {"silu_mul": 0, "gelu_mul": 0})

@@ -1,22 +1,22 @@
-"""Helpers the fusion passes share: walking through casts, giving new nodes the metadata of the nodes they
-replace (layer attribution, fake values for later passes and codegen), reading parameters."""
+"""Helpers the passes share: typed access to node arguments and fake values, giving new nodes the metadata of the
+nodes they replace (layer attribution, fake values for later passes and codegen), reading and adding parameters."""
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
-import torch.fx as fx
+from torch import fx
 from torch._guards import detect_fake_mode
 
-from .base import is_op
-
 aten = torch.ops.aten
-CASTS = ("to", "_to_copy", "type_as")
 
 
-def strip_casts(node: object) -> object:
-    """The node under any chain of dtype casts (they vanish in float32 graphs, stay in bf16 ones)."""
-    while is_op(node, *CASTS):
-        node = node.args[0]
-    return node
+def arg_node(node: fx.Node, index: int) -> fx.Node:
+    """Argument `index` of a call that the pattern already tells is a node (an input tensor, a weight)."""
+    arg = node.args[index]
+    assert isinstance(arg, fx.Node), f"{node.format_node()}: argument {index} is {arg!r}, not a node"
+    return arg
 
 
 def val(node: object) -> torch.Tensor | None:
@@ -34,7 +34,7 @@ def single_user(node: object) -> bool:
     return isinstance(node, fx.Node) and len(node.users) == 1
 
 
-def call(graph: fx.Graph, target: object, args: tuple, like: fx.Node) -> fx.Node:
+def call(graph: fx.Graph, target: Callable[..., Any], args: tuple, like: fx.Node) -> fx.Node:
     """Insert a call (at the graph's insertion point) with `like`'s module stack and its fake value computed."""
     node = graph.call_function(target, args)
     for key in ("nn_module_stack", "stack_trace"):
@@ -49,6 +49,7 @@ def infer_val(node: fx.Node) -> None:
     vals = [n.meta.get("val") for n in node.all_input_nodes]
     mode = detect_fake_mode(vals)
     args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: n.meta.get("val"))
+    assert callable(node.target) and isinstance(args, tuple) and isinstance(kwargs, dict)
     if mode is not None:
         with mode:
             node.meta["val"] = node.target(*args, **kwargs)
@@ -58,7 +59,7 @@ def param(gm: fx.GraphModule, node: object) -> torch.Tensor | None:
     """The tensor a get_attr node reads, else None."""
     if not (isinstance(node, fx.Node) and node.op == "get_attr"):
         return None
-    module_path, _, attr = node.target.rpartition(".")
+    module_path, _, attr = str(node.target).rpartition(".")
     return getattr(gm.get_submodule(module_path) if module_path else gm, attr)
 
 
@@ -84,7 +85,7 @@ def new_attr(gm: fx.GraphModule, qualified: str, tensor: torch.Tensor, like: fx.
 def drop_attr(gm: fx.GraphModule, node: fx.Node) -> None:
     """Erase a get_attr node nothing reads any more, and its tensor unless another node reads that (a tied
     embedding)."""
-    target = node.target
+    target = str(node.target)
     if node.users:
         return
     gm.graph.erase_node(node)

@@ -11,13 +11,14 @@ outputs — is in `node.meta["kiln_region"]` for codegen, which lowers each regi
 """
 from __future__ import annotations
 
+import itertools
 import operator
 
 import networkx as nx
-import torch.fx as fx
+from torch import fx
 
 from .base import GraphPass, PassContext, is_op, is_view, op_name
-from .fuse_common import last_dim
+from .fuse_common import arg_node, last_dim
 
 POINTWISE = {
     "add", "sub", "mul", "div", "neg", "pow", "exp", "log", "sqrt", "rsqrt", "reciprocal", "tanh", "sigmoid",
@@ -29,7 +30,9 @@ REDUCTIONS = {"mean", "sum", "amax"}
 def _kind(node: fx.Node) -> str | None:
     if node.op != "call_function":
         return None
-    if is_op(node, *REDUCTIONS) and len(node.args) > 1 and len(node.args[1]) == 1 and last_dim(node.args[0], node.args[1][0]):
+    dims = node.args[1] if len(node.args) > 1 else None
+    if (is_op(node, *REDUCTIONS) and isinstance(dims, (list, tuple)) and len(dims) == 1
+            and last_dim(arg_node(node, 0), dims[0])):
         return "reduction"
     if is_op(node, *POINTWISE):
         return "pointwise"
@@ -122,7 +125,7 @@ def _restore_order(graph: fx.Graph) -> None:
     deps.add_nodes_from(graph.nodes)
     deps.add_edges_from((i, n) for n in graph.nodes for i in n.all_input_nodes)
     order = list(nx.lexicographical_topological_sort(deps, key=index.__getitem__))
-    for prev, node in zip(order, order[1:]):
+    for prev, node in itertools.pairwise(order):
         prev.append(node)
 
 

@@ -13,26 +13,38 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.fx as fx
+from torch import fx
+from torch.fx.node import Argument
 
 from kiln.compiler import ops  # noqa: F401  (registers kiln::paged_attention)
 from kiln.compiler.metadata import AttentionMetadata
 
 from .base import GraphPass, PassContext, is_op
+from .pattern import CASTS, strip_casts
 
 aten = torch.ops.aten
+_PASS_THROUGH = ("dropout", "alias")  # around the softmax besides casts: no-ops in eval mode
 
 
 class UnsupportedAttentionError(ValueError):
     """An attention form the rewrite does not understand; compiling it silently would give wrong tokens."""
 
 
-def _strip_repeat_kv(node: fx.Node) -> fx.Node:
+def _node(arg: Argument, what: str) -> fx.Node:
+    if not isinstance(arg, fx.Node):
+        raise UnsupportedAttentionError(f"attention {what} is {arg!r}, not a tensor of the graph")
+    return arg
+
+
+def _strip_repeat_kv(arg: Argument) -> fx.Node:
     """`reshape(expand(unsqueeze(x, 2)))` is HF's repeat_kv: attend over x's KV heads directly instead."""
+    node = _node(arg, "key/value")
     if is_op(node, "reshape", "view", "_unsafe_view"):
         expand = node.args[0]
-        if is_op(expand, "expand") and is_op(expand.args[0], "unsqueeze") and expand.args[0].args[1] == 2:
-            return expand.args[0].args[0]
+        if is_op(expand, "expand"):
+            unsqueeze = expand.args[0]
+            if is_op(unsqueeze, "unsqueeze") and unsqueeze.args[1] == 2:
+                return _node(unsqueeze.args[0], "key/value")
     return node
 
 
@@ -43,19 +55,18 @@ def _head_dim(node: fx.Node) -> int:
 def _match_sdpa(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node, float, float] | None:
     if not is_op(node, "scaled_dot_product_attention"):
         return None
-    q, k, v = node.args[:3]
+    q, k, v = (_node(a, "input") for a in node.args[:3])
     if len(node.args) > 4 and node.args[4] not in (0, 0.0):
         raise UnsupportedAttentionError("attention dropout is on: export the model in eval mode")
     scale = node.kwargs.get("scale")
     if scale is None:
         scale = 1.0 / math.sqrt(_head_dim(q))
+    assert isinstance(scale, (int, float))
     return q, _strip_repeat_kv(k), _strip_repeat_kv(v), float(scale), 0.0
 
 
-def _through_casts(node: fx.Node) -> fx.Node:
-    while is_op(node, "to", "_to_copy", "dropout", "type_as", "alias"):
-        node = node.args[0]
-    return node
+def _number(arg: Argument) -> float | None:
+    return float(arg) if isinstance(arg, (int, float)) else None
 
 
 def _match_eager(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node, float, float] | None:
@@ -63,32 +74,35 @@ def _match_eager(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node, float, float
     if not is_op(node, "matmul", "bmm"):
         return None
     probs, v = node.args
-    softmax = _through_casts(probs)
+    softmax = strip_casts(probs, also=_PASS_THROUGH)
     if not is_op(softmax, "softmax", "_softmax"):
         return None
-    scale, softcap, x = 1.0, 0.0, _through_casts(softmax.args[0])
+    scale, softcap, x = 1.0, 0.0, strip_casts(softmax.args[0], also=_PASS_THROUGH)
     while not is_op(x, "matmul", "bmm"):
+        factor = _number(x.args[1]) if is_op(x, "mul", "div") else None
         if is_op(x, "add") and isinstance(x.args[1], fx.Node):
             x = x.args[0]  # the additive mask: causality and windows come from the cache metadata now
-        elif is_op(x, "mul") and isinstance(x.args[1], (int, float)):
-            if is_op(x.args[0], "tanh"):
-                softcap = float(x.args[1])
-                inner = x.args[0].args[0]
+        elif is_op(x, "mul") and factor is not None:
+            tanh = x.args[0]
+            if is_op(tanh, "tanh"):
+                softcap = factor
+                inner = tanh.args[0]
                 if not (is_op(inner, "div") and inner.args[1] == softcap):
                     raise UnsupportedAttentionError(f"unrecognised soft-capping around {inner}")
                 x = inner.args[0]
             else:
-                scale *= float(x.args[1])
+                scale *= factor
                 x = x.args[0]
-        elif is_op(x, "div") and isinstance(x.args[1], (int, float)):
-            scale /= float(x.args[1])
+        elif is_op(x, "div") and factor is not None:
+            scale /= factor
             x = x.args[0]
-        elif is_op(x, "to", "_to_copy"):
+        elif is_op(x, *CASTS):
             x = x.args[0]
         else:
             raise UnsupportedAttentionError(f"unrecognised op {x} between attention scores and softmax")
-    q, kt = x.args
-    if not is_op(kt, "transpose") or sorted(a % 4 for a in kt.args[1:]) != [2, 3]:
+    q, kt = _node(x.args[0], "query"), x.args[1]
+    dims = kt.args[1:] if is_op(kt, "transpose") else ()
+    if not is_op(kt, "transpose") or sorted(a % 4 for a in dims if isinstance(a, int)) != [2, 3]:
         raise UnsupportedAttentionError(f"attention scores do not read a transposed key: {kt}")
     return q, _strip_repeat_kv(kt.args[0]), _strip_repeat_kv(v), scale, softcap
 
@@ -119,7 +133,7 @@ class PagedAttention(GraphPass):
         with graph.inserting_before(last_input.next):
             new = {name: graph.placeholder(name) for name in names + caches}
         meta = [new[n] for n in names[:4]]
-        ctx.state["logits_indices"] = new["logits_indices"]
+        ctx.logits_indices = new["logits_indices"]
         kv_shapes = []
         for layer, (node, (q, k, v, scale, softcap)) in enumerate(matches):
             with graph.inserting_before(node):
@@ -132,5 +146,5 @@ class PagedAttention(GraphPass):
             node.replace_all_uses_with(out)
             graph.erase_node(node)
             kv_shapes.append((int(k.meta["val"].shape[1]), _head_dim(k), _head_dim(v)))
-        ctx.state["kv_shapes"] = kv_shapes
+        ctx.kv_shapes = kv_shapes
         return {"matched": len(matches), "cache_inputs": len(caches)}

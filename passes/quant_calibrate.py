@@ -2,13 +2,15 @@
 linears read, and search per-input-channel scales (AWQ for int4, SmoothQuant for w8a8) on those activations."""
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
-import torch.fx as fx
-from torch import Tensor
+from torch import Tensor, fx
 
 from kiln.compiler.metadata import AttentionMetadata
+
+from .fuse_common import arg_node
 
 BLOCK_SIZE = 16
 
@@ -29,7 +31,7 @@ class _Recorder(fx.Interpreter):
 
     def run_node(self, n: fx.Node) -> Any:
         if n in self.watch:
-            x = self.env[n.args[0]]
+            x = self.env[arg_node(n, 0)]
             self.inputs[n] = x.detach().reshape(-1, x.shape[-1]).float()
         return super().run_node(n)
 

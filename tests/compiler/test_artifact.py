@@ -25,7 +25,7 @@ import kiln
 llm = kiln.LLM(sys.argv[1])
 params = kiln.SamplingParams(max_tokens=int(sys.argv[2]), temperature=0.0)
 print(json.dumps([o.outputs[0].token_ids for o in llm.generate(json.loads(sys.argv[3]), params, use_tqdm=False)]))
-used = sorted(m for m in ("kiln.compiler.capture", "kiln.passes.pipeline", "kiln.models.loader") if m in sys.modules)
+used = sorted(m for m in ("kiln.compiler.capture", "kiln.compiler.pipeline", "kiln.models.loader") if m in sys.modules)
 assert not used, f"loading an artifact imported {used}"
 """
 

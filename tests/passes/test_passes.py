@@ -11,7 +11,6 @@ from kiln.models.registry import layer_windows
 from kiln.passes.base import PassContext, PassReport, op_counts, op_name, run_passes
 from kiln.passes.cleanup import Cleanup
 from kiln.passes.paged_attention import PagedAttention
-from kiln.passes.prune_logits import PruneLogits
 
 from hf_reference import run_prefill_then_decode
 
@@ -54,7 +53,7 @@ def test_paged_attention_rewrites_every_attention(checkpoint, arch):
     names = _placeholders(gm)
     assert [f"k_cache_{i}" for i in range(layers)] == [n for n in names if n.startswith("k_cache")]
     assert report.records[1].counters["matched"] == layers
-    assert [s for s in ctx.state["kv_shapes"]] == [(2, 16, 16)] * layers  # KV heads kept, not repeated
+    assert ctx.kv_shapes == [(2, 16, 16)] * layers  # KV heads kept, not repeated
 
 
 def test_eager_softcap_is_detected(checkpoint):

@@ -9,7 +9,8 @@ import kiln
 from kiln.compiler import quant_ops as Q
 from kiln.passes import quant_calibrate as cal
 from kiln.passes.base import op_counts
-from kiln.passes.quantize import QuantConfig, _int4_forward, _w8a8_forward
+from kiln.passes.quant_config import QuantConfig
+from kiln.passes.quant_rewrite import int4_forward, w8a8_forward
 
 from hf_reference import run_prefill_then_decode
 
@@ -58,11 +59,11 @@ def test_awq_and_smoothquant_lower_the_error_on_outlier_channels() -> None:
     x, w = outlier_activations()
     ref = x @ w.t()
     cfg = QuantConfig.parse("int4:g64")
-    rtn = cal.relative_error(_int4_forward(cfg)(x, w), ref)
-    scale, awq = cal.search_input_scale(x, w, _int4_forward(cfg), cal.awq_candidates(x))
+    rtn = cal.relative_error(int4_forward(cfg)(x, w), ref)
+    scale, awq = cal.search_input_scale(x, w, int4_forward(cfg), cal.awq_candidates(x))
     assert scale is not None and awq < 0.8 * rtn
-    plain = cal.relative_error(_w8a8_forward(x, w), ref)
-    scale, smooth = cal.search_input_scale(x, w, _w8a8_forward, cal.smooth_candidates(x, w))
+    plain = cal.relative_error(w8a8_forward(x, w), ref)
+    scale, smooth = cal.search_input_scale(x, w, w8a8_forward, cal.smooth_candidates(x, w))
     assert scale is not None and smooth < 0.8 * plain
 
 
