@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kiln.compiler.metadata import current_max_query_len
+from kiln.ops.metadata import current_max_query_len
 
 from .launch import device_target, run
 from .templates import cache_write, gated_act, paged_attention as attn, quant_matmul, rms_norm as rms_desc, rope as rope_desc

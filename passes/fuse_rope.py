@@ -13,7 +13,7 @@ import operator
 import torch
 import torch.fx as fx
 
-from kiln.compiler import fused_ops  # noqa: F401  (registers the kiln:: fused ops)
+import kiln.ops  # noqa: F401  (declares the kiln:: ops)
 
 from .base import GraphPass, PassContext, is_op
 from .fuse_common import aten, call, last_dim, new_attr, param

@@ -15,8 +15,8 @@ import math
 import torch
 import torch.fx as fx
 
-from kiln.compiler import ops  # noqa: F401  (registers kiln::paged_attention)
-from kiln.compiler.metadata import AttentionMetadata
+import kiln.ops  # noqa: F401  (declares kiln::paged_attention)
+from kiln.ops.metadata import AttentionMetadata
 
 from .base import GraphPass, PassContext, is_op
 

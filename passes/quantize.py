@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.fx as fx
 
-from kiln.compiler import quant_ops as Q
+from kiln.ops import quant as Q
 
 from . import quant_calibrate as cal
 from .base import GraphPass, PassContext, is_op

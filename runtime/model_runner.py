@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..compiler.metadata import AttentionMetadata
+from kiln.ops.metadata import AttentionMetadata
 from .sampler import Sampler, SamplerOutput
 from .sequence import Sequence
 

@@ -11,7 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..compiler import cpu_kernels
+from kiln.backends.cpu import kernels as cpu_kernels
 
 NEG_INF = float("-inf")
 

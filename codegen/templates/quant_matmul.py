@@ -1,6 +1,6 @@
 """Descriptor of quant_matmul.py.jinja: dequantizing matmuls over int8 / int4 (GPTQ layout) weights and the
 scaled int8 x int8 matmul of W8A8 with its per-token activation quantizer; plus launchers with the exact
-contracts of kiln::linear_int8 / linear_w8a8 / linear_int4 (compiler/quant_ops.py), which backend "triton"
+contracts of kiln::linear_int8 / linear_w8a8 / linear_int4 (ops/quant.py), which backend "triton"
 calls instead of the ops. Decode (small M) splits K so that a few output tiles still fill the GPU. `choose` is
 the launchers' choice of config and split, which the cross-compile check reproduces for each target."""
 from __future__ import annotations

@@ -10,8 +10,8 @@ from kernel_checks import DEVICE, assert_close, poisoned, randn  # first: sets T
 
 from kiln.codegen.launch import Config, run
 from kiln.codegen.templates import cache_write, paged_attention as attn
-from kiln.compiler import ops  # noqa: F401  (registers the kiln::paged_attention reference)
-from kiln.compiler.metadata import AttentionMetadata
+import kiln.ops  # noqa: F401  (declares the kiln::paged_attention reference)
+from kiln.ops.metadata import AttentionMetadata
 
 BLOCK_SIZE, KV_HEADS, GROUP, HEAD_DIM = 8, 2, 2, 32
 

@@ -11,7 +11,7 @@ import torch
 from kernel_checks import DEVICE, in_clean_processes, randn
 from kiln.codegen.launch import run
 from kiln.codegen.templates import quant_matmul as qm
-from kiln.compiler import quant_ops as Q
+from kiln.ops import quant as Q
 
 K, N = 256, 96
 
