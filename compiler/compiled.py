@@ -82,7 +82,8 @@ class CompiledModel:
         dtype, extra = self._cache_dtype()
         for layout in self.kv_layouts:
             for dim in (layout.head_dim, layout.v_head_dim):
-                caches.append(torch.zeros(num_blocks, block_size, layout.kv_heads, dim + extra, dtype=dtype, device=self.device))
+                caches.append(torch.zeros(num_blocks, block_size, layout.kv_heads, dim + extra, dtype=dtype,
+                                          device=self.device))
         return caches
 
     @torch.inference_mode()

@@ -9,7 +9,6 @@ are. What cannot be converted exactly is refused by name.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar

@@ -1,9 +1,10 @@
 """Fused `kiln::` ops that the fusion passes (passes/fuse_*.py) rewrite HF patterns into.
 
 Each op is a `torch.library.custom_op` with a vectorised pure-torch reference (the specification; backend
-"reference" runs it, or on CPU the C kernel backends/cpu/lowering.py chooses for it) and a fake. Tensors are token-major: activations [T, hidden], attention heads [T, heads, head_dim]. The references
-are numerically neutral with HF: norms are computed in float32 and cast back the way HF's modules do, so a
-fused graph matches the unfused one to float noise; Triton kernels (codegen/) implement the same contracts.
+"reference" runs it, or on CPU the C kernel backends/cpu/lowering.py chooses for it) and a fake. Tensors are
+token-major: activations [T, hidden], attention heads [T, heads, head_dim]. The references are numerically
+neutral with HF: norms are computed in float32 and cast back the way HF's modules do, so a fused graph matches
+the unfused one to float noise; Triton kernels (codegen/) implement the same contracts.
 """
 from __future__ import annotations
 
@@ -38,7 +39,8 @@ def _(x, weight, eps, weight_offset):
     return torch.empty_like(x)
 
 
-def add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float, weight_offset: float) -> tuple[Tensor, Tensor]:
+def add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float,
+                 weight_offset: float) -> tuple[Tensor, Tensor]:
     """The residual add before a norm: residual_out = x + residual (in x's dtype), out = rms_norm(residual_out).
 
     Returns (out, residual_out); residual_out is the next layer's residual stream.

@@ -144,7 +144,8 @@ def linear_int8_packed(x: Tensor, packed: Tensor, scale: Tensor, bias: Optional[
 linear_int8_packed_op = torch.library.custom_op("kiln::linear_int8_packed", linear_int8_packed, mutates_args=())
 
 
-def linear_w8a8(x: Tensor, weight: Tensor, scale: Tensor, input_scale: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
+def linear_w8a8(x: Tensor, weight: Tensor, scale: Tensor, input_scale: Optional[Tensor],
+                bias: Optional[Tensor]) -> Tensor:
     """W8A8: x (times input_scale) quantized per token to int8, int8 x int8 -> int32, then token x channel scales."""
     xq, x_scale = quantize_tokens(_rows(x, input_scale))
     y = int8_mm(xq, weight.t()).float() * x_scale[:, None] * scale

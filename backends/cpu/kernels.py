@@ -103,7 +103,8 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     if rows <= C_LINEAR_ROWS and weight.is_contiguous() and applies(x, weight, bias):
         return small_linear(x, weight, None, bias)
     blocked = _onednn_weight(weight)
-    if blocked is not None and type(x) in _PLAIN and x.dtype is torch.float32 and (bias is None or bias.dtype is x.dtype):
+    if blocked is not None and type(x) in _PLAIN and x.dtype is torch.float32 \
+            and (bias is None or bias.dtype is x.dtype):
         return torch.ops.mkldnn._linear_pointwise(x if x.is_contiguous() else x.contiguous(), blocked, bias,
                                                   "none", [], "")
     return torch.nn.functional.linear(x, weight, bias)
@@ -119,7 +120,7 @@ def _onednn_weight(weight: Tensor) -> Tensor | None:
         if _onednn_enabled() and type(weight) in _PLAIN and weight.dtype is torch.float32 and weight.is_cpu \
                 and weight.dim() == 2:
             blocked = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 64)
-        setattr(weight, "_kiln_onednn", (weight._version, blocked))  # noqa: B010  (not a declared Tensor field)
+        setattr(weight, "_kiln_onednn", (weight._version, blocked))  # not a declared Tensor field
     return blocked
 
 

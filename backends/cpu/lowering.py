@@ -99,7 +99,8 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float, weight_offset: float) -> Ten
     return fused.rms_norm(x, weight, eps, weight_offset)
 
 
-def add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float, weight_offset: float) -> tuple[Tensor, Tensor]:
+def add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float,
+                 weight_offset: float) -> tuple[Tensor, Tensor]:
     """kiln::add_rms_norm: the residual add and the norm in one C pass."""
     if kernels.applies(x, residual, weight) and x.shape == residual.shape:
         return cast("tuple[Tensor, Tensor]", kernels.rms_norm(x, residual, weight, eps, weight_offset))
