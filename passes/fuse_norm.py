@@ -12,7 +12,7 @@ import operator
 import torch
 import torch.fx as fx
 
-import kiln.ops  # declares the kiln:: ops
+from kiln import ops  # noqa: F401  (declares the kiln:: ops)
 
 from .base import GraphPass, PassContext, is_op
 from .fuse_common import CASTS, call, param, single_user, strip_casts, val
