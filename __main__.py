@@ -43,7 +43,7 @@ def _add_sampling_options(p: argparse.ArgumentParser, max_tokens: int) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The full argument tree; kept separate from main() so tests can inspect it."""
-    from kiln import __version__
+    from kiln.version import __version__
 
     parser = argparse.ArgumentParser(
         prog="kiln",
@@ -127,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="export MODEL_DIR as an MLIR module via torch-mlir (optional extra)",
                             description="Compile MODEL_DIR (reference graph), decompose kiln ops into core aten "
                                         "and write one MLIR function `forward` (prefill and decode: dynamic "
-                                        "tokens, caches in and updated caches out; see kiln.compiler.mlir_export). "
+                                        "tokens, caches in and updated caches out; see "
+                                        "kiln.compiler.export.mlir_export). "
                                         "Needs torch-mlir (`pip install 'kiln[mlir]'`).")
     export.add_argument("model_dir", metavar="MODEL_DIR", help="a Hugging Face checkpoint directory")
     export.add_argument("--format", default="linalg", choices=["torch", "linalg", "stablehlo", "tosa"],

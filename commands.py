@@ -41,7 +41,7 @@ def setup_logging() -> None:
 
 
 def _is_artifact(path: str | Path) -> bool:
-    """Mirrors kiln.compiler.artifact.is_artifact without importing torch (usage errors stay instant)."""
+    """Mirrors kiln.compiler.export.artifact.is_artifact without importing torch (usage errors stay instant)."""
     return (Path(path) / "manifest.json").is_file() or (Path(path) / "forward.py").is_file()
 
 
@@ -81,7 +81,7 @@ def _load(args: argparse.Namespace, model: str) -> Any:
     """MODEL as an artifact (verified, no tracing) or an HF directory (compiled now)."""
     if not _is_artifact(model):
         return _compile(args, model)
-    from kiln.compiler import artifact
+    from kiln.compiler.export import artifact
 
     started = time.perf_counter()
     _progress(f"loading artifact {model}")
@@ -95,7 +95,7 @@ def _unavailable_feature(args: argparse.Namespace) -> str | None:
     import inspect
 
     import kiln
-    from kiln.compiler import artifact
+    from kiln.compiler.export import artifact
 
     if args.quantize is not None and "quantization" not in inspect.signature(kiln.compile).parameters:
         return ("compile --quantize: not available in this kiln build (kiln.compile has no quantize option "
@@ -123,7 +123,7 @@ def compile_cmd(args: argparse.Namespace) -> int:
     if args.report:
         print(compiled.report.format())
     if output is not None:
-        from kiln.compiler import artifact
+        from kiln.compiler.export import artifact
 
         options = {"quantization": args.quantize} if args.quantize is not None else {}
         try:
@@ -214,8 +214,8 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def export(args: argparse.Namespace) -> int:
-    """`kiln export`: the reference graph as an MLIR module (kiln.compiler.mlir_export) written to -o."""
-    from kiln.compiler import mlir_export
+    """`kiln export`: the reference graph as an MLIR module (kiln.compiler.export.mlir_export) written to -o."""
+    from kiln.compiler.export import mlir_export
 
     try:
         mlir_export.require_torch_mlir()

@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     import kiln
-    from kiln.compiler import artifact
+    from kiln.compiler.export import artifact
 
     if args.model_dir is None:
         from kiln.models.testing import demo_checkpoint

@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 import torch
 
-from kiln.compiler.metadata import AttentionMetadata
+from kiln.ops.metadata import AttentionMetadata
 from kiln.runtime.engine import LLMEngine
 from kiln.runtime.sampling_params import SamplingParams
 

@@ -22,8 +22,8 @@ import torch
 import transformers
 
 import kiln
-from kiln.compiler.metadata import AttentionMetadata
 from kiln.compiler.pipeline import PASS_FLAGS
+from kiln.ops.metadata import AttentionMetadata
 from kiln.models.testing import build_tiny_checkpoint
 from kiln.passes.base import layer_op_counts
 

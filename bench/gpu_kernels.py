@@ -27,7 +27,7 @@ SHAPES = {"full": (16384, 2048, 8192, 32, 8, 64, 64, 2048), "tiny": (16, 64, 128
 def bandwidth(args: argparse.Namespace, rec: Recorder) -> None:
     """Each kernel guarded on its own: one that fails to compile costs only its own figure."""
     from kiln.codegen import launchers
-    from kiln.compiler.metadata import AttentionMetadata
+    from kiln.ops.metadata import AttentionMetadata
 
     dev, dtype = args.device, args.torch_dtype
     rows, hidden, inter, heads, kv_heads, hd, seqs, context = SHAPES["tiny" if args.tiny else "full"]
@@ -96,7 +96,7 @@ def _hf_decode_tps(model: Any, ids: torch.Tensor, steps: int, device: str, **gen
 def _kiln_decode(model: Any, prompt: torch.Tensor, steps: int, rec: Recorder) -> None:
     """kiln's compiled forward in a hand-written loop: the kernels and graphs alone, no scheduler."""
     import kiln
-    from kiln.compiler.metadata import AttentionMetadata
+    from kiln.ops.metadata import AttentionMetadata
 
     dev = prompt.device
     start = time.perf_counter()

@@ -25,7 +25,7 @@ import torch
 import transformers
 
 import kiln
-from kiln.compiler.metadata import AttentionMetadata
+from kiln.ops.metadata import AttentionMetadata
 from kiln.bench import toy_language
 from kiln.models.testing import build_tiny_checkpoint
 

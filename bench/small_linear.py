@@ -16,7 +16,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from kiln.compiler import cpu_kernels
+from kiln.backends.cpu import kernels as cpu_kernels
 
 SHAPES = [(1024, 512), (2816, 512), (512, 1408), (512, 512)]  # fused qkv, fused gate/up, down, o: [out, in]
 

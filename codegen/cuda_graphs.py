@@ -8,16 +8,27 @@ attend over one key of block 0, and their logits are dropped.
 """
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 
-from kiln.compiler.compiled import CompiledModel
-from kiln.compiler.metadata import AttentionMetadata
+from kiln.ops.metadata import AttentionMetadata
+
+
+class StepModel(Protocol):
+    """What DecodeGraphs drives: one packed step of a compiled model (kiln.compiler.compiled.CompiledModel)."""
+
+    backend: str
+    device: torch.device
+
+    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                 kv_caches: list[torch.Tensor]) -> torch.Tensor: ...
 
 
 class DecodeGraphs:
     """Call like the CompiledModel; decode batches up to the largest bucket replay a graph, others run eagerly."""
 
-    def __init__(self, compiled: CompiledModel, kv_caches: list[torch.Tensor], max_blocks_per_seq: int,
+    def __init__(self, compiled: StepModel, kv_caches: list[torch.Tensor], max_blocks_per_seq: int,
                  buckets: tuple[int, ...]) -> None:
         if compiled.backend != "triton" or compiled.device.type != "cuda":
             raise ValueError("CUDA graphs need a model compiled with backend='triton' on a CUDA device")

@@ -11,8 +11,9 @@ from collections.abc import Callable
 from typing import TypeVar
 
 import torch
-from kiln.compiler.metadata import current_max_query_len
 from torch import Tensor
+
+from kiln.ops.metadata import current_max_query_len
 
 from .kernel_plan import device_target, run
 from .kernels import cache_write_plan, gated_act_plan, rms_norm_plan, rope_plan

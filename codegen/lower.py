@@ -1,19 +1,21 @@
 """The last pass of each backend: swap each `torch.ops.kiln.X` call in the final graph for what runs it.
 
 Backend "triton": the op's generated-kernel launcher. Plain GEMMs stay on torch (cuBLAS); kiln ops without a
-launcher keep their torch implementation. Backend "reference": the function the op was declared from
-(`kiln.compiler.fused_ops.rope`, ...), called directly, and `aten.linear` through `cpu_kernels.linear` (on CPU a
-C loop for the few rows of small-batch decode, oneDNN over blocked weights above that; torch elsewhere); int8
-and W8A8 weights on CPU are rewritten into the tiles their C kernels read. Graph passes rather than dispatch-key
-registrations, so the generated forward says what runs.
+launcher keep their torch implementation. Backend "reference": what `kiln.backends.cpu.lowering.reference_calls`
+maps the op to, called directly: the op's C-backed function where the CPU backend has one (it runs the C kernel
+when a call applies, else the op's pure-torch reference), else the reference itself (`kiln.ops.fused.gelu_mul`,
+...); `aten.linear` goes through `kiln.backends.cpu.kernels.linear` (on CPU a C loop for the few rows of
+small-batch decode, oneDNN over blocked weights above that; torch elsewhere); int8 and W8A8 weights on CPU are
+rewritten into the tiles their C kernels read. Graph passes rather than dispatch-key registrations, so the
+generated forward says what runs.
 """
 from __future__ import annotations
 
 import torch
 import torch.fx as fx
 
-from kiln.compiler import quant_ops as Q
-from kiln.compiler.ops import reference_calls
+from kiln.backends.cpu.lowering import reference_calls
+from kiln.ops import quant as Q
 from kiln.passes.base import GraphPass, PassContext, op_name
 from kiln.passes.fuse_common import drop_attr, new_attr, param
 

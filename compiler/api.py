@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from . import artifact, ops  # noqa: F401  (ops registers the kiln:: ops)
+import kiln.ops  # noqa: F401  (declares the kiln:: ops)
+
 from .compiled import CompiledModel, KVLayout
+from .export import artifact
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -45,10 +47,12 @@ def compile(
     kv_cache_dtype: "int8" or "fp8_e4m3". See `kiln.passes.quant_config`.
     options: one flag per optional pass (e.g. `prune_logits=False`); see `kiln.compiler.pipeline.PASS_FLAGS`.
     """
-    if artifact.is_artifact(model):  # compiled ahead of time already: nothing to capture or rewrite
-        fixed = {k: v for k, v in (("quantization", quantization), ("kv_cache_dtype", kv_cache_dtype)) if v}
+    if isinstance(model, (str, Path)) and artifact.is_artifact(model):  # compiled ahead of time: nothing to capture
+        fixed: dict[str, Any] = {k: v for k, v in (("quantization", quantization), ("kv_cache_dtype", kv_cache_dtype))
+                                 if v}
+        fixed.update(options)
         return artifact.load(model, backend=backend, dtype=dtype, max_model_len=max_model_len,
-                             trust_remote_code=trust_remote_code, device=device, **fixed, **options)
+                             trust_remote_code=trust_remote_code, device=device, **fixed)
     # Imported only now: starting from an artifact needs none of this (the model stack, export, passes,
     # codegen), and importing it is most of an artifact's cold start.
     from kiln.models.loader import load_model
@@ -100,7 +104,7 @@ def compile(
     return compiled
 
 
-def load(path: str | Path, **kwargs: object) -> CompiledModel:
+def load(path: str | Path, **kwargs: Any) -> CompiledModel:
     """Load a model for serving: an artifact from `kiln compile -o` starts without tracing or passes;
     an HF checkpoint directory is compiled."""
     return compile(path, **kwargs)

@@ -43,7 +43,7 @@ def _meta_twin(model: PreTrainedModel) -> PreTrainedModel:
     """The same architecture and config with every tensor on the meta device: shapes and dtypes, no data."""
     with torch.device("meta"):
         twin = type(model)(model.config)
-    return twin.to(model.dtype).eval()
+    return twin.to(model.dtype).eval()  # type: ignore[arg-type]  # transformers' wrapped `to`
 
 
 def _export(model: PreTrainedModel, max_model_len: int) -> fx.GraphModule:
@@ -58,7 +58,7 @@ def _export(model: PreTrainedModel, max_model_len: int) -> fx.GraphModule:
 def _bind(gm: fx.GraphModule, model: PreTrainedModel) -> None:
     """Replace each meta tensor the graph reads with the real model's tensor at the same path. Tensors the
     trace itself created (small constants) hold real values already and stay."""
-    real = {f"model.{name}": t for name, t in model.named_parameters(remove_duplicate=False)}
+    real: dict[str, torch.Tensor] = {f"model.{name}": t for name, t in model.named_parameters(remove_duplicate=False)}
     real.update({f"model.{name}": t for name, t in model.named_buffers(remove_duplicate=False)})
     for node in gm.graph.nodes:
         if node.op != "get_attr":

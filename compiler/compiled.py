@@ -2,14 +2,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.fx as fx
 
+from kiln.ops import quant
+from kiln.ops.metadata import AttentionMetadata, step_context
 from kiln.passes.base import PassReport
-
-from . import quant_ops  # registers the quantized kiln:: ops (artifacts' forwards call them too)
-from .metadata import AttentionMetadata, step_context
 
 
 @dataclass(frozen=True)
@@ -28,13 +28,13 @@ class CompiledModel:
         self,
         graph_module: fx.GraphModule,
         report: PassReport,
-        hf_config: object,
+        hf_config: Any,
         kv_layouts: list[KVLayout],
         dtype: torch.dtype,
         device: torch.device,
         max_model_len: int,
         backend: str,
-        tokenizer: object | None = None,
+        tokenizer: Any = None,
         eos_token_ids: list[int] | None = None,
         kv_cache_dtype: str | None = None,
     ) -> None:
@@ -50,6 +50,7 @@ class CompiledModel:
         self.eos_token_ids = eos_token_ids or []
         self.vocab_size = int(hf_config.vocab_size)
         self.kv_cache_dtype = kv_cache_dtype  # "int8" / "fp8_e4m3": vectors stored [D values | fp32 scale]
+        self.generation_config: Any = None  # saved into artifacts as generation_config.json
 
     @property
     def num_layers(self) -> int:
@@ -73,7 +74,7 @@ class CompiledModel:
         """The cache element type and the elements each K/V vector carries beyond its values (its scale)."""
         if self.kv_cache_dtype is None:
             return self.dtype, 0
-        return quant_ops.KV_CACHE_DTYPES[self.kv_cache_dtype], quant_ops.SCALE_BYTES
+        return quant.KV_CACHE_DTYPES[self.kv_cache_dtype], quant.SCALE_BYTES
 
     def allocate_kv_cache(self, num_blocks: int, block_size: int) -> list[torch.Tensor]:
         """Zeroed K and V caches for every layer, in the order the graph takes them."""
@@ -81,7 +82,8 @@ class CompiledModel:
         dtype, extra = self._cache_dtype()
         for layout in self.kv_layouts:
             for dim in (layout.head_dim, layout.v_head_dim):
-                caches.append(torch.zeros(num_blocks, block_size, layout.kv_heads, dim + extra, dtype=dtype, device=self.device))
+                caches.append(torch.zeros(num_blocks, block_size, layout.kv_heads, dim + extra, dtype=dtype,
+                                          device=self.device))
         return caches
 
     @torch.inference_mode()

@@ -3,28 +3,30 @@
 transformers hands such configs to optimum / gptqmodel / autoawq. kiln does not need them: the model is built
 from its config without the quantization_config, every packed linear gets its dequantized float weight (so that
 capture and calibration see an ordinary model), and the packed codes, converted bit-exactly (no re-quantizing)
-to the layout of `kiln::linear_int4` (compiler/quant_ops.py), go to passes/quantize.py, which uses them as they
+to the layout of `kiln::linear_int4` (ops/quant.py), go to passes/quantize.py, which uses them as they
 are. What cannot be converted exactly is refused by name.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from torch import Tensor
 
-from kiln.compiler import quant_ops as Q
+from kiln.ops import quant as Q
 
 from .weights import safetensors_files
 
 if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
     from transformers import PretrainedConfig, PreTrainedModel
 
-    from kiln.passes.quant_config import QuantConfig
+# The quantize pass's config (kiln.passes.quant_config.QuantConfig); named by a type variable, not imported, since
+# passes/ builds on models/ and not the other way round.
+QuantConfigT = TypeVar("QuantConfigT", bound="DataclassInstance")
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # AWQ gemm: the nibble at shift 4 * i holds column AWQ_ORDER[i] of its 8
 _AWQ_UNPACK = [AWQ_ORDER.index(c) for c in range(8)]  # column c sits at nibble _AWQ_UNPACK[c] (0,4,1,5,2,6,3,7)
@@ -87,7 +89,7 @@ class Prequantized:
         return PackedLinear(torch.cat([p.qweight for p in parts], 1), torch.cat([p.scales for p in parts], 1),
                             zeros, parts[0].group_size)
 
-    def quant_config(self, requested: QuantConfig, spec: str | None) -> QuantConfig:
+    def quant_config(self, requested: QuantConfigT, spec: str | None) -> QuantConfigT:
         """The quantize pass's config: int4 from these weights; a scheme asked on top of them is refused."""
         if spec:
             raise ValueError(f"quantization: {spec!r} cannot apply: the checkpoint is already quantized "

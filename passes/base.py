@@ -38,7 +38,7 @@ def op_name(node: fx.Node) -> str:
 
 @lru_cache(maxsize=1)
 def _lowered_names() -> dict[Any, str]:
-    from kiln.compiler.ops import reference_calls
+    from kiln.backends.cpu.lowering import reference_calls
 
     return {fn: f"{op.namespace}.{op._schema.name.split('::')[-1]}" for op, fn in reference_calls().items()}
 

@@ -7,7 +7,7 @@ import torch
 from torch import fx
 from torch.fx.node import Argument
 
-from kiln.compiler import fused_ops  # noqa: F401  (registers the kiln:: fused ops)
+import kiln.ops  # noqa: F401  (declares the kiln:: ops)
 
 from .base import GraphPass, PassContext, is_op
 from .fuse_common import call, last_dim, val

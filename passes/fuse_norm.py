@@ -16,7 +16,7 @@ import torch
 from torch import fx
 from torch._ops import OpOverload
 
-from kiln.compiler import fused_ops  # noqa: F401  (registers the kiln:: fused ops)
+from kiln import ops  # noqa: F401  (declares the kiln:: ops)
 
 from .base import GraphPass, PassContext, is_op
 from .fuse_common import call, param, val

@@ -16,8 +16,8 @@ import torch
 from torch import fx
 from torch.fx.node import Argument
 
-from kiln.compiler import ops  # noqa: F401  (registers kiln::paged_attention)
-from kiln.compiler.metadata import AttentionMetadata
+import kiln.ops  # noqa: F401  (declares kiln::paged_attention)
+from kiln.ops.metadata import AttentionMetadata
 
 from .base import GraphPass, PassContext, is_op
 from .pattern import CASTS, strip_casts

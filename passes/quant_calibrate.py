@@ -8,7 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor, fx
 
-from kiln.compiler.metadata import AttentionMetadata
+from kiln.backends.cpu.lowering import op_calls
+from kiln.ops.metadata import AttentionMetadata
 
 from .fuse_common import arg_node
 
@@ -28,6 +29,10 @@ class _Recorder(fx.Interpreter):
         super().__init__(gm)
         self.watch = watch
         self.inputs: dict[fx.Node, Tensor] = {}
+        self.calls = op_calls()  # kiln ops with a CPU kernel run it here as in the compiled model
+
+    def call_function(self, target: Any, args: Any, kwargs: Any) -> Any:
+        return super().call_function(self.calls.get(target, target), args, kwargs)
 
     def run_node(self, n: fx.Node) -> Any:
         if n in self.watch:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from kiln.compiler import quant_ops as Q
+from kiln.ops import quant as Q
 
 if TYPE_CHECKING:
     from kiln.models.prequantized import Prequantized

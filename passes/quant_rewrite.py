@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import fx
 
-from kiln.compiler import quant_ops as Q
+from kiln.ops import quant as Q
 
 from . import quant_calibrate as cal
 from .fuse_common import arg_node, drop_attr, new_attr, param

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from kiln.compiler import quant_ops as Q
+from kiln.ops import quant as Q
 
 from . import quant_calibrate as cal
 from .base import GraphPass, PassContext

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from ..compiler.metadata import AttentionMetadata
+from kiln.ops.metadata import AttentionMetadata
 
 DEFAULT_CPU_KV_BYTES = 1 << 30
 GIB = float(1 << 30)

@@ -29,7 +29,7 @@ class LLM:
         if _is_compiled(model):
             compiled = model
         else:
-            from ..compiler.api import compile as kiln_compile
+            from kiln.compiler.api import compile as kiln_compile
             compiled = kiln_compile(model, backend=backend, dtype=dtype, max_model_len=max_model_len,
                                     quantization=quantization, kv_cache_dtype=kv_cache_dtype, device=device)
         self.model = compiled

@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..compiler.metadata import AttentionMetadata
+from kiln.ops.metadata import AttentionMetadata
+
 from .sampler import DeviceSample, Sampler
 from .sampling_ops import to_device
 from .scheduler import SchedulerOutput

@@ -11,7 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..compiler import cpu_kernels
+from kiln.backends.cpu import kernels as cpu_kernels
 
 NEG_INF = float("-inf")
 # Penalised logits are clamped to +-this: finite after any temperature >= 1e-5 in float32 (max 3.4e38).

@@ -1,4 +1,5 @@
-"""The routes of `kiln.runtime.server` and the OpenAI wire formats of completions, whole and streamed."""
+"""The routes `kiln.runtime.server` registers on its app, and the OpenAI wire formats of completions, whole and
+streamed."""
 from __future__ import annotations
 
 import json
@@ -11,7 +12,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 
 from . import openai_protocol as proto
 from .outputs import RequestOutput
-from .server import APIError, Merged, OpenAIServing
+from .serving import APIError, Merged, OpenAIServing
 
 CHAT_RENAMES = {"max_tokens": "max_completion_tokens", "logprobs": "top_logprobs", "prompt": "messages"}
 
@@ -177,7 +178,7 @@ def register(app: FastAPI, serving: OpenAIServing) -> None:
 
     @app.get("/version")
     async def version() -> dict[str, str]:
-        from kiln import __version__
+        from kiln.version import __version__
         return {"version": __version__}
 
     @app.post("/tokenize")

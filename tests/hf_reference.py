@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from kiln.compiler.metadata import AttentionMetadata
+from kiln.ops.metadata import AttentionMetadata
 
 
 def run_prefill_then_decode(compiled, prompts: list[list[int]], steps: int, block_size: int = 4):

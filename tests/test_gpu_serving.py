@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import kiln
-from kiln.compiler import artifact
+from kiln.compiler.export import artifact
 
 from hf_reference import greedy_agrees
 

@@ -8,10 +8,10 @@ import torch
 
 from kernel_checks import DEVICE, assert_close, poisoned, randn  # first: sets TRITON_INTERPRET
 
+import kiln.ops  # noqa: F401  (declares the kiln::paged_attention reference)
 from kiln.codegen.kernel_plan import Config, run
 from kiln.codegen.kernels import cache_write_plan as cache_write, paged_attention_plan as attn
-from kiln.compiler import ops  # noqa: F401  (registers the kiln::paged_attention reference)
-from kiln.compiler.metadata import AttentionMetadata
+from kiln.ops.metadata import AttentionMetadata
 
 BLOCK_SIZE, KV_HEADS, GROUP, HEAD_DIM = 8, 2, 2, 32
 

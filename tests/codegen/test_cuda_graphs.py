@@ -10,7 +10,7 @@ from kernel_checks import DEVICE  # first: sets TRITON_INTERPRET
 
 import kiln
 from kiln.codegen.cuda_graphs import DecodeGraphs
-from kiln.compiler.metadata import AttentionMetadata
+from kiln.ops.metadata import AttentionMetadata
 
 pytestmark = pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a CUDA GPU")
 

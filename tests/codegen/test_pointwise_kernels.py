@@ -8,10 +8,10 @@ import torch
 from kernel_checks import DEVICE, assert_close, poisoned, randn  # first: sets TRITON_INTERPRET
 
 from kiln.codegen import launchers
+from kiln import ops  # noqa: F401  (declares the kiln:: ops and their references)
 from kiln.codegen.kernel_plan import run
 from kiln.codegen.kernels import gated_act_plan as gated_act, matmul_plan as matmul, pointwise_plan as pointwise
 from kiln.codegen.kernels import rms_norm_plan as rms_norm, rope_plan as rope
-from kiln.compiler import fused_ops  # noqa: F401  (registers the kiln:: references)
 
 kiln = torch.ops.kiln
 DTYPES = [torch.float32, torch.float16]

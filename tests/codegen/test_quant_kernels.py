@@ -12,7 +12,7 @@ from kernel_checks import DEVICE, in_clean_processes, randn
 from kiln.codegen import launchers
 from kiln.codegen.kernel_plan import Target, run
 from kiln.codegen.kernels import quant_matmul_plan as qm
-from kiln.compiler import quant_ops as Q
+from kiln.ops import quant as Q
 
 K, N = 256, 96
 

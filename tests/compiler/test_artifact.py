@@ -12,8 +12,8 @@ import pytest
 from safetensors import safe_open
 
 import kiln
-from kiln.compiler import artifact
-from kiln.compiler.artifact import ArtifactError
+from kiln.compiler.export import artifact
+from kiln.compiler.export.artifact import ArtifactError
 
 PROMPTS = [[1, 5, 9, 33, 7], [1, 100, 200], [1, 42]]
 MAX_TOKENS = 8
@@ -96,10 +96,11 @@ def test_layout_is_readable_and_pickle_free(compiled, saved: Path) -> None:
 
 
 def test_forward_source_imports_what_it_calls(saved: Path) -> None:
-    """Backend "reference" calls each op's defining function (and linears through cpu_kernels) directly."""
+    """Backend "reference" calls each op's CPU-backed function or reference (and linears through the CPU backend's
+    kernels) directly."""
     source = (saved / "forward.py").read_text()
-    assert "from kiln.compiler.ops import paged_attention" in source
-    assert "from kiln.compiler.cpu_kernels import linear" in source
+    assert "from kiln.backends.cpu.lowering import paged_attention" in source
+    assert "from kiln.backends.cpu.kernels import linear" in source
     assert "torch.ops.kiln." not in source
 
 

@@ -11,7 +11,8 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 import kiln
-from kiln.compiler import artifact, capture as capture_module
+from kiln.compiler import capture as capture_module
+from kiln.compiler.export import artifact
 from kiln.compiler.capture import device_constants
 from kiln.models.device import resolve_device
 from kiln.models.loader import load_model

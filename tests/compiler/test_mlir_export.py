@@ -1,4 +1,4 @@
-"""MLIR export (kiln.compiler.mlir_export): every tiny architecture exports in all four formats, and the
+"""MLIR export (kiln.compiler.export.mlir_export): every tiny architecture exports in all four formats, and the
 linalg-on-tensors module, JIT-compiled by MLIR's ExecutionEngine, reproduces the reference engine's logits and
 cache writes for a packed prefill followed by decode steps."""
 from __future__ import annotations
@@ -11,9 +11,9 @@ import torch
 
 import kiln
 from kiln.__main__ import main
-from kiln.compiler.decompositions import decompose, is_kiln_op
-from kiln.compiler.metadata import AttentionMetadata
-from kiln.compiler.mlir_export import FORMATS, LinalgExecutable, StaticShape, export_programs, to_mlir
+from kiln.compiler.export.decompositions import decompose, is_kiln_op
+from kiln.ops.metadata import AttentionMetadata
+from kiln.compiler.export.mlir_export import FORMATS, LinalgExecutable, StaticShape, export_programs, to_mlir
 from kiln.models.testing import TINY_CONFIGS
 from kiln.passes.base import op_name
 

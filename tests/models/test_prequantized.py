@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 import kiln
-from kiln.compiler import quant_ops as Q
+from kiln.ops import quant as Q
 from kiln.models.prequantized import convert, parse_config
 from kiln.passes.base import op_counts, op_name
 from kiln.passes.fuse_common import param

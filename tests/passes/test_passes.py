@@ -86,7 +86,7 @@ def test_report_records_every_pass(checkpoint):
     text = compiled.report.format()
     assert "paged_attention" in text and "matched=2" in text
     assert compiled.report.ops_final["kiln.paged_attention"] == 2
-    assert "kiln_compiler_ops_paged_attention(" in compiled.code  # backend "reference" calls it directly
+    assert "kiln_backends_cpu_lowering_paged_attention(" in compiled.code  # backend "reference" calls it directly
     # Weights are read as flat attributes of the graph module, and the captured module tree is gone.
     assert "self.model_model_layers_0_mlp_down_proj_weight" in compiled.code and "self.model." not in compiled.code
     assert not dict(compiled.graph_module.named_children()).get("model")

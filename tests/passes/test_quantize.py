@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import kiln
-from kiln.compiler import quant_ops as Q
+from kiln.ops import quant as Q
 from kiln.passes import quant_calibrate as cal
 from kiln.passes.base import op_counts
 from kiln.passes.quant_config import QuantConfig

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from kiln.compiler.metadata import AttentionMetadata
+from kiln.ops.metadata import AttentionMetadata
 
 _PRIME = 1_000_003
 

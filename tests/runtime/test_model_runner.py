@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from kiln.compiler.metadata import AttentionMetadata
+from kiln.ops.metadata import AttentionMetadata
 from kiln.runtime.model_runner import ModelRunner, capture_sizes
 from kiln.runtime.sampler import Sampler
 from kiln.runtime.sampling_params import SamplingParams

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from kiln.compiler import cpu_kernels
+from kiln.backends.cpu import kernels as cpu_kernels
 
 from kiln.runtime.llm import LLM
 from kiln.runtime.sampler import Sampler

@@ -15,7 +15,8 @@ import uvicorn
 from kiln.runtime.async_engine import AsyncLLMEngine
 from kiln.runtime.llm import LLM
 from kiln.runtime.sampling_params import SamplingParams
-from kiln.runtime.server import ServerLimits, build_app
+from kiln.runtime.server import build_app
+from kiln.runtime.serving import ServerLimits
 
 MODEL = "tiny-llama"
 KEY = "sk-kiln-test"

@@ -1,9 +1,10 @@
 """Fused `kiln::` ops that the fusion passes (passes/fuse_*.py) rewrite HF patterns into.
 
-Each op is a `torch.library.custom_op` with a vectorised torch reference (what backend "reference" runs) and a
-fake. Tensors are token-major: activations [T, hidden], attention heads [T, heads, head_dim]. The references
-are numerically neutral with HF: norms are computed in float32 and cast back the way HF's modules do, so a
-fused graph matches the unfused one to float noise; Triton kernels (codegen/) implement the same contracts.
+Each op is a `torch.library.custom_op` with a vectorised pure-torch reference (the specification; backend
+"reference" runs it, or on CPU the C kernel backends/cpu/lowering.py chooses for it) and a fake. Tensors are
+token-major: activations [T, hidden], attention heads [T, heads, head_dim]. The references are numerically
+neutral with HF: norms are computed in float32 and cast back the way HF's modules do, so a fused graph matches
+the unfused one to float noise; Triton kernels (codegen/) implement the same contracts.
 """
 from __future__ import annotations
 
@@ -12,8 +13,6 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-
-from . import cpu_kernels
 
 
 def _rms(x: Tensor, weight: Tensor, eps: float, weight_offset: float) -> Tensor:
@@ -29,8 +28,6 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float, weight_offset: float) -> Ten
     weight_offset 0.0: Llama form, `weight * normed.to(x.dtype)`; weight_offset 1.0: Gemma form,
     `(normed * (1 + weight.float())).to(x.dtype)`. x [..., hidden], weight [hidden]; returns x's shape and dtype.
     """
-    if cpu_kernels.applies(x, weight):
-        return cpu_kernels.rms_norm(x, None, weight, eps, weight_offset)[0]
     return _rms(x, weight, eps, weight_offset)
 
 
@@ -42,13 +39,12 @@ def _(x, weight, eps, weight_offset):
     return torch.empty_like(x)
 
 
-def add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float, weight_offset: float) -> tuple[Tensor, Tensor]:
+def add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float,
+                 weight_offset: float) -> tuple[Tensor, Tensor]:
     """The residual add before a norm: residual_out = x + residual (in x's dtype), out = rms_norm(residual_out).
 
     Returns (out, residual_out); residual_out is the next layer's residual stream.
     """
-    if cpu_kernels.applies(x, residual, weight) and x.shape == residual.shape:
-        return cpu_kernels.rms_norm(x, residual, weight, eps, weight_offset)
     residual_out = x + residual
     return _rms(residual_out, weight, eps, weight_offset), residual_out
 
@@ -104,8 +100,6 @@ def _halves(gate_up: Tensor) -> tuple[Tensor, Tensor]:
 
 def silu_mul(gate_up: Tensor) -> Tensor:
     """Gated SiLU MLP activation on the fused gate/up projection: gate_up [T, 2I] -> silu(gate) * up [T, I]."""
-    if cpu_kernels.applies(gate_up):
-        return cpu_kernels.silu_mul(gate_up)
     gate, up = _halves(gate_up)
     return F.silu(gate) * up
 
@@ -152,9 +146,6 @@ def rope(
     the rotation runs in q's dtype. Only the first rotary_dim of D dims rotate (partial rotary); the rest pass
     through.
     """
-    if cpu_kernels.applies(q, k, cos_sin_cache):
-        return cpu_kernels.rope(q, positions, cos_sin_cache, rotary_dim, neox_style), cpu_kernels.rope(
-            k, positions, cos_sin_cache, rotary_dim, neox_style)
     cs = cos_sin_cache[positions.long()].to(q.dtype)[:, None, :]  # [T, 1, rotary_dim]
     cos, sin = cs.chunk(2, dim=-1)
     return _rotate(q, cos, sin, rotary_dim, neox_style), _rotate(k, cos, sin, rotary_dim, neox_style)

@@ -1,11 +1,13 @@
-"""kiln::paged_attention against a naive per-sequence attention, on both of its CPU paths."""
+"""kiln::paged_attention against a naive per-sequence attention: its pure-torch reference and the CPU backend's
+C-kernel paths (backends/cpu/lowering.py)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from kiln.compiler import cpu_kernels, ops
-from kiln.compiler.metadata import AttentionMetadata
+from kiln.backends.cpu import kernels, lowering
+from kiln.ops import attention
+from kiln.ops.metadata import AttentionMetadata
 
 
 def _naive(q, keys, values, start, scale, window, softcap):
@@ -24,11 +26,10 @@ def _naive(q, keys, values, start, scale, window, softcap):
 
 @pytest.mark.parametrize("use_c", [True, False])
 @pytest.mark.parametrize("window,softcap", [(0, 0.0), (6, 0.0), (0, 4.0)])
-def test_paged_attention_ragged_prefill_then_decode(monkeypatch, use_c, window, softcap):
-    if use_c and cpu_kernels._library() is None:
+def test_paged_attention_ragged_prefill_then_decode(use_c, window, softcap):
+    if use_c and kernels._library() is None:
         pytest.skip("no C compiler on this machine: the C decode path cannot be built")
-    if not use_c:
-        monkeypatch.setattr(cpu_kernels, "applies", lambda *a: False)
+    attend = lowering.paged_attention if use_c else attention.paged_attention
     gen = torch.Generator().manual_seed(0)
     heads, kv_heads, dim, block = 4, 2, 8, 4
     prompt_lens, cached = [9, 1, 14], [0, 0, 5]  # the third sequence already holds 5 cached tokens
@@ -46,7 +47,7 @@ def test_paged_attention_ragged_prefill_then_decode(monkeypatch, use_c, window, 
         meta = AttentionMetadata.build(query_lens, context_lens, tables, block)
         sl = lambda xs: torch.cat([x[c:c + n] for x, c, n in zip(xs, context_lens, query_lens)])  # noqa: E731
         q = torch.randn(sum(query_lens), heads, dim, generator=gen)
-        out = ops.paged_attention(q, sl(keys), sl(values), k_cache, v_cache, meta.slot_mapping,
+        out = attend(q, sl(keys), sl(values), k_cache, v_cache, meta.slot_mapping,
                                   meta.block_tables, meta.seq_lens, meta.query_start_loc, 0.3, window, softcap)
         starts = meta.query_start_loc.tolist()
         for s, (c, n) in enumerate(zip(context_lens, query_lens)):
@@ -55,7 +56,7 @@ def test_paged_attention_ragged_prefill_then_decode(monkeypatch, use_c, window, 
 
     # Pre-fill the cached prefix of sequence 2 alone, then a mixed prefill, then pure decode steps.
     meta = AttentionMetadata.build([5], [0], [tables[2]], block)
-    ops.paged_attention(torch.randn(5, heads, dim), keys[2][:5], values[2][:5], k_cache, v_cache, meta.slot_mapping,
+    attend(torch.randn(5, heads, dim), keys[2][:5], values[2][:5], k_cache, v_cache, meta.slot_mapping,
                         meta.block_tables, meta.seq_lens, meta.query_start_loc, 0.3, window, softcap)
     step(prompt_lens, cached)
     done = [c + p for c, p in zip(cached, prompt_lens)]
@@ -75,7 +76,7 @@ def test_fresh_prompts_attend_over_their_own_keys(kv_heads):
     keys = [torch.randn(n, kv_heads, dim, generator=gen) for n in lens]
     values = [torch.randn(n, kv_heads, dim, generator=gen) for n in lens]
     first = AttentionMetadata.build([1], [0], [tables[1]], block)  # sequence 1's first token, cached before
-    ops.paged_attention(torch.randn(1, heads, dim), keys[1][:1], values[1][:1], k_cache, v_cache,
+    lowering.paged_attention(torch.randn(1, heads, dim), keys[1][:1], values[1][:1], k_cache, v_cache,
                         first.slot_mapping, first.block_tables, first.seq_lens, first.query_start_loc, 0.3, 0, 0.0)
     for query_lens, context in [([9, 1, 14], [0, 1, 0]), ([9, 14], None)]:  # with and without a decode row
         seqs = [0, 1, 2] if context else [0, 2]
@@ -83,7 +84,7 @@ def test_fresh_prompts_attend_over_their_own_keys(kv_heads):
         meta = AttentionMetadata.build(query_lens, context, [tables[s] for s in seqs], block)
         q = torch.randn(sum(query_lens), heads, dim, generator=gen)
         pick = lambda xs: torch.cat([xs[s][c:c + n] for s, c, n in zip(seqs, context, query_lens)])  # noqa: E731
-        out = ops.paged_attention(q, pick(keys), pick(values), k_cache, v_cache, meta.slot_mapping,
+        out = lowering.paged_attention(q, pick(keys), pick(values), k_cache, v_cache, meta.slot_mapping,
                                   meta.block_tables, meta.seq_lens, meta.query_start_loc, 0.3, 0, 0.0)
         starts = meta.query_start_loc.tolist()
         for i, (s, c, n) in enumerate(zip(seqs, context, query_lens)):
@@ -101,13 +102,13 @@ def test_fresh_and_continued_prefill_in_one_step():
     keys = [torch.randn(n, kv_heads, dim, generator=gen) for n in lens]
     values = [torch.randn(n, kv_heads, dim, generator=gen) for n in lens]
     first = AttentionMetadata.build([5], [0], [tables[1]], block)  # sequence 1's first chunk, 5 tokens
-    ops.paged_attention(torch.randn(5, heads, dim), keys[1][:5], values[1][:5], k_cache, v_cache,
+    lowering.paged_attention(torch.randn(5, heads, dim), keys[1][:5], values[1][:5], k_cache, v_cache,
                         first.slot_mapping, first.block_tables, first.seq_lens, first.query_start_loc, 0.3, 0, 0.0)
     query_lens, context = [6, 6, 3], [0, 5, 0]
     meta = AttentionMetadata.build(query_lens, context, tables, block)
     q = torch.randn(sum(query_lens), heads, dim, generator=gen)
     pick = lambda xs: torch.cat([x[c:c + n] for x, c, n in zip(xs, context, query_lens)])  # noqa: E731
-    out = ops.paged_attention(q, pick(keys), pick(values), k_cache, v_cache, meta.slot_mapping, meta.block_tables,
+    out = lowering.paged_attention(q, pick(keys), pick(values), k_cache, v_cache, meta.slot_mapping, meta.block_tables,
                               meta.seq_lens, meta.query_start_loc, 0.3, 0, 0.0)
     starts = meta.query_start_loc.tolist()
     for s, (c, n) in enumerate(zip(context, query_lens)):

@@ -1,12 +1,12 @@
-"""Compiled C kernels for kiln's ops on CPU (float32), used by the op references when they apply.
+"""Compiled C kernels for kiln's ops on CPU (float32), chosen per call by `lowering.py` when they apply.
 
 Decode reads each sequence's whole context every step; the torch formulation has to gather it into a padded
 tensor first, which costs more than the attention itself, so the C loop reads the cache blocks in place. The
 fused ops (RMSNorm with its residual add, gated SiLU, rotary embedding, the cache write) are each one pass over
 memory in C where torch needs several ops and temporaries: that is what makes fusion pay on the reference
-backend. `cpu_kernels.c` (with `cpu_quant.c`) is built once with the system C compiler, as a CPython extension module, into kiln's
-cache directory; when no compiler or Python headers are found (or KILN_DISABLE_CPU_KERNELS=1), or a call is
-outside a kernel (not float32 on CPU, not contiguous in its last dim), the torch reference runs instead.
+backend. `kernels.c` (with `quant.c`) is built once with the system C compiler, as a CPython extension module,
+into kiln's cache directory; when no compiler or Python headers are found (or KILN_DISABLE_CPU_KERNELS=1), or a
+call is outside a kernel (not float32 on CPU, not contiguous in its last dim), the torch reference runs instead.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-_SOURCES = [Path(__file__).with_name(name) for name in ("cpu_kernels.c", "cpu_quant.c")]
+_SOURCES = [Path(__file__).with_name(name) for name in ("kernels.c", "quant.c")]
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
@@ -56,9 +56,20 @@ def _library() -> ModuleType | None:
                 return None
             os.replace(built, target)  # atomic: concurrent builders never see half a library
     loader = importlib.machinery.ExtensionFileLoader("kiln_cpu", str(target))
-    module = importlib.util.module_from_spec(importlib.util.spec_from_file_location("kiln_cpu", target, loader=loader))
+    spec = importlib.util.spec_from_file_location("kiln_cpu", target, loader=loader)
+    if spec is None:
+        return None
+    module = importlib.util.module_from_spec(spec)
     loader.exec_module(module)
     return module
+
+
+def _built() -> ModuleType:
+    """The extension module, for a call that `applies` admitted (so it was built)."""
+    library = _library()
+    if library is None:
+        raise RuntimeError("kiln's CPU kernels are not built; check applies() before calling one")
+    return library
 
 
 def applies(*tensors: Tensor | None) -> bool:
@@ -92,7 +103,8 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     if rows <= C_LINEAR_ROWS and weight.is_contiguous() and applies(x, weight, bias):
         return small_linear(x, weight, None, bias)
     blocked = _onednn_weight(weight)
-    if blocked is not None and type(x) in _PLAIN and x.dtype is torch.float32 and (bias is None or bias.dtype is x.dtype):
+    if blocked is not None and type(x) in _PLAIN and x.dtype is torch.float32 \
+            and (bias is None or bias.dtype is x.dtype):
         return torch.ops.mkldnn._linear_pointwise(x if x.is_contiguous() else x.contiguous(), blocked, bias,
                                                   "none", [], "")
     return torch.nn.functional.linear(x, weight, bias)
@@ -108,7 +120,7 @@ def _onednn_weight(weight: Tensor) -> Tensor | None:
         if _onednn_enabled() and type(weight) in _PLAIN and weight.dtype is torch.float32 and weight.is_cpu \
                 and weight.dim() == 2:
             blocked = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 64)
-        weight._kiln_onednn = (weight._version, blocked)
+        setattr(weight, "_kiln_onednn", (weight._version, blocked))  # not a declared Tensor field
     return blocked
 
 
@@ -124,7 +136,7 @@ def small_linear(x: Tensor, weight: Tensor, scale: Tensor | None, bias: Tensor |
     shape = list(x.shape)
     shape[-1] = weight.shape[0]
     out = torch.empty(shape, dtype=x.dtype)
-    _library().small_linear(
+    _built().small_linear(
         x2.data_ptr(), weight.data_ptr(), None if scale is None else scale.data_ptr(),
         None if bias is None else bias.data_ptr(), out.data_ptr(), rows, weight.shape[0], weight.shape[1], stride,
         torch.get_num_threads(), int(weight.dtype is torch.int8),
@@ -141,7 +153,7 @@ def linear_w8a8_packed(x: Tensor, packed: Tensor, scale: Tensor, input_scale: Te
     shape = list(x.shape)
     shape[-1] = n
     out = torch.empty(shape, dtype=x.dtype)
-    _library().linear_w8a8_packed(
+    _built().linear_w8a8_packed(
         x2.data_ptr(), None if input_scale is None else input_scale.data_ptr(), packed.data_ptr(),
         scale.data_ptr(), None if bias is None else bias.data_ptr(), out.data_ptr(), rows, n, k, stride,
         torch.get_num_threads(),
@@ -157,7 +169,7 @@ def linear_int8_packed(x: Tensor, packed: Tensor, scale: Tensor, bias: Tensor | 
     shape = list(x.shape)
     shape[-1] = n
     out = torch.empty(shape, dtype=x.dtype)
-    _library().linear_i8_packed(
+    _built().linear_i8_packed(
         x2.data_ptr(), packed.data_ptr(), scale.data_ptr(), None if bias is None else bias.data_ptr(),
         out.data_ptr(), rows, n, k, stride, torch.get_num_threads(),
     )
@@ -176,7 +188,7 @@ def paged_decode(
     _, block_size, kv_heads, _ = k_cache.shape
     v_dim = v_cache.shape[-1]
     out = torch.empty(num_seqs, num_heads, v_dim, dtype=q.dtype)
-    _library().paged_decode(
+    _built().paged_decode(
         q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(), lens.data_ptr(), out.data_ptr(),
         num_seqs, num_heads, kv_heads, head_dim, v_dim, block_size, tables.shape[1], scale, window, softcap,
         torch.get_num_threads(),
@@ -191,7 +203,7 @@ def cache_write(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_map
     v2 = v2 if v2.stride(-1) == 1 else v2.contiguous()
     slots = slot_mapping.to(torch.int64).contiguous()
     num_slots = k_cache.shape[0] * k_cache.shape[1]
-    if _library().cache_write(
+    if _built().cache_write(
         k2.data_ptr(), v2.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), slots.data_ptr(), slots.numel(),
         num_slots, k2.shape[1], v2.shape[1], k2.stride(0), v2.stride(0),
     ):
@@ -210,7 +222,7 @@ def rms_norm(
         res_out = torch.empty_like(x, memory_format=torch.contiguous_format)
         residual, _, res_stride = _rows(residual)
         res_ptr, res_out_ptr = residual.data_ptr(), res_out.data_ptr()
-    _library().rms_norm(
+    _built().rms_norm(
         x2.data_ptr(), res_ptr, weight.contiguous().data_ptr(), out.data_ptr(), res_out_ptr, rows, x.shape[-1],
         x_stride, res_stride, eps, weight_offset, torch.get_num_threads(),
     )
@@ -224,14 +236,14 @@ def silu_mul(gate_up: Tensor) -> Tensor:
     shape[-1] = inter
     out = torch.empty(shape, dtype=gate_up.dtype)
     gate_up, rows, stride = _rows(gate_up)
-    _library().silu_mul(gate_up.data_ptr(), out.data_ptr(), rows, inter, stride, torch.get_num_threads())
+    _built().silu_mul(gate_up.data_ptr(), out.data_ptr(), rows, inter, stride, torch.get_num_threads())
     return out
 
 
 def argmax_rows(x: Tensor) -> Tensor:
     """x [rows, cols] -> int64 [rows], torch.argmax(x, -1) (first index of the maximum; NaN is never one)."""
     out = torch.empty(x.shape[0], dtype=torch.int64)
-    _library().argmax_rows(x.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1], x.stride(0),
+    _built().argmax_rows(x.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1], x.stride(0),
                            torch.get_num_threads())
     return out
 
@@ -242,7 +254,7 @@ def rope(x: Tensor, positions: Tensor, cos_sin_cache: Tensor, rotary_dim: int, n
         x = x.contiguous()
     pos = positions.to(torch.int64).contiguous()
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
-    if _library().rope(
+    if _built().rope(
         x.data_ptr(), out.data_ptr(), pos.data_ptr(), cos_sin_cache.contiguous().data_ptr(), x.shape[0], x.shape[1],
         x.shape[2], x.stride(0), rotary_dim, int(neox_style), cos_sin_cache.shape[0], torch.get_num_threads(),
     ):

@@ -15,15 +15,15 @@ import json
 import shutil
 import types
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 import torch
 import torch.fx as fx
 
+import kiln.ops  # noqa: F401  (declares the kiln:: ops the forward calls)
+from kiln.compiler.compiled import CompiledModel, KVLayout
 from kiln.passes.base import PassReport
 
-from . import ops  # noqa: F401  (registers the kiln:: ops the forward calls)
-from .compiled import CompiledModel, KVLayout
 from .forward_source import SourceError, forward_source, graph_modules
 
 FORMAT = 1
@@ -52,7 +52,7 @@ def is_artifact(path: object) -> bool:
 
 def versions() -> dict[str, str | None]:
     """The versions that decide whether an artifact's forward and weights still mean the same thing."""
-    from kiln import __version__
+    from kiln.version import __version__
 
     def installed(package: str) -> str | None:  # from package metadata: importing triton just to ask is slow
         try:
@@ -157,7 +157,7 @@ def _write(compiled: CompiledModel, gm: fx.GraphModule, root: Path, options: dic
     generation.save_pretrained(root)
     if compiled.tokenizer is not None:
         compiled.tokenizer.save_pretrained(root)
-    manifest = {
+    manifest: dict[str, Any] = {
         "format": FORMAT,
         "versions": versions(),
         "options": {"backend": compiled.backend, "dtype": str(compiled.dtype).removeprefix("torch."),
@@ -235,10 +235,13 @@ def _import_forward(root: Path) -> types.ModuleType:
     """Import forward.py by file location; bytecode caching is skipped so the directory stays as hashed."""
     path = root / FORWARD
     name = f"kiln_artifact_{hashlib.sha1(str(path).encode()).hexdigest()[:12]}"
-    module = importlib.util.module_from_spec(importlib.util.spec_from_file_location(name, path))
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None:
+        raise ArtifactError(f"{path}: cannot be imported")
+    module = importlib.util.module_from_spec(spec)
     source = path.read_text()
     exec(compile(source, str(path), "exec"), module.__dict__)
-    module.SOURCE = source
+    module.SOURCE = source  # type: ignore[attr-defined]
     return module
 
 
@@ -247,7 +250,7 @@ def _child(owner: torch.nn.Module, path: list[str]) -> torch.nn.Module:
     for part in path:
         if part not in owner._modules:
             owner.add_module(part, torch.nn.Module())
-        owner = owner._modules[part]
+        owner = cast(torch.nn.Module, owner._modules[part])
     return owner
 
 
@@ -315,7 +318,7 @@ def load(path: str | Path, *, backend: str = "auto", dtype: str | torch.dtype | 
     has_tokenizer = (root / "tokenizer_config.json").is_file()
     tokenizer = AutoTokenizer.from_pretrained(root, trust_remote_code=trust_remote_code) if has_tokenizer else None
     compiled = CompiledModel(
-        graph_module=module,  # a plain nn.Module running forward.py; `.code` is that file
+        graph_module=module,  # type: ignore[arg-type]  # a plain Module running forward.py, .code is that file
         report=PassReport.from_dict(manifest["report"]),
         hf_config=config,
         kv_layouts=[KVLayout(**layout) for layout in model["kv_layouts"]],

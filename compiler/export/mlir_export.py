@@ -28,7 +28,7 @@ import torch
 from .decompositions import decompose
 
 if TYPE_CHECKING:
-    from .compiled import CompiledModel
+    from kiln.compiler.compiled import CompiledModel
 
 FORMATS = {"torch": "torch", "linalg": "linalg-on-tensors", "stablehlo": "stablehlo", "tosa": "tosa"}
 STATIC_ONLY = {"tosa"}

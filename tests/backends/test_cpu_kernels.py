@@ -1,25 +1,26 @@
-"""The C kernels behind the fused ops on CPU against the ops' own torch references (the specification)."""
+"""The CPU backend's C kernels, as backend "reference" calls them (backends/cpu/lowering.py), against the ops'
+own pure-torch references (the specification)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from kiln.compiler import cpu_kernels, fused_ops
+from kiln.backends.cpu import kernels as cpu_kernels
+from kiln.backends.cpu import lowering
+from kiln.ops import fused, quant
 
 pytestmark = pytest.mark.skipif(cpu_kernels._library() is None, reason="no C compiler: the torch references run")
 
 
-def _both(monkeypatch, kernel, fn, *args):
-    """(C result, torch reference result) of one op on the same inputs; checks that `kernel` ran for the first."""
+def _both(monkeypatch, kernel, op, *args):
+    """(C result, torch reference result) of op `op` on the same inputs; checks that `kernel` ran for the first."""
     calls = []
     with monkeypatch.context() as m:
         real = getattr(cpu_kernels, kernel)
         m.setattr(cpu_kernels, kernel, lambda *a: calls.append(1) or real(*a))
-        fast = fn(*args)
+        fast = getattr(lowering, op)(*args)
     assert calls, f"the C kernel {kernel} did not run"
-    with monkeypatch.context() as m:
-        m.setattr(cpu_kernels, "applies", lambda *a: False)
-        return fast, fn(*args)
+    return fast, getattr(fused, op)(*args)
 
 
 def _assert_close(fast, ref):
@@ -35,15 +36,15 @@ def test_rms_norm_and_residual_add(monkeypatch, rows, weight_offset):
     base = torch.randn(rows, 3 * 384, generator=gen)
     x, residual = base[:, :384], torch.randn(rows, 384, generator=gen)  # x is a strided view, as after a split
     weight = torch.randn(384, generator=gen)
-    _assert_close(*_both(monkeypatch, "rms_norm", fused_ops.rms_norm, x, weight, 1e-6, weight_offset))
-    _assert_close(*_both(monkeypatch, "rms_norm", fused_ops.add_rms_norm, x, residual, weight, 1e-6, weight_offset))
+    _assert_close(*_both(monkeypatch, "rms_norm", "rms_norm", x, weight, 1e-6, weight_offset))
+    _assert_close(*_both(monkeypatch, "rms_norm", "add_rms_norm", x, residual, weight, 1e-6, weight_offset))
 
 
 @pytest.mark.parametrize("rows", [1, 5, 64])
 def test_silu_mul_including_saturated_inputs(monkeypatch, rows):
     gate_up = torch.randn(rows, 2 * 1408, generator=torch.Generator().manual_seed(rows)) * 8
     gate_up[0, :4] = torch.tensor([-200.0, 200.0, 0.0, -88.5])
-    _assert_close(*_both(monkeypatch, "silu_mul", fused_ops.silu_mul, gate_up))
+    _assert_close(*_both(monkeypatch, "silu_mul", "silu_mul", gate_up))
 
 
 @pytest.mark.parametrize("neox_style", [True, False])
@@ -56,7 +57,7 @@ def test_rope_on_strided_qkv_split(monkeypatch, neox_style, rotary_dim):
     q, k = q.view(tokens, heads, dim), k.view(tokens, kv_heads, dim)
     cache = torch.randn(50, rotary_dim, generator=gen)
     positions = torch.randint(0, 50, (tokens,), generator=gen)
-    _assert_close(*_both(monkeypatch, "rope", fused_ops.rope, q, k, positions, cache, rotary_dim, neox_style))
+    _assert_close(*_both(monkeypatch, "rope", "rope", q, k, positions, cache, rotary_dim, neox_style))
 
 
 def test_out_of_range_positions_and_slots_are_errors_not_writes():
@@ -93,21 +94,19 @@ def test_linear_hands_many_rows_and_other_dtypes_to_torch(monkeypatch):
 def test_per_head_norm_on_4d_input_keeps_its_shape(monkeypatch):
     """Qwen3 / OLMo2 normalise q and k per head: x [1, T, H, D], not two-dimensional."""
     x = torch.randn(1, 5, 4, 16, generator=torch.Generator().manual_seed(3)).transpose(1, 2)  # strided, 4-D
-    _assert_close(*_both(monkeypatch, "rms_norm", fused_ops.rms_norm, x, torch.randn(16), 1e-6, 0.0))
+    _assert_close(*_both(monkeypatch, "rms_norm", "rms_norm", x, torch.randn(16), 1e-6, 0.0))
     gate_up = torch.randn(2, 3, 32)  # leading dims that are not [1, T]
-    _assert_close(*_both(monkeypatch, "silu_mul", fused_ops.silu_mul, gate_up))
+    _assert_close(*_both(monkeypatch, "silu_mul", "silu_mul", gate_up))
 
 
 @pytest.mark.parametrize("rows", [1, cpu_kernels.SMALL_LINEAR_ROWS])
 def test_weight_only_int8_small_linear_matches_dequantized_torch(monkeypatch, rows):
-    from kiln.compiler import quant_ops
-
     calls, real = [], cpu_kernels.small_linear
     monkeypatch.setattr(cpu_kernels, "small_linear", lambda *a: calls.append(a[1].dtype) or real(*a))
     gen = torch.Generator().manual_seed(rows)
-    weight, scale = quant_ops.quantize_int8(torch.randn(203, 96, generator=gen))
+    weight, scale = quant.quantize_int8(torch.randn(203, 96, generator=gen))
     bias, x = torch.randn(203, generator=gen), torch.randn(1, rows, 96, generator=gen)
-    out = quant_ops.linear_int8(x, weight, scale, bias)
+    out = lowering.linear_int8(x, weight, scale, bias)
     expect = torch.nn.functional.linear(x, weight.float() * scale[:, None], bias)
     torch.testing.assert_close(out, expect, rtol=1e-5, atol=1e-4)
     assert calls == [torch.int8]  # the C loop ran over the int8 weights
@@ -115,30 +114,25 @@ def test_weight_only_int8_small_linear_matches_dequantized_torch(monkeypatch, ro
 
 @pytest.mark.parametrize("rows, with_extras", [(1, False), (5, True), (37, True)])
 def test_w8a8_tile_kernel_equals_the_reference_bit_for_bit(rows, with_extras):
-    from kiln.compiler import quant_ops
-
     gen = torch.Generator().manual_seed(rows)
-    weight, scale = quant_ops.quantize_int8(torch.randn(132, 192, generator=gen))
-    packed = quant_ops.pack_w8a8(weight)
-    assert packed.shape == (33, 3, 4, 64) and torch.equal(quant_ops.unpack_w8a8(packed), weight)
+    weight, scale = quant.quantize_int8(torch.randn(132, 192, generator=gen))
+    packed = quant.pack_w8a8(weight)
+    assert packed.shape == (33, 3, 4, 64) and torch.equal(quant.unpack_w8a8(packed), weight)
     x = torch.randn(1, rows, 192, generator=gen)
     bias = torch.randn(132, generator=gen) if with_extras else None
     input_scale = torch.rand(192, generator=gen) + 0.5 if with_extras else None
-    expect = quant_ops.linear_w8a8(x, weight, scale, input_scale, bias)  # torch._int_mm over the HF layout
+    expect = quant.linear_w8a8(x, weight, scale, input_scale, bias)  # torch._int_mm over the HF layout
     fast, unpacked = _both_w8a8(packed, x, scale, input_scale, bias)
     assert torch.equal(fast, expect) and torch.equal(unpacked, expect)
 
 
 def _both_w8a8(packed, x, scale, input_scale, bias):
-    from kiln.compiler import quant_ops
-
     calls, real = [], cpu_kernels.linear_w8a8_packed
     with pytest.MonkeyPatch.context() as m:
         m.setattr(cpu_kernels, "linear_w8a8_packed", lambda *a: calls.append(1) or real(*a))
-        fast = quant_ops.linear_w8a8_packed(x, packed, scale, input_scale, bias)
+        fast = lowering.linear_w8a8_packed(x, packed, scale, input_scale, bias)
         assert calls, "the C kernel did not run"
-        m.setattr(cpu_kernels, "applies", lambda *a: False)
-        return fast, quant_ops.linear_w8a8_packed(x, packed, scale, input_scale, bias)
+    return fast, quant.linear_w8a8_packed(x, packed, scale, input_scale, bias)
 
 
 def test_float32_linear_above_the_c_rows_runs_onednn_and_follows_in_place_writes():
@@ -159,17 +153,15 @@ def test_float32_linear_above_the_c_rows_runs_onednn_and_follows_in_place_writes
 
 @pytest.mark.parametrize("rows", [1, 6, cpu_kernels.SMALL_LINEAR_ROWS + 1])
 def test_int8_tile_kernel_matches_the_dequantized_linear(rows):
-    from kiln.compiler import quant_ops
-
     gen = torch.Generator().manual_seed(rows)
-    weight, scale = quant_ops.quantize_int8(torch.randn(48, 70, generator=gen))
-    packed = quant_ops.pack_int8(weight)
-    assert packed.shape == (3, 70, 16) and torch.equal(quant_ops.unpack_int8(packed), weight)
+    weight, scale = quant.quantize_int8(torch.randn(48, 70, generator=gen))
+    packed = quant.pack_int8(weight)
+    assert packed.shape == (3, 70, 16) and torch.equal(quant.unpack_int8(packed), weight)
     x, bias = torch.randn(1, rows, 70, generator=gen), torch.randn(48, generator=gen)
     calls, real = [], cpu_kernels.linear_int8_packed
     with pytest.MonkeyPatch.context() as m:
         m.setattr(cpu_kernels, "linear_int8_packed", lambda *a: calls.append(1) or real(*a))
-        out = quant_ops.linear_int8_packed(x, packed, scale, bias)
+        out = lowering.linear_int8_packed(x, packed, scale, bias)
     assert bool(calls) == (rows <= cpu_kernels.SMALL_LINEAR_ROWS)  # above: the reference over unpacked weights
     expect = torch.nn.functional.linear(x, weight.float() * scale[:, None], bias)
     torch.testing.assert_close(out, expect, rtol=1e-5, atol=1e-4)

@@ -15,7 +15,7 @@ import types
 import torch
 import torch.fx as fx
 
-_OP_MODULES = {"kiln": ("kiln.compiler.ops", "kiln.compiler.fused_ops")}  # when an op's module is unknown
+_OP_MODULES = {"kiln": ("kiln.ops",)}  # when an op's module is unknown
 
 
 class SourceError(ValueError):

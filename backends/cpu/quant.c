@@ -1,7 +1,7 @@
 /* int8 linears behind kiln::linear_w8a8_packed and kiln::linear_int8_packed on the reference backend, compiled
- * into the same extension module as cpu_kernels.c (which holds their Python bindings). Both read weights that
- * backend "reference" stored in tiles when it lowered the graph (compiler/quant_ops.py packs them), so each tile
- * streams front to back; compiler/quant_ops.py's references are the specification. */
+ * into the same extension module as kernels.c (which holds their Python bindings). Both read weights that
+ * backend "reference" stored in tiles when it lowered the graph (ops/quant.py packs them), so each tile
+ * streams front to back; ops/quant.py's references are the specification. */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -10,14 +10,14 @@
 #include <immintrin.h>
 #endif
 
-#define PARALLEL_MIN 65536 /* as in cpu_kernels.c: below this many elements one thread does the work */
+#define PARALLEL_MIN 65536 /* as in kernels.c: below this many elements one thread does the work */
 
 /* W8A8 (kiln::linear_w8a8_packed): each row of x (times input_scale) is quantized to int8 with its own scale,
- * exactly as quant_ops.quantize_tokens does, and stored offset by 128 as uint8 so the int8 x int8 dot products
+ * exactly as ops/quant.py quantize_tokens does, and stored offset by 128 as uint8 so the int8 x int8 dot products
  * can use AVX-512 VNNI (u8 x s8 -> s32, 64 products an instruction); the offset is taken back out with each
  * weight row's sum (a dot with a vector of ones, in the same pass). The int32 dots are exact and the float
  * epilogue is the reference's, (acc * x_scale) * w_scale + bias, so results equal it bit for bit.
- * Weights come in tiles of 4 rows x 64 columns, [n/4][k/64][4][64] (quant_ops.pack_w8a8): a 4-row block is
+ * Weights come in tiles of 4 rows x 64 columns, [n/4][k/64][4][64] (ops/quant.py pack_w8a8): a 4-row block is
  * then read front to back, which streams at about twice the speed of four interleaved rows of HF's layout on
  * this kind of CPU. Each block stays in L1 while every row of x passes over it. */
 #define W8A8_ROWS 4
@@ -124,7 +124,7 @@ void linear_w8a8_packed(const float *restrict x, const float *restrict in_scale,
 }
 
 /* Weight-only int8 (kiln::linear_int8_packed) at decode sizes: weights in tiles of 16 output channels,
- * [n/16][k][16] (quant_ops.pack_int8), so one tile is read front to back and each k step converts 16 weights
+ * [n/16][k][16] (ops/quant.py pack_int8), so one tile is read front to back and each k step converts 16 weights
  * to float once for up to 4 rows of x, vectorised across the 16 channels (no horizontal sums). Activations stay
  * exact: y = (x . w) * scale + bias with float32 accumulation. */
 #define I8_TILE 16

@@ -1,7 +1,8 @@
 /* float32 CPU kernels behind kiln's ops on the reference backend, as a small CPython extension module (the
  * bindings at the end take data pointers and sizes; a call costs well under a microsecond, where ctypes
- * costs several). Built on first use by compiler/cpu_kernels.py; the torch references in compiler/ops.py and
- * compiler/fused_ops.py are the specification, and every function here is tested against them.
+ * costs several). Built on first use by backends/cpu/kernels.py and chosen by backends/cpu/lowering.py; the
+ * torch references in ops/attention.py and ops/fused.py are the specification, and every function here is tested
+ * against them.
  *
  * paged_decode_f32: one query token per sequence, read straight from the cache blocks, so no per-step
  * gather of the whole context. Each sequence is one task that reads every cached token's K (all KV heads,
@@ -254,7 +255,7 @@ static void argmax_rows_f32(const float *x, int64_t *out, int64_t rows, int64_t 
     }
 }
 
-/* The int8 linears (weight tiles, AVX-512 where the CPU has it) are in cpu_quant.c, built into the same module. */
+/* The int8 linears (weight tiles, AVX-512 where the CPU has it) are in quant.c, built into the same module. */
 void linear_w8a8_packed(const float *x, const float *in_scale, const int8_t *w, const float *scale,
                         const float *bias, float *out, int64_t rows, int64_t n, int64_t k, int64_t x_stride,
                         int64_t threads);

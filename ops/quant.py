@@ -7,22 +7,23 @@ Weight layouts (what passes/quantize.py registers and the Triton templates in co
 An optional fp32 `input_scale` [K] multiplies the activations first: the inverse of AWQ / SmoothQuant's
 per-input-channel scales, which were multiplied into the weight before quantizing.
 
-The references are the specification: w8a8 runs `torch._int_mm` on per-token int8 activations; weight-only
-int8 and int4 dequantize and run a float GEMM (no torch CPU kernel that keeps activations exact beats fp32
-here: see README, "Quantization"). On CPU, backend "reference" stores int8 and w8a8 weights in tiles for kiln's
-C kernels (`linear_int8_packed`, `linear_w8a8_packed` below); int4 keeps its reference.
+The references are the specification, in pure torch: w8a8 runs `torch._int_mm` on per-token int8 activations;
+weight-only int8 and int4 dequantize and run a float GEMM (no torch CPU kernel that keeps activations exact beats
+fp32 here: see README, "Quantization"). On CPU, backend "reference" stores int8 and w8a8 weights in tiles for
+kiln's C kernels (`linear_int8_packed`, `linear_w8a8_packed` below, run by backends/cpu/lowering.py); int4 keeps
+its reference.
 
 Quantized KV caches hold each token-and-head vector as [D values | 4 bytes of fp32 scale] in one tensor of
 the cache dtype ([num_blocks, block_size, kv_heads, D + 4]), so the runtime still passes two caches per layer.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
-from . import cpu_kernels, ops
+from . import attention
 
 SCALE_BYTES = 4  # the fp32 scale stored after each quantized K/V vector
 KV_CACHE_DTYPES = {"int8": torch.int8, "fp8_e4m3": torch.float8_e4m3fn}
@@ -75,11 +76,10 @@ def dequantize_int4(qweight: Tensor, scales: Tensor, qzeros: Optional[Tensor], g
     """fp32 W^T [K, N] from the GPTQ layout (scales and zeros broadcast per group, never expanded)."""
     k, n = qweight.shape[0] * 8, qweight.shape[1]
     q = unpack_int4(qweight, dim=0).view(k // group_size, group_size, n).float()
-    zeros = unpack_int4(qzeros, dim=1).float() if qzeros is not None else 8.0
     if qzeros is not None:
-        q -= zeros[:, None, :]
+        q -= unpack_int4(qzeros, dim=1).float()[:, None, :]
     else:
-        q -= zeros
+        q -= 8.0
     return q.mul_(scales[:, None, :]).view(k, n)
 
 
@@ -107,20 +107,15 @@ def int8_mm(a: Tensor, b_t: Tensor) -> Tensor:
 
 
 def linear_int8(x: Tensor, weight: Tensor, scale: Tensor, bias: Optional[Tensor]) -> Tensor:
-    """Weight-only int8: y = (x @ weightᵀ) * scale + bias, activations exact, fp32 accumulation.
-
-    On CPU at decode sizes the C loop streams the int8 weights (a quarter of float32's bytes) in place; otherwise
-    the weight is dequantized for torch's GEMM."""
-    if (x.numel() <= cpu_kernels.SMALL_LINEAR_ROWS * x.shape[-1] and weight.is_contiguous()
-            and cpu_kernels.applies(x, scale, bias) and scale.is_contiguous() and weight.is_cpu):
-        return cpu_kernels.small_linear(x, weight, scale, bias)
+    """Weight-only int8: y = (x @ weightᵀ) * scale + bias, activations exact, fp32 accumulation (the weight is
+    dequantized for torch's GEMM)."""
     y = torch.nn.functional.linear(_rows(x, None).float(), weight.float()) * scale
     return _finish(y, x, bias)
 
 
 linear_int8_op = torch.library.custom_op("kiln::linear_int8", linear_int8, mutates_args=())
 
-INT8_TILE = 16  # output channels per tile of the CPU layout (cpu_kernels.c, linear_i8_packed)
+INT8_TILE = 16  # output channels per tile of the CPU layout (backends/cpu/quant.c, linear_i8_packed)
 
 
 def packs_int8(weight: Tensor) -> bool:
@@ -142,17 +137,15 @@ def unpack_int8(packed: Tensor) -> Tensor:
 
 def linear_int8_packed(x: Tensor, packed: Tensor, scale: Tensor, bias: Optional[Tensor]) -> Tensor:
     """kiln::linear_int8 with its weight in the CPU tile layout (backend "reference" repacks it when it lowers
-    the graph): the C loop at decode sizes, else the reference over the unpacked weight."""
-    if (x.numel() <= cpu_kernels.SMALL_LINEAR_ROWS * x.shape[-1] and packed.is_cpu and packed.is_contiguous()
-            and cpu_kernels.applies(x, scale, bias) and scale.is_contiguous()):
-        return cpu_kernels.linear_int8_packed(x, packed, scale, bias)
+    the graph): the reference over the unpacked weight."""
     return linear_int8(x, unpack_int8(packed), scale, bias)
 
 
 linear_int8_packed_op = torch.library.custom_op("kiln::linear_int8_packed", linear_int8_packed, mutates_args=())
 
 
-def linear_w8a8(x: Tensor, weight: Tensor, scale: Tensor, input_scale: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
+def linear_w8a8(x: Tensor, weight: Tensor, scale: Tensor, input_scale: Optional[Tensor],
+                bias: Optional[Tensor]) -> Tensor:
     """W8A8: x (times input_scale) quantized per token to int8, int8 x int8 -> int32, then token x channel scales."""
     xq, x_scale = quantize_tokens(_rows(x, input_scale))
     y = int8_mm(xq, weight.t()).float() * x_scale[:, None] * scale
@@ -161,7 +154,7 @@ def linear_w8a8(x: Tensor, weight: Tensor, scale: Tensor, input_scale: Optional[
 
 linear_w8a8_op = torch.library.custom_op("kiln::linear_w8a8", linear_w8a8, mutates_args=())
 
-W8A8_TILE = (4, 64)  # weight rows x columns of one tile of the CPU layout (cpu_kernels.c, linear_w8a8_packed)
+W8A8_TILE = (4, 64)  # weight rows x columns of one tile of the CPU layout (backends/cpu/quant.c)
 
 
 def packs_w8a8(weight: Tensor) -> bool:
@@ -184,10 +177,7 @@ def unpack_w8a8(packed: Tensor) -> Tensor:
 def linear_w8a8_packed(x: Tensor, packed: Tensor, scale: Tensor, input_scale: Optional[Tensor],
                        bias: Optional[Tensor]) -> Tensor:
     """kiln::linear_w8a8 with its weight in the CPU tile layout (backend "reference" repacks it when it lowers
-    the graph): the C kernel where it applies, else the reference over the unpacked weight. Same numbers."""
-    if packed.is_cpu and packed.is_contiguous() and cpu_kernels.applies(x, scale, input_scale, bias) \
-            and scale.is_contiguous() and (input_scale is None or input_scale.is_contiguous()):
-        return cpu_kernels.linear_w8a8_packed(x, packed, scale, input_scale, bias)
+    the graph): the reference over the unpacked weight."""
     return linear_w8a8(x, unpack_w8a8(packed), scale, input_scale, bias)
 
 
@@ -249,14 +239,15 @@ def dequantize_kv(packed: Tensor) -> Tensor:
     return packed[..., :dim].float() * packed[..., dim:].view(torch.float32)
 
 
-def paged_attention_quant(
-    q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor, block_tables: Tensor,
-    seq_lens: Tensor, query_start_loc: Tensor, scale: float, window: int, softcap: float,
+def attend_quantized(
+    attend: Callable[..., Tensor], q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor,
+    slot_mapping: Tensor, block_tables: Tensor, seq_lens: Tensor, query_start_loc: Tensor, scale: float, window: int,
+    softcap: float,
 ) -> Tensor:
-    """kiln::paged_attention over a quantized cache (int8 or fp8 e4m3, [.., D + 4] with inline scales).
+    """Paged attention over a quantized cache through `attend`, a float kiln::paged_attention implementation.
 
     The step's K/V are quantized into the cache; the blocks the batch reads are dequantized into a compact
-    fp32 cache, and the float op (with its C decode path on CPU) attends over that."""
+    fp32 cache, and `attend` (the reference, or on CPU the C decode path) attends over that."""
     for cache, new in ((k_cache, k), (v_cache, v)):  # copied as bytes: index_copy_ has no fp8 kernel on CPU
         rows = cache.view(torch.uint8).view(-1, *cache.shape[2:])
         rows.index_copy_(0, slot_mapping, quantize_kv(new, cache.dtype).view(torch.uint8))
@@ -265,9 +256,18 @@ def paged_attention_quant(
     used, tables = torch.unique(block_tables[:, :max_blocks].long(), return_inverse=True)
     k_f, v_f = dequantize_kv(k_cache[used]), dequantize_kv(v_cache[used])
     none = slot_mapping[:0]  # the step's K/V are in the compact cache already: the float op writes nothing
-    out = ops.paged_attention(q.float(), k[:0].float(), v[:0].float(), k_f, v_f, none, tables.to(torch.int32),
-                              seq_lens, query_start_loc, scale, window, softcap)
+    out = attend(q.float(), k[:0].float(), v[:0].float(), k_f, v_f, none, tables.to(torch.int32),
+                 seq_lens, query_start_loc, scale, window, softcap)
     return out.to(q.dtype)
+
+
+def paged_attention_quant(
+    q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor, block_tables: Tensor,
+    seq_lens: Tensor, query_start_loc: Tensor, scale: float, window: int, softcap: float,
+) -> Tensor:
+    """kiln::paged_attention over a quantized cache (int8 or fp8 e4m3, [.., D + 4] with inline scales)."""
+    return attend_quantized(attention.paged_attention, q, k, v, k_cache, v_cache, slot_mapping, block_tables,
+                            seq_lens, query_start_loc, scale, window, softcap)
 
 
 paged_attention_quant_op = torch.library.custom_op(

@@ -17,9 +17,8 @@ import torch.fx as fx
 from torch import Tensor
 from torch._library.custom_ops import OPDEFS
 
-from . import fused_ops, ops  # noqa: F401  (registers the kiln:: ops)
-from .ops import reference_calls
-from .metadata import AttentionMetadata
+from kiln.backends.cpu.lowering import reference_calls
+from kiln.ops.metadata import AttentionMetadata
 
 PAGED_ATTENTION = torch.ops.kiln.paged_attention.default
 

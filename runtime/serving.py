@@ -1,0 +1,212 @@
+"""The core of the OpenAI-compatible server: request checking, engine submission, and the errors both raise.
+
+Every request is fully checked (body size, JSON, fields, model, limits, SamplingParams, context length) and
+its first output is awaited before a response starts, so every refusal is a 400 in OpenAI's error shape and
+never a broken stream. Client disconnects cancel the work, which aborts the engine requests and frees their
+KV blocks at once. `server_routes` turns these into the routes and wire formats; `server` builds the app.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import Request
+from pydantic import BaseModel, ValidationError
+
+from . import openai_protocol as proto
+from .async_engine import AsyncLLMEngine
+from .metrics import ServerMetrics
+from .outputs import RequestOutput
+from .sampling_params import SamplingParams
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """Caps that keep one request from monopolising the server (SamplingParams has its own, looser ones)."""
+
+    max_body_bytes: int = 1 << 20
+    max_n: int = 16
+    max_stop: int = 16
+    max_prompts: int = 32
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 err_type: str = "invalid_request_error") -> None:
+        super().__init__(message)
+        self.status, self.body = status, proto.error_body(message, err_type, param, code)
+
+
+class ClientGone(Exception):
+    """The client disconnected before the response started."""
+
+
+def _param_of(err: ValueError, renames: dict[str, str]) -> str | None:
+    """SamplingParams and the engine start their messages with the parameter's name."""
+    word = str(err).split(" ", 1)[0]
+    known = {f.name for f in dataclasses.fields(SamplingParams)} | {"prompt"}
+    return renames.get(word, word) if word in known else None
+
+
+async def _until_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _unless_disconnected(request: Request, awaitable: Any) -> Any:
+    """Await `awaitable` in a task that is cancelled (aborting its engine requests) if the client leaves."""
+    work = asyncio.ensure_future(awaitable)
+    watch = asyncio.ensure_future(_until_disconnect(request))
+    try:
+        done, _ = await asyncio.wait((work, watch), return_when=asyncio.FIRST_COMPLETED)
+    finally:  # also when the handler itself is cancelled
+        watch.cancel()
+        if not work.done():
+            work.cancel()
+    if work not in done:
+        raise ClientGone()
+    return work.result()
+
+
+class Merged:
+    """One generate() stream per prompt, interleaved. close() cancels their tasks, which aborts the engine
+    requests at once: asyncio's Task.cancel always lands, unlike a cancel scope's, which an engine loop that
+    feeds the queue every step can starve (a dropped client would then keep generating)."""
+
+    def __init__(self, streams: list[AsyncIterator[RequestOutput]]) -> None:
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.tasks = [asyncio.ensure_future(self._pump(i, s)) for i, s in enumerate(streams)]
+        self.remaining = len(self.tasks)
+
+    async def _pump(self, i: int, stream: AsyncIterator[RequestOutput]) -> None:
+        try:
+            async for out in stream:
+                self.queue.put_nowait((i, out))
+        except Exception as exc:  # handed to the consumer, which owns error reporting
+            self.queue.put_nowait((i, exc))
+        finally:
+            self.queue.put_nowait((i, None))
+
+    def __aiter__(self) -> Merged:
+        return self
+
+    async def __anext__(self) -> tuple[int, RequestOutput]:
+        while self.remaining:
+            i, item = await self.queue.get()
+            if item is None:
+                self.remaining -= 1
+            elif isinstance(item, Exception):
+                self.close()
+                raise item
+            else:
+                return i, item
+        raise StopAsyncIteration
+
+    def close(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+
+
+class OpenAIServing:
+    """Turns OpenAI requests into engine requests and engine outputs into OpenAI responses."""
+
+    def __init__(self, engine: AsyncLLMEngine, model_name: str, limits: ServerLimits,
+                 metrics: ServerMetrics) -> None:
+        self.engine, self.model_name, self.limits, self.metrics = engine, model_name, limits, metrics
+        self.tokenizer = engine.engine.tokenizer
+        self.max_model_len = engine.engine.max_model_len
+
+    async def parse(self, request: Request, model_cls: type[BaseModel]) -> Any:
+        declared = request.headers.get("content-length", "")
+        too_big = APIError(413, f"Request body exceeds {self.limits.max_body_bytes} bytes.",
+                           code="request_too_large")
+        if declared.isdigit() and int(declared) > self.limits.max_body_bytes:
+            raise too_big
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > self.limits.max_body_bytes:
+                raise too_big
+        try:
+            req = model_cls.model_validate_json(bytes(body))
+        except ValidationError as err:
+            message, param = proto.describe_validation_error(err)
+            raise APIError(400, message, param) from None
+        model = getattr(req, "model", None)
+        if model is not None and model != self.model_name:
+            raise APIError(404, f"The model `{model}` does not exist.", "model", "model_not_found")
+        return req
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        if self.tokenizer is None:
+            raise APIError(400, "This model has no tokenizer; send token ids.", "prompt")
+        return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
+    def chat_prompt(self, messages: list[proto.ChatMessage], add_generation_prompt: bool = True) -> list[int]:
+        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
+            raise APIError(400, "This model has no chat template; use /v1/completions.", "messages")
+        plain = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})} for m in messages]
+        try:
+            text = self.tokenizer.apply_chat_template(plain, tokenize=False,
+                                                      add_generation_prompt=add_generation_prompt)
+        except Exception as err:  # the template's own refusals (e.g. roles out of order) are the client's
+            raise APIError(400, f"The chat template rejected the messages: {err}", "messages") from None
+        return self.encode(text, add_special_tokens=False)  # the template already holds the BOS
+
+    def sampling_params(self, req: Any, prompts: list[list[int]], max_tokens: int | None, logprobs: int | None,
+                        renames: dict[str, str]) -> SamplingParams:
+        if req.n > self.limits.max_n:
+            raise APIError(400, f"n must be at most {self.limits.max_n}, got {req.n}.", "n")
+        if isinstance(req.stop, list) and len(req.stop) > self.limits.max_stop:
+            raise APIError(400, f"stop may hold at most {self.limits.max_stop} sequences, got {len(req.stop)}.",
+                           "stop")
+        try:
+            params = SamplingParams(**req.sampling_options(), logprobs=logprobs,
+                                    max_tokens=1 if max_tokens is None else max_tokens)
+        except ValueError as err:
+            raise APIError(400, str(err), _param_of(err, renames)) from None
+        longest = max(len(p) for p in prompts)
+        if max_tokens is None:  # chat without a limit: the rest of the context, as vLLM does
+            max_tokens = max(self.max_model_len - longest, 0)
+        if max_tokens < 1 or longest + max_tokens > self.max_model_len:
+            message = proto.CONTEXT_LENGTH_MESSAGE.format(limit=self.max_model_len, total=longest + max_tokens,
+                                                          prompt=longest, completion=max_tokens)
+            raise APIError(400, message, renames.get("prompt", "prompt"), "context_length_exceeded")
+        return dataclasses.replace(params, max_tokens=max_tokens)
+
+    async def start(self, request: Request, prompts: list[list[int]], params: SamplingParams,
+                    renames: dict[str, str]) -> tuple[tuple[int, RequestOutput], Merged]:
+        """Submit one engine request per prompt and wait for the first output (or the first refusal)."""
+        rid = uuid.uuid4().hex
+        merged = Merged([self.engine.generate(p, params, f"{rid}-{i}") for i, p in enumerate(prompts)])
+        try:
+            first = await _unless_disconnected(request, merged.__anext__())
+        except ValueError as err:
+            raise APIError(400, str(err), _param_of(err, renames)) from None
+        except BaseException:
+            merged.close()
+            raise
+        return first, merged
+
+    async def collect(self, request: Request, first: tuple[int, RequestOutput], merged: Merged,
+                      num_prompts: int) -> list[RequestOutput]:
+        """Run to completion, unless the client leaves first."""
+        finals: dict[int, RequestOutput] = {first[0]: first[1]}
+
+        async def rest() -> None:
+            async for i, out in merged:
+                finals[i] = out
+        try:
+            await _unless_disconnected(request, rest())
+        finally:
+            merged.close()
+            self.account(finals.values())
+        return [finals[i] for i in range(num_prompts)]
+
+    def account(self, outputs: Any) -> None:
+        for out in outputs:
+            self.metrics.record_request(out)
