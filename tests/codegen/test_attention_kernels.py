@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernel_checks import DEVICE, assert_close, poisoned, randn  # first: sets TRITON_INTERPRET
+from kernel_checks import DEVICE, assert_close, poisoned, randn
 
 import kiln.ops  # noqa: F401  (declares the kiln::paged_attention reference)
 from kiln.codegen.kernel_plan import Config, run

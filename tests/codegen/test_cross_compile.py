@@ -10,7 +10,7 @@ import pytest
 import torch
 import transformers
 
-from kernel_checks import in_clean_processes  # first: sets TRITON_INTERPRET
+from kernel_checks import in_clean_processes
 
 from kiln.codegen import cross_compile as xc
 from kiln.codegen import launchers

@@ -6,7 +6,7 @@ import pytest
 import torch
 import transformers
 
-from kernel_checks import DEVICE  # first: sets TRITON_INTERPRET
+from kernel_checks import DEVICE
 
 import kiln
 from kiln.codegen.cuda_graphs import DecodeGraphs

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import ast
 
-import kernel_checks  # noqa: F401  (first: sets TRITON_INTERPRET)
 import pytest
 import torch
 import transformers

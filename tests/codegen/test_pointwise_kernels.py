@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernel_checks import DEVICE, assert_close, poisoned, randn  # first: sets TRITON_INTERPRET
+from kernel_checks import DEVICE, assert_close, poisoned, randn
 
 from kiln.codegen import launchers
 from kiln import ops  # noqa: F401  (declares the kiln:: ops and their references)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from kernel_checks import DEVICE  # first: sets TRITON_INTERPRET
+from kernel_checks import DEVICE
 
 import kiln
 from hf_reference import run_prefill_then_decode
