@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test clean
+.PHONY: install demo test lint clean
 
 install: $(STAMP)
 
@@ -22,8 +22,17 @@ $(STAMP): pyproject.toml
 demo: install
 	$(BIN)/python -m kiln demo
 
-test: install
+test: install lint
 	$(BIN)/python -m pytest -q tests
+
+# ruff (lint + format check) and mypy over the package (tests and bench excluded). mypy needs the repository
+# under the name `kiln`, so it runs on a link in a scratch directory.
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	d=$$(mktemp -d) && ln -s "$(CURDIR)" "$$d/kiln" && cd "$$d" && \
+		"$(CURDIR)/$(BIN)/mypy" --config-file "$(CURDIR)/pyproject.toml" --cache-dir "$(CURDIR)/.mypy_cache" \
+		kiln --exclude 'kiln/(tests|bench|\.venv|[^/]*\.egg-info)/'; rc=$$?; rm -rf "$$d"; exit $$rc
 
 clean:
 	rm -rf $(VENV)

@@ -3,6 +3,7 @@
 Public faces: `kiln.compile`, `kiln.load`, `kiln.LLM`, `kiln.SamplingParams`, and `python -m kiln`.
 Imports are lazy so that `python -m kiln --help` does not pay for torch and transformers.
 """
+
 from __future__ import annotations
 
 import importlib

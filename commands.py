@@ -3,6 +3,7 @@
 Each function takes the parsed argparse namespace and returns an exit status. Heavy imports
 (torch, transformers, the compiler) happen inside them, so `kiln --help` stays instant.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,8 +61,12 @@ def _checkpoint_problem(model_dir: str | Path, artifact_ok: bool = False) -> str
 def _compile_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    kwargs: dict[str, Any] = {"backend": args.backend, "dtype": getattr(torch, args.dtype) if args.dtype else None,
-                              "max_model_len": args.max_model_len, "device": args.device}
+    kwargs: dict[str, Any] = {
+        "backend": args.backend,
+        "dtype": getattr(torch, args.dtype) if args.dtype else None,
+        "max_model_len": args.max_model_len,
+        "device": args.device,
+    }
     if getattr(args, "quantize", None) is not None:
         kwargs["quantization"] = args.quantize
     return kwargs
@@ -98,8 +103,10 @@ def _unavailable_feature(args: argparse.Namespace) -> str | None:
     from kiln.compiler.export import artifact
 
     if args.quantize is not None and "quantization" not in inspect.signature(kiln.compile).parameters:
-        return ("compile --quantize: not available in this kiln build (kiln.compile has no quantize option "
-                "yet); run without --quantize")
+        return (
+            "compile --quantize: not available in this kiln build (kiln.compile has no quantize option "
+            "yet); run without --quantize"
+        )
     if args.target is not None and not artifact.can_cross_compile():
         return "compile --target: not available in this kiln build (no kernel cross-compiler); run without it"
     if args.target is not None and args.output is None:
@@ -144,10 +151,10 @@ def generate(args: argparse.Namespace) -> int:
     from kiln.runtime.engine import LLMEngine
 
     try:
-        params = kiln.SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
-                                     top_p=args.top_p, top_k=args.top_k, seed=args.seed)
-        engine = LLMEngine(_load(args, args.model), max_num_seqs=1,
-                           gpu_memory_utilization=args.gpu_memory_utilization)
+        params = kiln.SamplingParams(
+            max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed
+        )
+        engine = LLMEngine(_load(args, args.model), max_num_seqs=1, gpu_memory_utilization=args.gpu_memory_utilization)
         engine.add_request("generate-0", args.prompt, params)
     except (ValueError, FileNotFoundError) as err:
         return _fail(str(err))
@@ -155,7 +162,7 @@ def generate(args: argparse.Namespace) -> int:
     while engine.has_unfinished_requests():
         for out in engine.step():
             text = out.outputs[0].text
-            sys.stdout.write(text[len(shown):] if text.startswith(shown) else "\n" + text)
+            sys.stdout.write(text[len(shown) :] if text.startswith(shown) else "\n" + text)
             sys.stdout.flush()
             shown = text
     sys.stdout.write("\n")
@@ -172,8 +179,9 @@ def bench(args: argparse.Namespace) -> int:
     import kiln
 
     try:
-        llm = kiln.LLM(_load(args, args.model), max_num_seqs=args.max_num_seqs,
-                       gpu_memory_utilization=args.gpu_memory_utilization)
+        llm = kiln.LLM(
+            _load(args, args.model), max_num_seqs=args.max_num_seqs, gpu_memory_utilization=args.gpu_memory_utilization
+        )
         rng = random.Random(args.seed)
         vocab = llm.model.vocab_size
         prompts = [[rng.randrange(vocab) for _ in range(args.input_len)] for _ in range(args.num_requests)]
@@ -185,10 +193,14 @@ def bench(args: argparse.Namespace) -> int:
         return _fail(str(err))
     elapsed = time.perf_counter() - started
     tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
-    print(f"{args.num_requests} requests x ({args.input_len} prompt + {args.output_len} output tokens), "
-          f"max_num_seqs {args.max_num_seqs}, {_versions()}")
-    print(f"throughput: {args.num_requests / elapsed:.2f} requests/s, {tokens / elapsed:.1f} output tokens/s "
-          f"({tokens} tokens in {elapsed:.2f} s)")
+    print(
+        f"{args.num_requests} requests x ({args.input_len} prompt + {args.output_len} output tokens), "
+        f"max_num_seqs {args.max_num_seqs}, {_versions()}"
+    )
+    print(
+        f"throughput: {args.num_requests / elapsed:.2f} requests/s, {tokens / elapsed:.1f} output tokens/s "
+        f"({tokens} tokens in {elapsed:.2f} s)"
+    )
     return 0
 
 
@@ -204,10 +216,17 @@ def serve(args: argparse.Namespace) -> int:
     try:
         compiled = _load(args, args.model)
         _progress(f"serving on http://{args.host}:{args.port}/v1")
-        run_server(compiled, args.host, args.port, args.api_key or os.environ.get("KILN_API_KEY"),
-                   served_model_name=args.served_model_name or args.model, max_num_seqs=args.max_num_seqs,
-                   num_kv_blocks=args.num_kv_blocks, block_size=args.block_size,
-                   gpu_memory_utilization=args.gpu_memory_utilization)
+        run_server(
+            compiled,
+            args.host,
+            args.port,
+            args.api_key or os.environ.get("KILN_API_KEY"),
+            served_model_name=args.served_model_name or args.model,
+            max_num_seqs=args.max_num_seqs,
+            num_kv_blocks=args.num_kv_blocks,
+            block_size=args.block_size,
+            gpu_memory_utilization=args.gpu_memory_utilization,
+        )
     except (ValueError, FileNotFoundError) as err:
         return _fail(str(err))
     return 0
@@ -243,8 +262,9 @@ def _strip_eos(ids: list[int], eos_ids: set[int]) -> list[int]:
     return ids[:-1] if ids and ids[-1] in eos_ids else ids
 
 
-def _hf_generate(model_dir: Path, prompts: list[str], max_tokens: int,
-                 dtype: Any, device: Any) -> tuple[list[list[int]], float]:
+def _hf_generate(
+    model_dir: Path, prompts: list[str], max_tokens: int, dtype: Any, device: Any
+) -> tuple[list[list[int]], float]:
     """HF greedy generation on kiln's device, one prompt at a time (no padding to blur the reference)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -252,12 +272,15 @@ def _hf_generate(model_dir: Path, prompts: list[str], max_tokens: int,
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype or "auto").to(device).eval()
     encoded = [tok(p, return_tensors="pt").to(device) for p in prompts]
-    options = dict(do_sample=False, max_new_tokens=max_tokens,
-                   pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+    options = dict(
+        do_sample=False,
+        max_new_tokens=max_tokens,
+        pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+    )
     with torch.inference_mode():
         model.generate(**encoded[0], **{**options, "max_new_tokens": 2})  # warm-up
         started = time.perf_counter()
-        outs = [model.generate(**e, **options)[0, e["input_ids"].shape[1]:].tolist() for e in encoded]
+        outs = [model.generate(**e, **options)[0, e["input_ids"].shape[1] :].tolist() for e in encoded]
         elapsed = time.perf_counter() - started
     return outs, elapsed
 
@@ -311,17 +334,19 @@ def demo(args: argparse.Namespace) -> int:
     for prompt, out in zip(DEMO_PROMPTS, outputs):
         print(f"{prompt!r}\n  -> {out.outputs[0].text!r} ({out.outputs[0].finish_reason})")
 
-    hf_ids, hf_s = _hf_generate(model_dir, DEMO_PROMPTS, args.max_tokens,
-                                getattr(torch, args.dtype) if args.dtype else None, compiled.device)
+    hf_ids, hf_s = _hf_generate(
+        model_dir, DEMO_PROMPTS, args.max_tokens, getattr(torch, args.dtype) if args.dtype else None, compiled.device
+    )
     eos = _eos_ids(model_dir)
     agree = [_strip_eos(k, eos) == _strip_eos(h, eos) for k, h in zip(kiln_ids, hf_ids)]
     kiln_n, hf_n = sum(map(len, kiln_ids)), sum(map(len, hf_ids))
 
     print(f"\n== kiln vs HF transformers {_versions()} ==")
-    print(f"kiln: {kiln_n} tokens in {kiln_s:.3f} s = {kiln_n / kiln_s:8.1f} tok/s "
-          f"(LLM.generate, {len(DEMO_PROMPTS)} prompts batched)")
-    print(f"HF:   {hf_n} tokens in {hf_s:.3f} s = {hf_n / hf_s:8.1f} tok/s "
-          f"(model.generate, one prompt at a time)")
+    print(
+        f"kiln: {kiln_n} tokens in {kiln_s:.3f} s = {kiln_n / kiln_s:8.1f} tok/s "
+        f"(LLM.generate, {len(DEMO_PROMPTS)} prompts batched)"
+    )
+    print(f"HF:   {hf_n} tokens in {hf_s:.3f} s = {hf_n / hf_s:8.1f} tok/s (model.generate, one prompt at a time)")
     print("(one warm-up call each before timing; wall-clock on this machine, not a benchmark)")
     print(f"tokens agree: {sum(agree)}/{len(agree)} prompts")
     for i, ok in enumerate(agree):

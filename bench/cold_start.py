@@ -8,6 +8,7 @@ two kinds interleaved so that machine noise hits both alike; medians are reporte
 
 MODEL_DIR defaults to the demo Llama (random weights, built once and cached).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,8 +43,13 @@ print(json.dumps({"import": t1 - t0, "load": t2 - t1, "first_token": t3 - t2, "t
 def run_once(model: Path) -> dict[str, float]:
     """One fresh process; returns seconds per stage plus the whole process wall time."""
     started = time.perf_counter()
-    result = subprocess.run([sys.executable, "-c", _CHILD, str(model)], capture_output=True, text=True,
-                            check=True, env={**os.environ, "TQDM_DISABLE": "1"})
+    result = subprocess.run(
+        [sys.executable, "-c", _CHILD, str(model)],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "TQDM_DISABLE": "1"},
+    )
     times = json.loads(result.stdout.strip().splitlines()[-1])
     times["process"] = time.perf_counter() - started
     return times
@@ -83,18 +89,23 @@ def main(argv: list[str] | None = None) -> int:
             runs["artifact"].append(run_once(art))
 
     print(f"model: {model_dir} (artifact {size / 2**20:.1f} MiB)")
-    print(f"{versions()}; python {platform.python_version()}, {platform.machine()}, "
-          f"{os.cpu_count()} CPUs; median of {args.repeats} fresh processes each")
+    print(
+        f"{versions()}; python {platform.python_version()}, {platform.machine()}, "
+        f"{os.cpu_count()} CPUs; median of {args.repeats} fresh processes each"
+    )
     header = "".join(f"{name:>13}" for name in (*STAGES, "process"))
     print(f"{'seconds':<14}{header}")
-    medians = {kind: {k: statistics.median(r[k] for r in rs) for k in (*STAGES, "process")}
-               for kind, rs in runs.items()}
+    medians = {
+        kind: {k: statistics.median(r[k] for r in rs) for k in (*STAGES, "process")} for kind, rs in runs.items()
+    }
     for kind, med in medians.items():
         print(f"{kind:<14}" + "".join(f"{med[k]:>13.3f}" for k in (*STAGES, "process")))
     hf, art_s = medians["hf directory"]["total"], medians["artifact"]["total"]
-    print(f"load to first token: {medians['hf directory']['load'] + medians['hf directory']['first_token']:.3f} s "
-          f"from the HF directory vs {medians['artifact']['load'] + medians['artifact']['first_token']:.3f} s "
-          f"from the artifact; import to first token {hf / art_s:.1f}x faster")
+    print(
+        f"load to first token: {medians['hf directory']['load'] + medians['hf directory']['first_token']:.3f} s "
+        f"from the HF directory vs {medians['artifact']['load'] + medians['artifact']['first_token']:.3f} s "
+        f"from the artifact; import to first token {hf / art_s:.1f}x faster"
+    )
     return 0
 
 

@@ -8,6 +8,7 @@ output processing). Figures are min/median/max over the timed steps.
 
     python -m kiln.bench.engine_overhead --batch 64 256 --vocab 1024 128256 --steps 200 --large-vocab-steps 100
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,9 +18,10 @@ import random
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -53,10 +55,11 @@ class ZeroCostModel:
     def allocate_kv_cache(self, num_blocks: int, block_size: int) -> list[torch.Tensor]:
         return [torch.zeros(1)]
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                kv_caches: list[torch.Tensor]) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, kv_caches: list[torch.Tensor]
+    ) -> torch.Tensor:
         """Fixed logits [num_seqs, vocab]: a view, no copy."""
-        return self.logits[:meta.logits_indices.numel()]
+        return self.logits[: meta.logits_indices.numel()]
 
     __call__ = forward
 
@@ -83,21 +86,30 @@ class TimedSampler:
         return (lambda *a, **k: self.timed(attr, *a, **k)) if callable(attr) else attr
 
 
-def measure(batch: int, vocab: int, steps: int, warmup: int, stream: bool,
-            engine_options: dict) -> tuple[list[float], list[float]]:
+def measure(
+    batch: int, vocab: int, steps: int, warmup: int, stream: bool, engine_options: dict
+) -> tuple[list[float], list[float]]:
     """Per timed decode step: (step seconds, seconds inside the sampler). stream: every request reported after
     every step (AsyncLLMEngine, the server); else only when finished (LLM.generate)."""
     max_tokens = warmup + steps + 8  # nobody finishes while we measure
     max_len = PROMPT_LEN + max_tokens
     model = ZeroCostModel(vocab, batch, max_len)
-    engine = LLMEngine(model, max_num_seqs=batch, num_kv_blocks=batch * -(-max_len // BLOCK_SIZE),
-                       block_size=BLOCK_SIZE, max_num_batched_tokens=batch * PROMPT_LEN, **engine_options)
+    engine = LLMEngine(
+        model,
+        max_num_seqs=batch,
+        num_kv_blocks=batch * -(-max_len // BLOCK_SIZE),
+        block_size=BLOCK_SIZE,
+        max_num_batched_tokens=batch * PROMPT_LEN,
+        **engine_options,
+    )
     sampler = TimedSampler(engine.runner.sampler)
     engine.runner.sampler = sampler
     rng = random.Random(0)
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
-    requests = [engine.make_request(f"r{i}", [rng.randrange(vocab) for _ in range(PROMPT_LEN)], params,
-                                    stream=stream) for i in range(batch)]
+    requests = [
+        engine.make_request(f"r{i}", [rng.randrange(vocab) for _ in range(PROMPT_LEN)], params, stream=stream)
+        for i in range(batch)
+    ]
     for request in requests:
         engine.enqueue(request)
     while any(r.seqs[0].num_output_tokens == 0 for r in requests):  # prefill until every request decodes
@@ -142,13 +154,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, nargs="+", default=[64, 256])
     parser.add_argument("--vocab", type=int, nargs="+", default=[1024, 128_256])
     parser.add_argument("--steps", type=int, default=200, help=f"decode steps timed for vocab < {LARGE_VOCAB}")
-    parser.add_argument("--large-vocab-steps", type=int, default=100,
-                        help=f"decode steps timed for vocab >= {LARGE_VOCAB} (each step argmaxes [B, vocab])")
+    parser.add_argument(
+        "--large-vocab-steps",
+        type=int,
+        default=100,
+        help=f"decode steps timed for vocab >= {LARGE_VOCAB} (each step argmaxes [B, vocab])",
+    )
     parser.add_argument("--warmup", type=int, default=10, help="untimed decode steps after every request decodes")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: stable on a shared machine)")
-    parser.add_argument("--stream", action="store_true",
-                        help="report every request after every step (AsyncLLMEngine, the server); default: only "
-                             "finished ones (LLM.generate)")
+    parser.add_argument(
+        "--stream",
+        action="store_true",
+        help="report every request after every step (AsyncLLMEngine, the server); default: only "
+        "finished ones (LLM.generate)",
+    )
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -175,8 +194,10 @@ def main(argv: list[str] | None = None) -> None:
         for batch in args.batch:
             step_s, sampler_s = measure(batch, vocab, steps, args.warmup, args.stream, engine_options)
             outside = [s - t for s, t in zip(step_s, sampler_s)]
-            row = (f"| {batch:5} | {vocab:7} | {steps:5} | {ms3(step_s):>25} | "
-                   f"{statistics.median(sampler_s) * 1e3:11.3f} | {ms3(outside):>31} |")
+            row = (
+                f"| {batch:5} | {vocab:7} | {steps:5} | {ms3(step_s):>25} | "
+                f"{statistics.median(sampler_s) * 1e3:11.3f} | {ms3(outside):>31} |"
+            )
             print(row, flush=True)
             lines.append(row)
     lines += ["", f"load average (1/5/15 min) at end: {load_avg()}"]

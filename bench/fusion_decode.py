@@ -8,6 +8,7 @@ not inflated by other processes taking the core).
 
     python -m kiln.bench.fusion_decode --batch 1 8 32 --context 128 --steps 200 --threads 1
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,13 +24,21 @@ import transformers
 
 import kiln
 from kiln.compiler.pipeline import PASS_FLAGS
-from kiln.ops.metadata import AttentionMetadata
 from kiln.models.testing import build_tiny_checkpoint
+from kiln.ops.metadata import AttentionMetadata
 from kiln.passes.base import layer_op_counts
 
-MODEL_SHAPE = dict(vocab_size=8192, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
-                   num_attention_heads=8, num_key_value_heads=4, head_dim=64, max_position_embeddings=1024,
-                   initializer_range=0.05)
+MODEL_SHAPE = dict(
+    vocab_size=8192,
+    hidden_size=512,
+    intermediate_size=1408,
+    num_hidden_layers=8,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    head_dim=64,
+    max_position_embeddings=1024,
+    initializer_range=0.05,
+)
 NO_FUSION = {flag: False for flag in PASS_FLAGS if flag.startswith("fuse_")}
 BLOCK_SIZE = 16
 
@@ -63,8 +72,10 @@ def compare(engines: dict[str, kiln.CompiledModel], batch: int, context: int, st
                 times[name].append(step_time(engines[name], inputs[name]))
     medians = {name: [statistics.median(t[i] for t in ts) * 1e3 for i in (0, 1)] for name, ts in times.items()}
     (fw, fc), (uw, uc) = medians["fused"], medians["unfused"]
-    print(f"| {batch:5} | {context:7} | {fw:10.2f} | {uw:12.2f} | {uw / fw:7.2f}x | {fc:9.2f} | {uc:11.2f} | "
-          f"{uc / fc:7.2f}x |")
+    print(
+        f"| {batch:5} | {context:7} | {fw:10.2f} | {uw:12.2f} | {uw / fw:7.2f}x | {fc:9.2f} | {uc:11.2f} | "
+        f"{uc / fc:7.2f}x |"
+    )
 
 
 def main() -> None:
@@ -75,16 +86,20 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: stable on a shared machine)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"machine: {platform.machine()} {platform.processor() or platform.platform()}, {os.cpu_count()} CPUs, "
-          f"torch threads {torch.get_num_threads()}; python {platform.python_version()}, torch {torch.__version__}, "
-          f"transformers {transformers.__version__}")
+    print(
+        f"machine: {platform.machine()} {platform.processor() or platform.platform()}, {os.cpu_count()} CPUs, "
+        f"torch threads {torch.get_num_threads()}; python {platform.python_version()}, torch {torch.__version__}, "
+        f"transformers {transformers.__version__}"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         path = build_tiny_checkpoint("llama", Path(tmp) / "llama-30m", with_tokenizer=False, **MODEL_SHAPE)
         engines = {"fused": kiln.compile(path), "unfused": kiln.compile(path, **NO_FUSION)}
     params = sum(p.numel() for p in engines["fused"].graph_module.parameters())
     ops = {name: max(layer_op_counts(e.graph_module, e.num_layers)) for name, e in engines.items()}
-    print(f"model: Llama {params / 1e6:.1f}M params; ops per decoder layer: fused {ops['fused']}, unfused "
-          f"{ops['unfused']}; {args.steps} steps per engine and batch; median ms per decode step\n")
+    print(
+        f"model: Llama {params / 1e6:.1f}M params; ops per decoder layer: fused {ops['fused']}, unfused "
+        f"{ops['unfused']}; {args.steps} steps per engine and batch; median ms per decode step\n"
+    )
     print("| batch | context | fused wall | unfused wall | speedup | fused CPU | unfused CPU | speedup |")
     print("|------:|--------:|-----------:|-------------:|--------:|----------:|------------:|--------:|")
     for batch in args.batch:

@@ -10,6 +10,7 @@ a timeout costs that phase only and the next one still runs. Each figure is appe
     bench/gpu.sh [--quick] [--phases tests,bandwidth,decode,engine] [--skip decode.hf_compile,...] [--out DIR]
     bench/gpu.sh --device cpu --tiny     # smoke run of every phase on the CPU with a tiny model
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,10 +31,12 @@ from .gpu_common import Recorder
 
 REPO = Path(__file__).resolve().parent.parent
 # phase -> peer -> seconds it may take (full run, --quick); a phase's limit is the sum of its peers' + start-up.
-LIMITS = {"tests": {"tests": (900, 50)}, "bandwidth": {"bandwidth": (240, 45)},
-          "decode": {"kiln": (420, 75), "hf_eager": (180, 30), "hf_compile": (600, 180)},
-          "engine": {"checkpoint": (180, 45), "kiln": (600, 120), "hf_static": (600, 60),
-                     "hf_generate_batch": (600, 90)}}
+LIMITS = {
+    "tests": {"tests": (900, 50)},
+    "bandwidth": {"bandwidth": (240, 45)},
+    "decode": {"kiln": (420, 75), "hf_eager": (180, 30), "hf_compile": (600, 180)},
+    "engine": {"checkpoint": (180, 45), "kiln": (600, 120), "hf_static": (600, 60), "hf_generate_batch": (600, 90)},
+}
 PHASES = tuple(LIMITS)
 PEERS = [f"{phase}.{name}" for phase, peers in LIMITS.items() for name in peers]
 QUICK_SKIP = "decode.hf_compile"  # torch.compile's inductor compile alone takes minutes
@@ -60,12 +63,24 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--hf-batch-size", type=int, default=None, help="HF static batch size (64)")
     p.add_argument("--max-num-seqs", type=int, default=None, help="kiln's max_num_seqs (128)")
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.5,
-                   help="kiln's; below its 0.9 so the HF peers after it in the same process keep room")
-    p.add_argument("--skip", default=None, help=f"comma-separated peers to leave out, of {','.join(PEERS)} "
-                   f"(--quick: {QUICK_SKIP}; --skip '' runs them all)")
-    p.add_argument("--tests", nargs="+", default=None,
-                   help="test paths, relative to the checkout (default tests/codegen + tests/**/*gpu* test files)")
+    p.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=0.5,
+        help="kiln's; below its 0.9 so the HF peers after it in the same process keep room",
+    )
+    p.add_argument(
+        "--skip",
+        default=None,
+        help=f"comma-separated peers to leave out, of {','.join(PEERS)} "
+        f"(--quick: {QUICK_SKIP}; --skip '' runs them all)",
+    )
+    p.add_argument(
+        "--tests",
+        nargs="+",
+        default=None,
+        help="test paths, relative to the checkout (default tests/codegen + tests/**/*gpu* test files)",
+    )
     p.add_argument("--budget-s", type=float, default=None, help="limit for the whole run (--quick: 285)")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     p.add_argument("--work-dir", type=Path, default=None, help="checkpoint cache (default: a temp dir)")
@@ -90,8 +105,9 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     args.max_num_seqs = pick(args.max_num_seqs, 128, 128, 8)
     args.skip = [p for p in pick(args.skip, "", QUICK_SKIP, "").split(",") if p]
     args.budget_s = args.budget_s or (QUICK_BUDGET_S if args.quick else None)
-    args.limits = {f"{phase}.{name}": v[1] if args.quick else v[0]
-                   for phase, peers in LIMITS.items() for name, v in peers.items()}
+    args.limits = {
+        f"{phase}.{name}": v[1] if args.quick else v[0] for phase, peers in LIMITS.items() for name, v in peers.items()
+    }
     args.out = args.out.resolve()  # phase subprocesses run in the checkout, wherever this one was started
     args.work_dir = (args.work_dir or Path(tempfile.gettempdir()) / "kiln-bench-gpu").resolve()
     args.phases = [p for p in args.phases.split(",") if p]
@@ -104,9 +120,12 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
 
 def default_tests() -> list[str]:
     """tests/codegen plus every test file with "gpu" in its name (not this benchmark's own CPU smoke test)."""
-    extra = sorted(str(p.relative_to(REPO)) for p in (REPO / "tests").rglob("*gpu*.py")
-                   if p.name.startswith("test_") or p.name.endswith("_test.py")
-                   if "codegen" not in p.parts and not p.name.startswith("test_bench"))
+    extra = sorted(
+        str(p.relative_to(REPO))
+        for p in (REPO / "tests").rglob("*gpu*.py")
+        if p.name.startswith("test_") or p.name.endswith("_test.py")
+        if "codegen" not in p.parts and not p.name.startswith("test_bench")
+    )
     return ["tests/codegen", *extra]
 
 
@@ -114,13 +133,15 @@ def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "unknown"
 
 
-def run_group(cmd: list[str], limit_s: float, log: Path, env: dict[str, str],
-              stdout_to_log: bool) -> tuple[str, int | None]:
+def run_group(
+    cmd: list[str], limit_s: float, log: Path, env: dict[str, str], stdout_to_log: bool
+) -> tuple[str, int | None]:
     """Run cmd in its own process group, stderr (and stdout if asked) to `log`; then end whatever is left of the
     group (on timeout the phase itself; else stray compile workers). Returns (ok | failed | timeout, returncode)."""
     with log.open("w") as out:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out if stdout_to_log else None, stderr=out,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, cwd=REPO, env=env, stdout=out if stdout_to_log else None, stderr=out, start_new_session=True
+        )
         try:
             rc = proc.wait(timeout=max(limit_s, 1))
             return ("ok" if rc == 0 else "failed"), rc
@@ -150,8 +171,10 @@ def pytest_summary(log: Path) -> dict[str, Any]:
     """Counts from pytest's last line ("3 failed, 20 passed, 2 skipped in 31.2s") and its -rfEs lines."""
     lines = log.read_text(errors="replace").splitlines() if log.exists() else []
     last = next((line for line in reversed(lines) if re.search(r"\bin [\d.]+s\b", line)), "")
-    counts = {word.rstrip("s") if word == "errors" else word: int(n)
-              for n, word in re.findall(r"(\d+) (passed|failed|skipped|errors?|xfailed|xpassed|deselected)", last)}
+    counts = {
+        word.rstrip("s") if word == "errors" else word: int(n)
+        for n, word in re.findall(r"(\d+) (passed|failed|skipped|errors?|xfailed|xpassed|deselected)", last)
+    }
     notes = [line[:300] for line in lines if line.startswith(("SKIPPED", "FAILED", "ERROR"))]
     return {"summary": last.strip("= "), **counts, "short_summary": notes[:40]}
 
@@ -167,8 +190,9 @@ def probe(args: argparse.Namespace, env: dict[str, str]) -> dict[str, Any]:
             info[package] = None
     if args.device == "cpu":
         return info | {"card": "cpu-" + (platform.processor() or platform.machine())}
-    proc = subprocess.run([sys.executable, "-c", CARD_PROBE], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", CARD_PROBE], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
     if proc.returncode != 0:
         return info | {"card": "unknown", "probe_error": proc.stderr[-2000:]}
     return info | json.loads(proc.stdout.strip().splitlines()[-1])
@@ -188,8 +212,15 @@ def phase_limit(args: argparse.Namespace, phase: str) -> float:
     return sum(args.limits[p] for p in peers) + (STARTUP_S if peers and phase != "tests" else 0)
 
 
-def run_phase(args: argparse.Namespace, argv: list[str], phase: str, rec: Recorder, results: Path, run: str,
-              deadline: float | None) -> None:
+def run_phase(
+    args: argparse.Namespace,
+    argv: list[str],
+    phase: str,
+    rec: Recorder,
+    results: Path,
+    run: str,
+    deadline: float | None,
+) -> None:
     """One phase as a subprocess, recorded as ok / failed / timeout / skipped with the tail of its log."""
     limit_s = phase_limit(args, phase)
     if limit_s == 0:
@@ -214,8 +245,20 @@ def run_phase(args: argparse.Namespace, argv: list[str], phase: str, rec: Record
         if rc == 1:  # some tests failed: a figure, not a broken phase (2-5: interrupted, usage, nothing collected)
             status = "ok"
     else:
-        cmd = [sys.executable, "-m", "kiln.bench.gpu", *argv, "--child", phase, "--results", str(results),
-               "--run", run, "--deadline", str(time.time() + limit_s - 5)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "kiln.bench.gpu",
+            *argv,
+            "--child",
+            phase,
+            "--results",
+            str(results),
+            "--run",
+            run,
+            "--deadline",
+            str(time.time() + limit_s - 5),
+        ]
         status, rc = run_group(cmd, limit_s, log, env, stdout_to_log=False)
     fields: dict[str, Any] = {"limit_s": round(limit_s), "returncode": rc, "log": str(log)}
     if status != "ok":
@@ -235,12 +278,15 @@ def child(args: argparse.Namespace) -> None:
     rec = Recorder(Path(args.results), args.run, args.child)
     if args.child == "bandwidth":
         from .gpu_kernels import bandwidth
+
         bandwidth(args, rec)
     elif args.child == "decode":
         from .gpu_kernels import decode
+
         decode(args, rec)
     else:
         from .gpu_engine import engine
+
         engine(args, rec)
 
 
@@ -260,8 +306,9 @@ def main(argv: list[str] | None = None) -> None:
     rec = Recorder(results, run, "run")
     settings = {k: v for k, v in vars(args).items() if k not in ("child", "results", "run", "deadline")}
     command = shlex.join([sys.executable, "-m", "kiln.bench.gpu", *argv])
-    rec.write("header", "gpu_bench", date=time.strftime("%Y-%m-%dT%H:%M:%S%z"), command=command, **info,
-              settings=settings)
+    rec.write(
+        "header", "gpu_bench", date=time.strftime("%Y-%m-%dT%H:%M:%S%z"), command=command, **info, settings=settings
+    )
     for phase in args.phases:
         rec.phase = phase
         run_phase(args, argv, phase, rec, results, run, deadline)

@@ -3,23 +3,43 @@
 Every figure is appended to the results file the moment it exists (one JSON line) and echoed on stdout, so a
 crash or a timeout later in the run loses nothing measured before it.
 """
+
 from __future__ import annotations
 
 import json
 import signal
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # torch is imported where it is used: bench/gpu.py's driver process never needs it
     import torch
 
-LLAMA_1B = dict(hidden_size=2048, num_attention_heads=32, num_key_value_heads=8, head_dim=64,
-                intermediate_size=8192, num_hidden_layers=16, vocab_size=128256, max_position_embeddings=4096,
-                rope_theta=500000.0, tie_word_embeddings=True)
-TINY = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=128,
-            num_hidden_layers=2, vocab_size=512, max_position_embeddings=512, tie_word_embeddings=True)
+LLAMA_1B = dict(
+    hidden_size=2048,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=64,
+    intermediate_size=8192,
+    num_hidden_layers=16,
+    vocab_size=128256,
+    max_position_embeddings=4096,
+    rope_theta=500000.0,
+    tie_word_embeddings=True,
+)
+TINY = dict(
+    hidden_size=64,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    vocab_size=512,
+    max_position_embeddings=512,
+    tie_word_embeddings=True,
+)
 # No EOS: every engine then generates exactly max_tokens without masking a token (HF's min_new_tokens would
 # mask EOS, kiln's ignore_eos would not, and greedy paths would part there).
 SPECIAL_IDS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=None)
@@ -55,8 +75,14 @@ class Recorder:
         self.path, self.run, self.phase = path, run, phase
 
     def write(self, kind: str, name: str, **fields: Any) -> None:
-        line = {"kind": kind, "run": self.run, "phase": self.phase, "name": name,
-                "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **fields}
+        line = {
+            "kind": kind,
+            "run": self.run,
+            "phase": self.phase,
+            "name": name,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            **fields,
+        }
         with self.path.open("a") as f:
             f.write(json.dumps(line, default=str) + "\n")
         shown = " ".join(f"{k}={_short(v)}" for k, v in fields.items() if k not in ("traceback", "log_tail"))
@@ -98,8 +124,10 @@ def guarded(rec: Recorder, name: str, limit_s: float, fn: Callable[[], Any]) -> 
     except PeerTimeout as exc:
         status, fields = "timeout", {"error": str(exc)}
     except Exception as exc:  # a failed peer is a result; the next one still runs
-        status, fields = "failed", {"error": f"{type(exc).__name__}: {exc}"[:2000],
-                                    "traceback": traceback.format_exc()[-4000:]}
+        status, fields = (
+            "failed",
+            {"error": f"{type(exc).__name__}: {exc}"[:2000], "traceback": traceback.format_exc()[-4000:]},
+        )
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)

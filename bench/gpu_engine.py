@@ -9,6 +9,7 @@ as useful), and HF `generate_batch` (continuous batching; one max_new_tokens for
 useful tokens count). Agreement with kiln: requests whose first generated token matches, and whose every token
 does (bf16 noise on random weights parts greedy paths, so the second figure is expected to be lower).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,8 +20,9 @@ import json
 import random
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -42,8 +44,7 @@ def checkpoint(args: argparse.Namespace) -> Path:
 def workload(args: argparse.Namespace, vocab: int) -> Workload:
     rng = random.Random(args.seed)
     lo, hi = args.prompt_len
-    prompts = [[rng.randrange(FIRST_ID, vocab) for _ in range(rng.randint(lo, hi))]
-               for _ in range(args.num_requests)]
+    prompts = [[rng.randrange(FIRST_ID, vocab) for _ in range(rng.randint(lo, hi))] for _ in range(args.num_requests)]
     return prompts, [rng.randint(*args.output_len) for _ in prompts]
 
 
@@ -53,9 +54,14 @@ def run_kiln(args: argparse.Namespace, path: Path, work: Workload, rec: Recorder
     prompts, outputs = work
     start = time.perf_counter()
     # gpu_memory_utilization below the default 0.9 leaves the HF peers room should kiln's pool outlive it.
-    llm = kiln.LLM(str(path), device=args.device, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
-                   max_model_len=args.prompt_len[1] + args.output_len[1],
-                   gpu_memory_utilization=args.gpu_memory_utilization)
+    llm = kiln.LLM(
+        str(path),
+        device=args.device,
+        dtype=args.dtype,
+        max_num_seqs=args.max_num_seqs,
+        max_model_len=args.prompt_len[1] + args.output_len[1],
+        gpu_memory_utilization=args.gpu_memory_utilization,
+    )
     rec.figure("kiln_load_compile", seconds=time.perf_counter() - start)
     # Warm-up prompts are not from the workload, so the prefix cache starts cold; one long prompt meets the
     # prefill kernels at full size.
@@ -80,8 +86,14 @@ def run_kiln(args: argparse.Namespace, path: Path, work: Workload, rec: Recorder
         got = [list(o.outputs[0].token_ids) for o in outs]
         if [len(t) for t in got] != outputs:
             raise RuntimeError("kiln returned outputs of the wrong lengths")
-        rec.figure(name, **_throughput(outputs, seconds), max_num_seqs=args.max_num_seqs,
-                   async_scheduling=overlap, stats=llm.stats(), **({} if tokens is None else _agreement(tokens, got)))
+        rec.figure(
+            name,
+            **_throughput(outputs, seconds),
+            max_num_seqs=args.max_num_seqs,
+            async_scheduling=overlap,
+            stats=llm.stats(),
+            **({} if tokens is None else _agreement(tokens, got)),
+        )
         tokens = tokens or got
     if tokens is None:
         raise RuntimeError("kiln failed with and without async scheduling")
@@ -98,12 +110,12 @@ def run_hf_static(args: argparse.Namespace, model: Any, work: Workload) -> tuple
     sync(args.device)
     start = time.perf_counter()
     for b in range(0, len(order), args.hf_batch_size):
-        batch = order[b:b + args.hf_batch_size]
+        batch = order[b : b + args.hf_batch_size]
         new = max(outputs[i] for i in batch)
         out, width = _hf_generate(model, [prompts[i] for i in batch], new, args.device)
         generated += new * len(batch)
         for row, i in zip(out.tolist(), batch):
-            tokens[i] = row[width:width + outputs[i]]
+            tokens[i] = row[width : width + outputs[i]]
     sync(args.device)
     return time.perf_counter() - start, tokens, generated
 
@@ -114,21 +126,29 @@ def _hf_generate(model: Any, prompts: list[list[int]], new: int, device: str) ->
     ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
     with torch.inference_mode():
-        out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=new,
-                             min_new_tokens=new, pad_token_id=pad)
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            do_sample=False,
+            max_new_tokens=new,
+            min_new_tokens=new,
+            pad_token_id=pad,
+        )
     return out, width
 
 
-def run_hf_continuous(args: argparse.Namespace, model: Any, work: Workload,
-                      rec: Recorder) -> tuple[float, list[list[int]], int]:
+def run_hf_continuous(
+    args: argparse.Namespace, model: Any, work: Workload, rec: Recorder
+) -> tuple[float, list[list[int]], int]:
     """`generate_batch`, twice on the whole workload: the first call warms up (CUDA graph capture, sized for this
     workload) and is reported as the cold figure; the second, timed, reuses that manager where the installed
     transformers can keep it (`persistent_manager`)."""
     import transformers
 
     prompts, outputs = work
-    config = transformers.GenerationConfig(max_new_tokens=max(outputs), do_sample=False,
-                                           pad_token_id=SPECIAL_IDS["pad_token_id"])
+    config = transformers.GenerationConfig(
+        max_new_tokens=max(outputs), do_sample=False, pad_token_id=SPECIAL_IDS["pad_token_id"]
+    )
     can_keep = "persistent_manager" in inspect.signature(model.generate_batch).parameters
     keep = {"persistent_manager": True} if can_keep else {}
     with torch.no_grad():  # generate_batch updates its own tensors in place: inference_mode breaks it
@@ -144,8 +164,10 @@ def run_hf_continuous(args: argparse.Namespace, model: Any, work: Workload,
         ordered.sort(key=lambda r: int(str(r.request_id)[4:]))
     tokens = [list(r.generated_tokens)[:n] for r, n in zip(ordered, outputs)]
     if len(tokens) != len(prompts) or [len(t) for t in tokens] != outputs:
-        raise RuntimeError(f"generate_batch returned {len(tokens)} of {len(prompts)} requests or short outputs "
-                           "(its log on stderr says why)")
+        raise RuntimeError(
+            f"generate_batch returned {len(tokens)} of {len(prompts)} requests or short outputs "
+            "(its log on stderr says why)"
+        )
     return seconds, tokens, max(outputs) * len(prompts)
 
 
@@ -156,8 +178,11 @@ def _throughput(outputs: list[int], seconds: float) -> dict[str, Any]:
 def _agreement(kiln_tokens: list[list[int]] | None, tokens: list[list[int]]) -> dict[str, Any]:
     if kiln_tokens is None:
         return {"agree_first_token": None, "agree_all_tokens": None, "agreement_note": "kiln produced no tokens"}
-    return {"agree_first_token": sum(a[:1] == b[:1] for a, b in zip(kiln_tokens, tokens)),
-            "agree_all_tokens": sum(a == b for a, b in zip(kiln_tokens, tokens)), "of_requests": len(tokens)}
+    return {
+        "agree_first_token": sum(a[:1] == b[:1] for a, b in zip(kiln_tokens, tokens)),
+        "agree_all_tokens": sum(a == b for a, b in zip(kiln_tokens, tokens)),
+        "of_requests": len(tokens),
+    }
 
 
 def engine(args: argparse.Namespace, rec: Recorder) -> None:
@@ -167,9 +192,16 @@ def engine(args: argparse.Namespace, rec: Recorder) -> None:
         return
     work = workload(args, json.loads((path / "config.json").read_text())["vocab_size"])
     prompts, outputs = work
-    rec.figure("workload", requests=len(prompts), prompt_tokens=sum(map(len, prompts)),
-               useful_output_tokens=sum(outputs), prompt_len=list(args.prompt_len),
-               output_len=list(args.output_len), seed=args.seed, greedy=True)
+    rec.figure(
+        "workload",
+        requests=len(prompts),
+        prompt_tokens=sum(map(len, prompts)),
+        useful_output_tokens=sum(outputs),
+        prompt_len=list(args.prompt_len),
+        output_len=list(args.output_len),
+        seed=args.seed,
+        greedy=True,
+    )
     kiln_tokens = peer(args, rec, "kiln", lambda: run_kiln(args, path, work, rec))
     gc.collect()
     if args.device.startswith("cuda"):
@@ -184,10 +216,28 @@ def engine(args: argparse.Namespace, rec: Recorder) -> None:
 
     def report(name: str, run: Callable[[], tuple[float, list[list[int]], int]], **extra: Any) -> None:
         seconds, tokens, generated = run()
-        rec.figure(name, **_throughput(outputs, seconds), generated_tokens=generated,
-                   **_agreement(kiln_tokens, tokens), **extra)
+        rec.figure(
+            name,
+            **_throughput(outputs, seconds),
+            generated_tokens=generated,
+            **_agreement(kiln_tokens, tokens),
+            **extra,
+        )
 
-    peer(args, rec, "hf_static", lambda: report("hf_generate_static", lambda: run_hf_static(args, model(), work),
-                                                batch_size=args.hf_batch_size, batch_order="sorted by prompt length"))
-    peer(args, rec, "hf_generate_batch", lambda: report("hf_generate_batch",
-                                                        lambda: run_hf_continuous(args, model(), work, rec)))
+    peer(
+        args,
+        rec,
+        "hf_static",
+        lambda: report(
+            "hf_generate_static",
+            lambda: run_hf_static(args, model(), work),
+            batch_size=args.hf_batch_size,
+            batch_order="sorted by prompt length",
+        ),
+    )
+    peer(
+        args,
+        rec,
+        "hf_generate_batch",
+        lambda: report("hf_generate_batch", lambda: run_hf_continuous(args, model(), work, rec)),
+    )

@@ -9,11 +9,13 @@ This script's previous version also wrapped `model.forward` in torch.compile by 
 compilation, and crashed on transformers 5.17 with "accessing tensor output of CUDAGraphs that has been
 overwritten by a subsequent run".
 """
+
 from __future__ import annotations
 
 import argparse
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -47,6 +49,7 @@ def bandwidth(args: argparse.Namespace, rec: Recorder) -> None:
             nbytes, fn = make()
             gbs = nbytes / median_time(fn, dev, iters, warmup) / 1e9
             rec.figure(name, gb_per_s=gbs, fraction_of_copy=gbs / copy["gb_per_s"] if copy else None, bytes=nbytes)
+
         guarded(rec, name, min(90, time_left(args)), run)
 
     def rms() -> tuple[int, Callable[[], Any]]:
@@ -73,8 +76,19 @@ def bandwidth(args: argparse.Namespace, rec: Recorder) -> None:
         q = torch.randn(seqs, heads, hd, dtype=dtype, device=dev)
         kv = torch.randn(seqs, kv_heads, hd, dtype=dtype, device=dev)
         nbytes = 2 * seqs * context * kv_heads * hd * caches[0].element_size() + 2 * q.nbytes
-        return nbytes, lambda: launchers.paged_attention(q, kv, kv, *caches, meta.slot_mapping, meta.block_tables,
-                                                         meta.seq_lens, meta.query_start_loc, hd ** -0.5, 0, 0.0)
+        return nbytes, lambda: launchers.paged_attention(
+            q,
+            kv,
+            kv,
+            *caches,
+            meta.slot_mapping,
+            meta.block_tables,
+            meta.seq_lens,
+            meta.query_start_loc,
+            hd**-0.5,
+            0,
+            0.0,
+        )
 
     kernels = {"rms_norm": rms, "silu_mul": silu, "rope": rope, "paged_decode_attention": decode_attention}
     for name, make in kernels.items():
@@ -85,9 +99,19 @@ def _hf_decode_tps(model: Any, ids: torch.Tensor, steps: int, device: str, **gen
     """New tokens/s of greedy generate, prefill excluded: (time for steps+1 tokens - time for 1) / steps.
 
     The longest call runs first, so a static cache is sized once and never re-created (nor recompiled)."""
+
     def timed(n: int) -> float:
-        return wall(lambda: model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
-                                           min_new_tokens=n, do_sample=False, **generate_kwargs), device)
+        return wall(
+            lambda: model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=False,
+                **generate_kwargs,
+            ),
+            device,
+        )
 
     timed(steps + 1), timed(1)  # warm-up, and torch.compile's captures
     return ids.shape[0] * steps / (timed(steps + 1) - timed(1))
@@ -149,9 +173,19 @@ def decode(args: argparse.Namespace, rec: Recorder) -> None:
     prompt_len = 16 if args.tiny else 128
     torch.manual_seed(1)
     prompt = torch.randint(FIRST_ID, model.config.vocab_size, (args.batch, prompt_len), device=args.device)
-    rec.figure("decode_setup", batch=args.batch, prompt_len=prompt_len, steps=args.steps, dtype=args.dtype,
-               params=sum(p.numel() for p in model.parameters()))
+    rec.figure(
+        "decode_setup",
+        batch=args.batch,
+        prompt_len=prompt_len,
+        steps=args.steps,
+        dtype=args.dtype,
+        params=sum(p.numel() for p in model.parameters()),
+    )
     peer(args, rec, "kiln", lambda: _kiln_decode(model, prompt, args.steps, rec))
-    peer(args, rec, "hf_eager", lambda: rec.figure(
-        "hf_eager", tok_per_s=_hf_decode_tps(model, prompt, args.steps, args.device)))
+    peer(
+        args,
+        rec,
+        "hf_eager",
+        lambda: rec.figure("hf_eager", tok_per_s=_hf_decode_tps(model, prompt, args.steps, args.device)),
+    )
     peer(args, rec, "hf_compile", lambda: _hf_compiled(model, prompt, args.steps, args.device, rec))

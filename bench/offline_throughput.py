@@ -7,6 +7,7 @@ done; those extra tokens are not counted.
 
     python -m kiln.bench.offline_throughput --num-requests 64
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,14 +22,22 @@ from pathlib import Path
 import torch
 import transformers
 
-MODEL_SHAPE = dict(vocab_size=8192, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
-                   num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=1024)
+MODEL_SHAPE = dict(
+    vocab_size=8192,
+    hidden_size=512,
+    intermediate_size=1408,
+    num_hidden_layers=8,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    max_position_embeddings=1024,
+)
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
 
 
 def build_model(path: Path) -> transformers.PreTrainedModel:
-    config = transformers.LlamaConfig(**MODEL_SHAPE, initializer_range=0.05, bos_token_id=BOS_ID,
-                                      eos_token_id=EOS_ID, pad_token_id=PAD_ID)
+    config = transformers.LlamaConfig(
+        **MODEL_SHAPE, initializer_range=0.05, bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID
+    )
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config).to(torch.float32).eval()
     model.save_pretrained(path)
@@ -63,21 +72,28 @@ def run_hf_static(model, prompts: list[list[int]], outputs: list[int], batch_siz
     results: list[list[int]] = []
     start = time.perf_counter()
     for i in range(0, len(prompts), batch_size):
-        batch, targets = prompts[i:i + batch_size], outputs[i:i + batch_size]
+        batch, targets = prompts[i : i + batch_size], outputs[i : i + batch_size]
         width = max(len(p) for p in batch)
         ids = torch.tensor([[PAD_ID] * (width - len(p)) + p for p in batch])
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
         with torch.inference_mode():
-            out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max(targets),
-                                 min_new_tokens=max(targets), pad_token_id=PAD_ID)
-        results += [row[width:width + n].tolist() for row, n in zip(out, targets)]
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                do_sample=False,
+                max_new_tokens=max(targets),
+                min_new_tokens=max(targets),
+                pad_token_id=PAD_ID,
+            )
+        results += [row[width : width + n].tolist() for row, n in zip(out, targets)]
     return time.perf_counter() - start, results
 
 
 def run_hf_continuous(model, prompts: list[list[int]], outputs: list[int]):
     """`generate_batch`: HF's continuous batching; one max_new_tokens for all, so count only useful tokens."""
-    config = transformers.GenerationConfig(max_new_tokens=max(outputs), do_sample=False, eos_token_id=-1,
-                                           pad_token_id=PAD_ID)
+    config = transformers.GenerationConfig(
+        max_new_tokens=max(outputs), do_sample=False, eos_token_id=-1, pad_token_id=PAD_ID
+    )
     start = time.perf_counter()
     with torch.no_grad():  # generate_batch updates its own tensors in place: inference_mode breaks it
         result = model.generate_batch(inputs=prompts, generation_config=config)
@@ -105,13 +121,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip-generate-batch", action="store_true")
     args = parser.parse_args(argv)
 
-    print(f"machine: {platform.machine()} {platform.processor() or ''} cpus={os.cpu_count()} "
-          f"torch_threads={torch.get_num_threads()} python={platform.python_version()}")
+    print(
+        f"machine: {platform.machine()} {platform.processor() or ''} cpus={os.cpu_count()} "
+        f"torch_threads={torch.get_num_threads()} python={platform.python_version()}"
+    )
     print(f"versions: torch={torch.__version__} transformers={transformers.__version__}")
     prompts, outputs = workload(args.num_requests, args.seed)
     useful = sum(outputs)
-    print(f"workload: {len(prompts)} requests, prompt tokens={sum(map(len, prompts))}, "
-          f"useful output tokens={useful}, greedy, ignore_eos")
+    print(
+        f"workload: {len(prompts)} requests, prompt tokens={sum(map(len, prompts))}, "
+        f"useful output tokens={useful}, greedy, ignore_eos"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "llama-30m"
         model = build_model(path)
@@ -120,8 +140,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"before kiln: {load_note()}", flush=True)
         kiln_s, kiln_tokens, compile_s, stats = run_kiln(path, prompts, outputs, args)
         rows.append(("kiln LLM.generate", kiln_s))
-        print(f"kiln: {kiln_s:.2f}s, {useful / kiln_s:.1f} useful tok/s (compile {compile_s:.1f}s, "
-              f"{stats['num_steps']} steps, preemptions={stats['preemptions']})", flush=True)
+        print(
+            f"kiln: {kiln_s:.2f}s, {useful / kiln_s:.1f} useful tok/s (compile {compile_s:.1f}s, "
+            f"{stats['num_steps']} steps, preemptions={stats['preemptions']})",
+            flush=True,
+        )
         if not args.skip_hf:
             print(f"before HF generate: {load_note()}", flush=True)
             hf_s, hf_tokens = run_hf_static(model, prompts, outputs, args.hf_batch_size)

@@ -11,6 +11,7 @@ top-1 margins are printed beside them: agreement measures how far a mode's error
 
     python -m kiln.bench.quantization --threads 1 --rounds 3 --steps 16 [--weights random]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,20 +26,36 @@ import torch
 import transformers
 
 import kiln
-from kiln.ops.metadata import AttentionMetadata
 from kiln.bench import toy_language
 from kiln.models.testing import build_tiny_checkpoint
+from kiln.ops.metadata import AttentionMetadata
 
 # initializer_range 0.02 is HF's default; at the 0.1 of kiln's test checkpoints a 12-layer random model is
 # chaotic (1% weight noise flips half of its argmaxes), which says nothing about a quantizer.
-MODEL_SHAPE = dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
-                   num_attention_heads=12, num_key_value_heads=4, head_dim=64, max_position_embeddings=1024,
-                   initializer_range=0.02)
+MODEL_SHAPE = dict(
+    vocab_size=32000,
+    hidden_size=768,
+    intermediate_size=2048,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    num_key_value_heads=4,
+    head_dim=64,
+    max_position_embeddings=1024,
+    initializer_range=0.02,
+)
 ENGINES = {  # name -> (quantization, kv_cache_dtype)
-    "fp32": (None, None), "int8": ("int8", None), "w8a8": ("w8a8", None), "w8a8:smooth": ("w8a8:smooth", None),
-    "int8:head": ("int8:head", None), "w8a8:head": ("w8a8:head", None),
-    "int4": ("int4", None), "int4:zp": ("int4:zp", None), "int4:awq": ("int4:awq", None),
-    "fp32+kv int8": (None, "int8"), "fp32+kv fp8": (None, "fp8_e4m3"), "w8a8+kv int8": ("w8a8", "int8"),
+    "fp32": (None, None),
+    "int8": ("int8", None),
+    "w8a8": ("w8a8", None),
+    "w8a8:smooth": ("w8a8:smooth", None),
+    "int8:head": ("int8:head", None),
+    "w8a8:head": ("w8a8:head", None),
+    "int4": ("int4", None),
+    "int4:zp": ("int4:zp", None),
+    "int4:awq": ("int4:awq", None),
+    "fp32+kv int8": (None, "int8"),
+    "fp32+kv fp8": (None, "fp8_e4m3"),
+    "w8a8+kv int8": ("w8a8", "int8"),
 }
 BLOCK, TOKENS, PROMPT = 16, 64, 8
 
@@ -61,7 +78,7 @@ def hf_greedy(model: torch.nn.Module, prompt: list[int], steps: int) -> tuple[li
             past, nxt = out.past_key_values, int(out.logits[0, -1].argmax())
             tokens.append(nxt)
             ids = torch.tensor([[nxt]])
-    return tokens[len(prompt):], statistics.median(times[1:])
+    return tokens[len(prompt) :], statistics.median(times[1:])
 
 
 class Decoder:
@@ -84,15 +101,17 @@ class Decoder:
         return time.perf_counter() - start
 
 
-def teacher_forced(compiled: kiln.CompiledModel, sequence: list[int], targets: list[int],
-                   reference: torch.Tensor) -> tuple[float, float]:
+def teacher_forced(
+    compiled: kiln.CompiledModel, sequence: list[int], targets: list[int], reference: torch.Tensor
+) -> tuple[float, float]:
     """(top-1 agreement, mean |logit - HF's logit|) at each of the last len(targets) positions, all logits
     from one packed prefill; `reference` holds HF fp32's logits at those positions."""
     table = [list(range(-(-len(sequence) // BLOCK)))]
     meta = AttentionMetadata.build([len(sequence)], [0], table, BLOCK)
     meta.logits_indices = torch.arange(len(sequence))
-    logits = compiled(torch.tensor(sequence), torch.arange(len(sequence)), meta,
-                      compiled.allocate_kv_cache(len(table[0]), BLOCK))[len(sequence) - len(targets) - 1: -1]
+    logits = compiled(
+        torch.tensor(sequence), torch.arange(len(sequence)), meta, compiled.allocate_kv_cache(len(table[0]), BLOCK)
+    )[len(sequence) - len(targets) - 1 : -1]
     agree = float((logits.argmax(-1) == torch.tensor(targets)).float().mean())
     return agree, float((logits.float() - reference).abs().mean())
 
@@ -102,12 +121,14 @@ def margins(model: torch.nn.Module, sequence: list[int], steps: int) -> torch.Te
     the best logit is ahead of the second, next to the logits' spread. A random-weight model is nearly
     uniform, so small errors flip its argmax; a trained model's margins are far wider."""
     with torch.inference_mode():
-        logits = model(input_ids=torch.tensor([sequence])).logits[0, len(sequence) - steps - 1: -1].float()
+        logits = model(input_ids=torch.tensor([sequence])).logits[0, len(sequence) - steps - 1 : -1].float()
     top = logits.topk(2, -1).values
     gap = top[:, 0] - top[:, 1]
-    print(f"HF fp32 top-1 margin over the {steps} teacher-forced positions: median {gap.median():.3f}, "
-          f"10th percentile {gap.quantile(0.1):.3f} (logit std {logits.std():.3f}, top-1 probability median "
-          f"{logits.softmax(-1).max(-1).values.median():.5f})")
+    print(
+        f"HF fp32 top-1 margin over the {steps} teacher-forced positions: median {gap.median():.3f}, "
+        f"10th percentile {gap.quantile(0.1):.3f} (logit std {logits.std():.3f}, top-1 probability median "
+        f"{logits.softmax(-1).max(-1).values.median():.5f})"
+    )
     return logits
 
 
@@ -118,12 +139,18 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=16, help="decode steps timed per engine per round")
     parser.add_argument("--kv-budget-mib", type=int, default=64)
     parser.add_argument("--engines", default=",".join(ENGINES))
-    parser.add_argument("--weights", choices=("trained", "random"), default="trained",
-                        help="trained: a few minutes on a toy language first (cached; see toy_language.py)")
+    parser.add_argument(
+        "--weights",
+        choices=("trained", "random"),
+        default="trained",
+        help="trained: a few minutes on a toy language first (cached; see toy_language.py)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, "
-          f"load average {os.getloadavg()[0]:.2f}; torch {torch.__version__}, transformers {transformers.__version__}")
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, "
+        f"load average {os.getloadavg()[0]:.2f}; torch {torch.__version__}, transformers {transformers.__version__}"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         if args.weights == "trained":
             path = toy_language.trained_checkpoint(MODEL_SHAPE)
@@ -138,11 +165,14 @@ def main() -> None:
             start = time.perf_counter()
             engines[name] = kiln.compile(path, quantization=ENGINES[name][0], kv_cache_dtype=ENGINES[name][1])
             q = engines[name].report.quantization
-            print(f"compiled {name} in {time.perf_counter() - start:.1f}s"
-                  + (f"; calibration top-1 {q['top1_agreement']:.1%}, worst layer error {max(q['layer_errors'] or [0]):.4f}"
-                     if q else ""), flush=True)
+            calibration = ""
+            if q:
+                worst = max(q["layer_errors"] or [0])
+                calibration = f"; calibration top-1 {q['top1_agreement']:.1%}, worst layer error {worst:.4f}"
+            print(f"compiled {name} in {time.perf_counter() - start:.1f}s{calibration}", flush=True)
     target, hf_step = hf_greedy(hf, prompt, TOKENS)
-    print(f"HF fp32: {1 / hf_step:.1f} tok/s batch-1 decode, weights {sum(p.nbytes for p in hf.parameters()) / 2**20:.0f} MiB")
+    weight_mib = sum(p.nbytes for p in hf.parameters()) / 2**20
+    print(f"HF fp32: {1 / hf_step:.1f} tok/s batch-1 decode, weights {weight_mib:.0f} MiB")
     reference = margins(hf, prompt + target, TOKENS)
     max_len = PROMPT + TOKENS + args.rounds * args.steps + 8
     decoders = {name: Decoder(e, prompt, max_len) for name, e in engines.items()}
@@ -153,8 +183,10 @@ def main() -> None:
             for name in list(decoders)[:: 1 if r % 2 else -1]:
                 times[name] += [decoders[name].step() for _ in range(args.steps)]
     base = statistics.median(times[next(iter(engines))])
-    print(f"\n{'engine':<14}{'weights MiB':>12}{'tok/s':>8}{'vs first':>9}{'vs HF':>7}{'teacher-forced':>16}"
-          f"{'logit err':>10}{'greedy':>8}{'KV blocks':>11}")
+    print(
+        f"\n{'engine':<14}{'weights MiB':>12}{'tok/s':>8}{'vs first':>9}{'vs HF':>7}{'teacher-forced':>16}"
+        f"{'logit err':>10}{'greedy':>8}{'KV blocks':>11}"
+    )
     budget = args.kv_budget_mib * 2**20
     for name, e in engines.items():
         step = statistics.median(times[name])
@@ -163,9 +195,12 @@ def main() -> None:
             greedy.step()
         generated = greedy.tokens[PROMPT:] + [int(greedy.last[0].argmax())]
         same = sum(a == b for a, b in zip(generated, target)) / TOKENS
-        print(f"{name:<14}{weight_bytes(e) / 2**20:>12.0f}{1 / step:>8.1f}{base / step:>8.2f}x{hf_step / step:>6.2f}x"
-              "{:>16.1%}{:>10.4f}".format(*teacher_forced(e, prompt + target, target, reference)) + f"{same:>8.1%}"
-              f"{budget // e.kv_cache_bytes_per_block(BLOCK):>11}")
+        print(
+            f"{name:<14}{weight_bytes(e) / 2**20:>12.0f}{1 / step:>8.1f}{base / step:>8.2f}x{hf_step / step:>6.2f}x"
+            "{:>16.1%}{:>10.4f}".format(*teacher_forced(e, prompt + target, target, reference))
+            + f"{same:>8.1%}"
+            f"{budget // e.kv_cache_bytes_per_block(BLOCK):>11}"
+        )
     print(f"load average at the end {os.getloadavg()[0]:.2f}")
 
 

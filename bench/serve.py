@@ -9,6 +9,7 @@ client does not share a GIL with it.
 
     python -m kiln.bench.serve --model DIR --num-prompts 100 --request-rate 8
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,10 +21,10 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import httpx
 
@@ -49,8 +50,10 @@ def local_server(model: str, name: str, engine_args: dict[str, int]) -> Iterator
     """`kiln.runtime.server.serve` in a subprocess on a free loopback port; yields its base URL."""
     port = free_port()
     options = ", ".join(f"{k}={v!r}" for k, v in engine_args.items() if v is not None)
-    code = (f"from kiln.runtime.server import serve; serve({model!r}, port={port}, served_model_name={name!r}, "
-            f"log_level='warning', {options})")
+    code = (
+        f"from kiln.runtime.server import serve; serve({model!r}, port={port}, served_model_name={name!r}, "
+        f"log_level='warning', {options})"
+    )
     proc = subprocess.Popen([sys.executable, "-c", code])
     url = f"http://127.0.0.1:{port}"
     try:
@@ -73,8 +76,15 @@ def local_server(model: str, name: str, engine_args: dict[str, int]) -> Iterator
 
 
 async def one_request(client: httpx.AsyncClient, model: str, prompt: list[int], output_len: int) -> Result:
-    body = {"model": model, "prompt": prompt, "max_tokens": output_len, "temperature": 0.0, "ignore_eos": True,
-            "stream": True, "stream_options": {"include_usage": True}}
+    body = {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": output_len,
+        "temperature": 0.0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     res = Result()
     start = last = time.perf_counter()
     try:
@@ -105,8 +115,17 @@ async def one_request(client: httpx.AsyncClient, model: str, prompt: list[int], 
     return res
 
 
-async def run(url: str, model: str, prompts: list[list[int]], output_len: int, rate: float, burstiness: float,
-              max_concurrency: int | None, seed: int, api_key: str | None) -> tuple[list[Result], float]:
+async def run(
+    url: str,
+    model: str,
+    prompts: list[list[int]],
+    output_len: int,
+    rate: float,
+    burstiness: float,
+    max_concurrency: int | None,
+    seed: int,
+    api_key: str | None,
+) -> tuple[list[Result], float]:
     rng = random.Random(seed)
     limit = asyncio.Semaphore(max_concurrency or len(prompts))
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -138,6 +157,7 @@ def percentiles(values: list[float]) -> dict[str, float]:
         lo = int(pos)
         hi = min(lo + 1, len(xs) - 1)
         return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
     return {"mean": sum(xs) / len(xs), "p50": pick(0.5), "p90": pick(0.9), "p99": pick(0.99)}
 
 
@@ -146,10 +166,14 @@ def summarize(results: list[Result], duration: float, input_len: int, output_len
     out_tokens = sum(r.output_tokens for r in ok)
     tpot = [(r.latency - r.ttft) / (r.output_tokens - 1) for r in ok if r.output_tokens > 1]
     return {
-        "successful_requests": len(ok), "failed_requests": len(results) - len(ok),
+        "successful_requests": len(ok),
+        "failed_requests": len(results) - len(ok),
         "errors": sorted({r.error for r in results if not r.ok})[:5],
-        "duration_s": duration, "total_input_tokens": input_len * len(ok), "total_output_tokens": out_tokens,
-        "request_throughput": len(ok) / duration, "output_token_throughput": out_tokens / duration,
+        "duration_s": duration,
+        "total_input_tokens": input_len * len(ok),
+        "total_output_tokens": out_tokens,
+        "request_throughput": len(ok) / duration,
+        "output_token_throughput": out_tokens / duration,
         "total_token_throughput": (out_tokens + input_len * len(ok)) / duration,
         "ttft_ms": {k: v * 1e3 for k, v in percentiles([r.ttft for r in ok]).items()},
         "tpot_ms": {k: v * 1e3 for k, v in percentiles(tpot).items()},
@@ -159,18 +183,24 @@ def summarize(results: list[Result], duration: float, input_len: int, output_len
 
 
 def report(s: dict, args: argparse.Namespace) -> str:
-    lines = [f"{' Serving Benchmark Result ':=^60}",
-             f"{'Request rate (req/s):':<40}{args.request_rate:>20}",
-             f"{'Successful requests:':<40}{s['successful_requests']:>20}",
-             f"{'Failed requests:':<40}{s['failed_requests']:>20}",
-             f"{'Benchmark duration (s):':<40}{s['duration_s']:>20.2f}",
-             f"{'Total input tokens:':<40}{s['total_input_tokens']:>20}",
-             f"{'Total generated tokens:':<40}{s['total_output_tokens']:>20}",
-             f"{'Request throughput (req/s):':<40}{s['request_throughput']:>20.2f}",
-             f"{'Output token throughput (tok/s):':<40}{s['output_token_throughput']:>20.2f}",
-             f"{'Total token throughput (tok/s):':<40}{s['total_token_throughput']:>20.2f}"]
-    for key, title in (("ttft_ms", "Time to First Token"), ("tpot_ms", "Time per Output Token (excl. 1st)"),
-                       ("itl_ms", "Inter-token Latency"), ("e2el_ms", "End-to-end Latency")):
+    lines = [
+        f"{' Serving Benchmark Result ':=^60}",
+        f"{'Request rate (req/s):':<40}{args.request_rate:>20}",
+        f"{'Successful requests:':<40}{s['successful_requests']:>20}",
+        f"{'Failed requests:':<40}{s['failed_requests']:>20}",
+        f"{'Benchmark duration (s):':<40}{s['duration_s']:>20.2f}",
+        f"{'Total input tokens:':<40}{s['total_input_tokens']:>20}",
+        f"{'Total generated tokens:':<40}{s['total_output_tokens']:>20}",
+        f"{'Request throughput (req/s):':<40}{s['request_throughput']:>20.2f}",
+        f"{'Output token throughput (tok/s):':<40}{s['output_token_throughput']:>20.2f}",
+        f"{'Total token throughput (tok/s):':<40}{s['total_token_throughput']:>20.2f}",
+    ]
+    for key, title in (
+        ("ttft_ms", "Time to First Token"),
+        ("tpot_ms", "Time per Output Token (excl. 1st)"),
+        ("itl_ms", "Inter-token Latency"),
+        ("e2el_ms", "End-to-end Latency"),
+    ):
         lines.append(f"{' ' + title + ' ':-^60}")
         for stat in ("mean", "p50", "p90", "p99"):
             lines.append(f"{f'{stat.capitalize()} {key[:-3].upper()} (ms):':<40}{s[key][stat]:>20.2f}")
@@ -181,8 +211,11 @@ def report(s: dict, args: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="checkpoint directory (for the tokenizer's vocabulary, and "
-                                                  "served unless --base-url is given)")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="checkpoint directory (for the tokenizer's vocabulary, and served unless --base-url is given)",
+    )
     p.add_argument("--base-url", default=None, help="an already running server (default: start one)")
     p.add_argument("--served-model-name", default="kiln-bench")
     p.add_argument("--api-key", default=None)
@@ -206,8 +239,19 @@ def main(argv: list[str] | None = None) -> int:
     engine_args = {"max_num_seqs": args.max_num_seqs, "num_kv_blocks": args.num_kv_blocks}
 
     def go(url: str, name: str) -> tuple[list[Result], float]:
-        return asyncio.run(run(url, name, prompts, args.output_len, args.request_rate, args.burstiness,
-                               args.max_concurrency, args.seed, args.api_key))
+        return asyncio.run(
+            run(
+                url,
+                name,
+                prompts,
+                args.output_len,
+                args.request_rate,
+                args.burstiness,
+                args.max_concurrency,
+                args.seed,
+                args.api_key,
+            )
+        )
 
     if args.base_url:
         results, duration = go(args.base_url, args.served_model_name)
@@ -217,8 +261,9 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarize(results, duration, args.input_len, args.output_len)
     print(report(summary, args))
     if args.result_json:
-        Path(args.result_json).write_text(json.dumps({"args": vars(args), "cpu_count": os.cpu_count(),
-                                                      **summary}, indent=2))
+        Path(args.result_json).write_text(
+            json.dumps({"args": vars(args), "cpu_count": os.cpu_count(), **summary}, indent=2)
+        )
     return 0 if summary["failed_requests"] == 0 else 1
 
 

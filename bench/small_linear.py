@@ -6,6 +6,7 @@ weights per repetition, so they stream from memory as in a decode step; median o
 
     python -m kiln.bench.small_linear --threads 1
 """
+
 from __future__ import annotations
 
 import argparse

@@ -7,6 +7,7 @@ on a toy language, a Markov chain over 64 tokens in which each token has one lik
 seven less likely ones, until its predictions have the margins of a trained model. The result is cached under
 kiln's cache directory, keyed by everything that shapes it, so later runs load it.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -30,7 +31,9 @@ class MarkovLanguage:
     def __init__(self, vocab_size: int, size: int = 64, seed: int = 0) -> None:
         self.gen = torch.Generator().manual_seed(seed)
         self.tokens = torch.randperm(vocab_size, generator=self.gen)[:size]
-        successors = torch.stack([torch.randperm(size, generator=self.gen)[:len(SUCCESSOR_PROBS)] for _ in range(size)])
+        successors = torch.stack(
+            [torch.randperm(size, generator=self.gen)[: len(SUCCESSOR_PROBS)] for _ in range(size)]
+        )
         self.probs = torch.zeros(size, size).scatter_(1, successors, torch.tensor(SUCCESSOR_PROBS).expand(size, -1))
 
     def sample(self, batch: int, length: int) -> torch.Tensor:
@@ -44,10 +47,20 @@ class MarkovLanguage:
 
 def trained_checkpoint(shape: dict, steps: int = 120, batch: int = 16, length: int = 32, lr: float = 3e-3) -> Path:
     """A Llama of `shape` trained `steps` AdamW steps on MarkovLanguage (seed 0); built once, then cached."""
-    recipe = dict(shape=shape, steps=steps, batch=batch, length=length, lr=lr, probs=SUCCESSOR_PROBS,
-                  torch=torch.__version__, transformers=transformers.__version__)
+    recipe = dict(
+        shape=shape,
+        steps=steps,
+        batch=batch,
+        length=length,
+        lr=lr,
+        probs=SUCCESSOR_PROBS,
+        torch=torch.__version__,
+        transformers=transformers.__version__,
+    )
     digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
-    root = Path(os.environ.get("KILN_CACHE_DIR") or Path.home() / ".cache" / "kiln") / "bench" / f"llama-markov-{digest}"
+    root = (
+        Path(os.environ.get("KILN_CACHE_DIR") or Path.home() / ".cache" / "kiln") / "bench" / f"llama-markov-{digest}"
+    )
     if (root / "config.json").exists():
         return root
     scratch = root.with_name(root.name + ".tmp")
@@ -70,8 +83,11 @@ def trained_checkpoint(shape: dict, steps: int = 120, batch: int = 16, length: i
         loss.backward()
         optimizer.step()
         if step % 20 == 0 or step == steps - 1:
-            print(f"training on the toy language: step {step}, loss {loss.item():.3f}, "
-                  f"{time.perf_counter() - start:.0f}s", flush=True)
+            print(
+                f"training on the toy language: step {step}, loss {loss.item():.3f}, "
+                f"{time.perf_counter() - start:.0f}s",
+                flush=True,
+            )
     torch.set_num_threads(threads)
     model.save_pretrained(path)
     os.replace(path, root)

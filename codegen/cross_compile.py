@@ -8,6 +8,7 @@ not a candidate that happens to compile. Each distinct kernel (source, constants
 compiled once and recorded: its shared memory against the target's limit and against its config's bound (which
 `pick` trusts), registers and spills; its source and cubin go under out_dir/sm_<cc>/.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -31,8 +32,7 @@ from .render import interpreting
 
 # Per capability: usable shared memory per block (opt-in maximum) and the SM count of a representative part
 # (H100 SXM, A100, L4, A10), which only sizes the decode split.
-TARGETS = {90: Target(232_448, SIZING_SMS), 80: Target(166_912, 108), 89: Target(101_376, 58),
-           86: Target(101_376, 72)}
+TARGETS = {90: Target(232_448, SIZING_SMS), 80: Target(166_912, 108), 89: Target(101_376, 58), 86: Target(101_376, 72)}
 # Steps as (name, sequences, query length of each): decode at two batch sizes, prefill at two prompt lengths.
 STEPS = (("decode_1", 1, 1), ("decode_256", 256, 1), ("prefill_512", 4, 512), ("prefill_2048", 1, 2048))
 
@@ -68,11 +68,15 @@ class KernelRecord:
         return [f"{self.name} {self.config} warps={self.num_warps} stages={self.num_stages}: {p}" for p in out]
 
 
-def model_launches(shapes: ModelShapes, dtype: torch.dtype, target: Target, block_size: int = 16,
-                   quantized: bool = False) -> list[Planned]:
+def model_launches(
+    shapes: ModelShapes, dtype: torch.dtype, target: Target, block_size: int = 16, quantized: bool = False
+) -> list[Planned]:
     """Every kernel launch of every step in STEPS, from every plan's `@at_model_size` hook."""
-    return [p for name, seqs, query_len in STEPS
-            for p in step_launches(ModelStep(shapes, dtype, target, name, seqs, query_len, block_size, quantized))]
+    return [
+        p
+        for name, seqs, query_len in STEPS
+        for p in step_launches(ModelStep(shapes, dtype, target, name, seqs, query_len, block_size, quantized))
+    ]
 
 
 @contextlib.contextmanager
@@ -106,9 +110,11 @@ def _compile(launch: Launch, capability: int) -> tuple[Any, int, int]:
     constexprs = {(names.index(k),): v for k, v in launch.constexprs.items()}
     log = io.StringIO()
     with contextlib.redirect_stdout(log):
-        kernel = triton.compile(ASTSource(fn, signature, constexprs, launch.attrs()),
-                                target=GPUTarget("cuda", capability, 32),
-                                options={"num_warps": launch.num_warps, "num_stages": launch.num_stages})
+        kernel = triton.compile(
+            ASTSource(fn, signature, constexprs, launch.attrs()),
+            target=GPUTarget("cuda", capability, 32),
+            options={"num_warps": launch.num_warps, "num_stages": launch.num_stages},
+        )
     text = log.getvalue()
     regs = re.search(r"Used (\d+) registers", text)
     spills = [int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", text)]
@@ -117,8 +123,15 @@ def _compile(launch: Launch, capability: int) -> tuple[Any, int, int]:
 
 def _key(launch: Launch) -> tuple:
     """What makes two launches one compiled kernel (runtime sizes aside)."""
-    return (launch.source(), launch.kernel.name, tuple(sorted(launch.constexprs.items())),
-            tuple(launch.signature().items()), tuple(sorted(launch.attrs())), launch.num_warps, launch.num_stages)
+    return (
+        launch.source(),
+        launch.kernel.name,
+        tuple(sorted(launch.constexprs.items())),
+        tuple(launch.signature().items()),
+        tuple(sorted(launch.attrs())),
+        launch.num_warps,
+        launch.num_stages,
+    )
 
 
 def compile_launches(planned: list[Planned], target: str, shared_limit: int, root: Path) -> list[KernelRecord]:
@@ -133,9 +146,20 @@ def compile_launches(planned: list[Planned], target: str, shared_limit: int, roo
             by_key[key][1].steps.append(p.step)
             continue
         kernel, regs, spills = _compile(p.launch, capability)
-        record = KernelRecord(p.kernel, p.launch.label, target, [p.step], dict(p.launch.constexprs),
-                              p.launch.num_warps, p.launch.num_stages, int(kernel.metadata.shared), p.shared_bound,
-                              regs, spills, shared_limit)
+        record = KernelRecord(
+            p.kernel,
+            p.launch.label,
+            target,
+            [p.step],
+            dict(p.launch.constexprs),
+            p.launch.num_warps,
+            p.launch.num_stages,
+            int(kernel.metadata.shared),
+            p.shared_bound,
+            regs,
+            spills,
+            shared_limit,
+        )
         by_key[key] = (p, record, kernel)
     # A kernel compiled once is named plainly; one compiled per step shape is named by its first step.
     variants = Counter(p.kernel for p, _, _ in by_key.values())
@@ -171,9 +195,17 @@ def _interpreter_bound() -> bool:
     return not isinstance(standard.cdiv, JITFunction)
 
 
-def cross_compile(compiled_or_config: Any, target: str = "cuda:90", out_dir: str | Path = "kernels",
-                  dtype: torch.dtype | None = None, block_size: int = 16, shared_limit: int | None = None,
-                  kernels: list[str] | None = None, strict: bool = True, quantized: bool = False) -> list[KernelRecord]:
+def cross_compile(
+    compiled_or_config: Any,
+    target: str = "cuda:90",
+    out_dir: str | Path = "kernels",
+    dtype: torch.dtype | None = None,
+    block_size: int = 16,
+    shared_limit: int | None = None,
+    kernels: list[str] | None = None,
+    strict: bool = True,
+    quantized: bool = False,
+) -> list[KernelRecord]:
     """Compile the kernels a model (a CompiledModel, an HF config, or a dict of its fields) runs on `target`.
 
     shared_limit lowers the target's per-block shared memory (configs are then chosen for the lower limit; an
@@ -191,16 +223,32 @@ def cross_compile(compiled_or_config: Any, target: str = "cuda:90", out_dir: str
     device = Target(limit, base.sms)
     root = Path(out_dir) / f"sm_{capability}"
     if _interpreter_bound():
-        request = {"config": config, "target": target, "out_dir": str(out_dir),
-                   "dtype": str(dtype).removeprefix("torch."), "block_size": block_size, "shared_limit": shared_limit,
-                   "kernels": kernels, "strict": False, "quantized": quantized}
+        request = {
+            "config": config,
+            "target": target,
+            "out_dir": str(out_dir),
+            "dtype": str(dtype).removeprefix("torch."),
+            "block_size": block_size,
+            "shared_limit": shared_limit,
+            "kernels": kernels,
+            "strict": False,
+            "quantized": quantized,
+        }
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        subprocess.run([sys.executable, "-m", "kiln.codegen.cross_compile"], input=json.dumps(request), text=True,
-                       env=env, check=True)
+        subprocess.run(
+            [sys.executable, "-m", "kiln.codegen.cross_compile"],
+            input=json.dumps(request),
+            text=True,
+            env=env,
+            check=True,
+        )
         records = [KernelRecord(**r) for r in json.loads((root / "records.json").read_text())]
     else:
-        planned = [p for p in model_launches(ModelShapes.from_config(config), dtype, device, block_size, quantized)
-                   if kernels is None or p.kernel in kernels]
+        planned = [
+            p
+            for p in model_launches(ModelShapes.from_config(config), dtype, device, block_size, quantized)
+            if kernels is None or p.kernel in kernels
+        ]
         with gpu_compilation():
             records = compile_launches(planned, target, limit, root)
         (root / "records.json").write_text(json.dumps([asdict(r) for r in records], indent=1))

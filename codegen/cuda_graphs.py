@@ -6,6 +6,7 @@ launcher knows a step is decode when tokens == sequences), while the reference a
 host. A batch is padded up to its bucket: padded rows write cache slot -1 (skipped by the cache-write kernel),
 attend over one key of block 0, and their logits are dropped.
 """
+
 from __future__ import annotations
 
 from typing import Protocol
@@ -21,15 +22,17 @@ class StepModel(Protocol):
     backend: str
     device: torch.device
 
-    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                 kv_caches: list[torch.Tensor]) -> torch.Tensor: ...
+    def __call__(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, kv_caches: list[torch.Tensor]
+    ) -> torch.Tensor: ...
 
 
 class DecodeGraphs:
     """Call like the CompiledModel; decode batches up to the largest bucket replay a graph, others run eagerly."""
 
-    def __init__(self, compiled: StepModel, kv_caches: list[torch.Tensor], max_blocks_per_seq: int,
-                 buckets: tuple[int, ...]) -> None:
+    def __init__(
+        self, compiled: StepModel, kv_caches: list[torch.Tensor], max_blocks_per_seq: int, buckets: tuple[int, ...]
+    ) -> None:
         if compiled.backend != "triton" or compiled.device.type != "cuda":
             raise ValueError("CUDA graphs need a model compiled with backend='triton' on a CUDA device")
         self.compiled, self.kv_caches, self.max_blocks = compiled, kv_caches, max_blocks_per_seq
@@ -49,7 +52,14 @@ class DecodeGraphs:
         }
 
     def _run(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        meta = AttentionMetadata(*(inputs[name] for name in AttentionMetadata.input_names()))
+        meta = AttentionMetadata(
+            slot_mapping=inputs["slot_mapping"],
+            block_tables=inputs["block_tables"],
+            seq_lens=inputs["seq_lens"],
+            query_start_loc=inputs["query_start_loc"],
+            logits_indices=inputs["logits_indices"],
+            max_query_len=1,  # a decode step
+        )
         return self.compiled(inputs["input_ids"], inputs["positions"], meta, self.kv_caches)
 
     @torch.inference_mode()
@@ -70,8 +80,13 @@ class DecodeGraphs:
             self.graphs[batch] = (graph, inputs, out)
 
     @torch.inference_mode()
-    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                 kv_caches: list[torch.Tensor] | None = None) -> torch.Tensor:
+    def __call__(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        kv_caches: list[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         n = input_ids.shape[0]
         width = meta.block_tables.shape[1]
         bucket = next((b for b in self.buckets if b >= n), None)

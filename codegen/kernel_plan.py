@@ -5,6 +5,7 @@ a real launch (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1) and a cros
 at a model's real sizes, where only dtypes and shapes exist. The arguments are checked against the kernel's
 declaration (signature.py) and ordered by it when the launch runs or is compiled.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -17,8 +18,13 @@ from .render import kernel, render
 from .signature import Kernel
 
 TRITON_DTYPES = {
-    torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.int32: "i32",
-    torch.int64: "i64", torch.int8: "i8", torch.uint8: "u8",
+    torch.float16: "fp16",
+    torch.bfloat16: "bf16",
+    torch.float32: "fp32",
+    torch.int32: "i32",
+    torch.int64: "i64",
+    torch.int8: "i8",
+    torch.uint8: "u8",
 }
 
 
@@ -93,9 +99,12 @@ class Launch:
     def attrs(self) -> dict[tuple[int], list[list[Any]]]:
         """The specialisation Triton applies at launch, for a cross-compile to match: tensors (16-byte aligned
         from torch's allocator) and integers that are multiples of 16 are known divisible by 16."""
-        return {(i,): [["tt.divisibility", 16]] for i, (_, value) in enumerate(self.bind()[0])
-                if isinstance(value, torch.Tensor)
-                or (isinstance(value, int) and not isinstance(value, bool) and value % 16 == 0)}
+        return {
+            (i,): [["tt.divisibility", 16]]
+            for i, (_, value) in enumerate(self.bind()[0])
+            if isinstance(value, torch.Tensor)
+            or (isinstance(value, int) and not isinstance(value, bool) and value % 16 == 0)
+        }
 
 
 def _triton_type(value: Any) -> str:
@@ -123,8 +132,9 @@ def run(launch: Launch) -> None:
     runtime, constexprs = launch.bind()
     if not launch.grid or min(launch.grid) == 0:
         return
-    launch.fn()[launch.grid](*(value for _, value in runtime), **constexprs, num_warps=launch.num_warps,
-                             num_stages=launch.num_stages)
+    launch.fn()[launch.grid](
+        *(value for _, value in runtime), **constexprs, num_warps=launch.num_warps, num_stages=launch.num_stages
+    )
 
 
 def next_pow2(n: int) -> int:

@@ -9,6 +9,7 @@ small-batch decode, oneDNN over blocked weights above that; torch elsewhere); in
 rewritten into the tiles their C kernels read. Graph passes rather than dispatch-key registrations, so the
 generated forward says what runs.
 """
+
 from __future__ import annotations
 
 import torch
@@ -49,8 +50,12 @@ def _tile_int8_weights(gm: fx.GraphModule) -> int:
         tiled_op, fits, pack = layouts[node.target]
         weight_node = node.args[1]
         weight = param(gm, weight_node)
-        if (weight is None or not weight.is_cpu or not fits(weight)
-                or any(user.target != node.target or user.args[1] is not weight_node for user in weight_node.users)):
+        if (
+            weight is None
+            or not weight.is_cpu
+            or not fits(weight)
+            or any(user.target != node.target or user.args[1] is not weight_node for user in weight_node.users)
+        ):
             continue
         tiled = new_attr(gm, f"{weight_node.target}_tiled", pack(weight), node, buffer=True)
         for user in list(weight_node.users):

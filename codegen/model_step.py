@@ -5,6 +5,7 @@ Each plan in kernels/ declares with `@at_model_size` the launches its launcher m
 check collects them from every plan, so a new kernel is compiled for every target by declaring its hook in its
 own plan rather than by editing a list here.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -46,10 +47,19 @@ class ModelShapes:
         head_dim = get("head_dim") or get("hidden_size") // heads
         act = {"silu": "silu", "gelu": "gelu"}.get(get("hidden_act", "silu"), "gelu_tanh")
         model_type = get("model_type", "")
-        return cls(get("hidden_size"), heads, get("num_key_value_heads") or heads, head_dim,
-                   get("intermediate_size"), int(head_dim * (get("partial_rotary_factor") or 1.0)), act,
-                   1.0 if str(model_type).startswith("gemma") else 0.0, int(get("sliding_window") or 0),
-                   float(get("attn_logit_softcapping") or 0.0), min(int(get("max_position_embeddings", 4096)), 1 << 20))
+        return cls(
+            get("hidden_size"),
+            heads,
+            get("num_key_value_heads") or heads,
+            head_dim,
+            get("intermediate_size"),
+            int(head_dim * (get("partial_rotary_factor") or 1.0)),
+            act,
+            1.0 if str(model_type).startswith("gemma") else 0.0,
+            int(get("sliding_window") or 0),
+            float(get("attn_logit_softcapping") or 0.0),
+            min(int(get("max_position_embeddings", 4096)), 1 << 20),
+        )
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ A template's `@triton.jit` signatures come from its kernels' declarations (signa
 rendered source is a real file, named by the hash of its content so that identical renders share one file and
 one import.
 """
+
 from __future__ import annotations
 
 import hashlib

@@ -6,6 +6,7 @@ in its order. So a template and its plan cannot disagree on which argument sits 
 arguments (residual, bias, zero points, ...) is written on those arguments, not as `{% if %}` blocks in the
 template and `if` branches in the plan.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -101,9 +102,13 @@ class Kernel:
         if layout is None:
             args = _enabled(self, flags)
             layout = self._layouts[key] = _Layout(
-                args, frozenset(a.name for a in args), tuple(a.name for a in args if a.kind != "constexpr"),
+                args,
+                frozenset(a.name for a in args),
+                tuple(a.name for a in args if a.kind != "constexpr"),
                 tuple(a.name for a in args if a.kind == "constexpr"),
-                tuple(a.name for a in args if a.kind == "pointer"), tuple(a.name for a in args if a.kind == "scalar"))
+                tuple(a.name for a in args if a.kind == "pointer"),
+                tuple(a.name for a in args if a.kind == "scalar"),
+            )
         return layout
 
     def arguments(self, flags: dict[str, Any]) -> tuple[Arg, ...]:
@@ -131,12 +136,16 @@ class Kernel:
         runtime = [(name, given[name]) for name in layout.runtime]
         constexprs = {name: given[name] for name in layout.constexprs}
         # Plain-type checks first: isinstance against torch.Tensor is slow for values that are not tensors.
-        if not (all(isinstance(given[name], torch.Tensor) for name in layout.pointers)
-                and all(isinstance(given[name], (int, float)) for name in layout.scalars)
-                and all(isinstance(value, (int, float, str)) for value in constexprs.values())):
+        if not (
+            all(isinstance(given[name], torch.Tensor) for name in layout.pointers)
+            and all(isinstance(given[name], (int, float)) for name in layout.scalars)
+            and all(isinstance(value, (int, float, str)) for value in constexprs.values())
+        ):
             wrong = next(a for a in layout.args if not _fits(a.kind, given[a.name]))
-            raise TypeError(f"kernel {self.template}.{self.name}: argument {wrong.name} is a {wrong.kind}, given a "
-                            f"{type(given[wrong.name]).__name__}")
+            raise TypeError(
+                f"kernel {self.template}.{self.name}: argument {wrong.name} is a {wrong.kind}, given a "
+                f"{type(given[wrong.name]).__name__}"
+            )
         return runtime, constexprs
 
 
@@ -152,8 +161,9 @@ def _enabled(kernel: Kernel, flags: dict[str, Any]) -> tuple[Arg, ...]:
     out: list[Arg] = []
     for entry in kernel.args:
         if isinstance(entry, Repeat):
-            out += [Arg(a.name.format(item), a.kind) for item in flags[entry.over] for a in entry.args
-                    if a.enabled(flags)]
+            out += [
+                Arg(a.name.format(item), a.kind) for item in flags[entry.over] for a in entry.args if a.enabled(flags)
+            ]
         elif entry.enabled(flags):
             out.append(entry)
     names = [a.name for a in out]

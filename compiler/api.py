@@ -1,4 +1,5 @@
 """`kiln.compile` and `kiln.load`: HF model in, CompiledModel out."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -48,11 +49,19 @@ def compile(
     options: one flag per optional pass (e.g. `prune_logits=False`); see `kiln.compiler.pipeline.PASS_FLAGS`.
     """
     if isinstance(model, (str, Path)) and artifact.is_artifact(model):  # compiled ahead of time: nothing to capture
-        fixed: dict[str, Any] = {k: v for k, v in (("quantization", quantization), ("kv_cache_dtype", kv_cache_dtype))
-                                 if v}
+        fixed: dict[str, Any] = {
+            k: v for k, v in (("quantization", quantization), ("kv_cache_dtype", kv_cache_dtype)) if v
+        }
         fixed.update(options)
-        return artifact.load(model, backend=backend, dtype=dtype, max_model_len=max_model_len,
-                             trust_remote_code=trust_remote_code, device=device, **fixed)
+        return artifact.load(
+            model,
+            backend=backend,
+            dtype=dtype,
+            max_model_len=max_model_len,
+            trust_remote_code=trust_remote_code,
+            device=device,
+            **fixed,
+        )
     # Imported only now: starting from an artifact needs none of this (the model stack, export, passes,
     # codegen), and importing it is most of an artifact's cold start.
     from kiln.models.loader import load_model

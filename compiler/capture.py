@@ -7,6 +7,7 @@ Capture never touches the device that holds the weights: it traces a twin of the
 then binds the real tensors (wherever they live) to the graph by name. So the graph is the same on a CPU and a
 GPU, and a model compiled on a machine without a GPU serves from its artifact on one.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -23,8 +24,11 @@ EXPORT_OPTIONS: dict[str, Any] = {"strict": False, "prefer_deferred_runtime_asse
 
 
 # Ops whose `device=` only restates where their input already is.
-_CONVERSIONS = {torch.ops.aten.to.dtype_layout, torch.ops.aten._to_copy.default,
-                torch.ops.aten._assert_tensor_metadata.default}
+_CONVERSIONS = {
+    torch.ops.aten.to.dtype_layout,
+    torch.ops.aten._to_copy.default,
+    torch.ops.aten._assert_tensor_metadata.default,
+}
 
 
 class _PackedStream(torch.nn.Module):
@@ -50,8 +54,12 @@ def _export(model: PreTrainedModel, max_model_len: int) -> fx.GraphModule:
     example = torch.arange(8, device="meta")
     tokens = torch.export.Dim("tokens", min=2, max=max(3, max_model_len))
     with torch.no_grad():
-        exported = torch.export.export(_PackedStream(model), (example, example.clone()),
-                                       dynamic_shapes=({0: tokens}, {0: tokens}), **EXPORT_OPTIONS)
+        exported = torch.export.export(
+            _PackedStream(model),
+            (example, example.clone()),
+            dynamic_shapes=({0: tokens}, {0: tokens}),
+            **EXPORT_OPTIONS,
+        )
     return exported.module()
 
 
@@ -101,8 +109,11 @@ def _retarget(gm: fx.GraphModule, device: torch.device) -> None:
 
 def device_constants(gm: fx.GraphModule) -> list[str]:
     """The nodes of `gm` that name a fixed device (none may survive compilation: artifacts are device-free)."""
-    return [node.name for node in gm.graph.nodes
-            if any(isinstance(v, torch.device) for v in pytree.tree_leaves((node.args, node.kwargs)))]
+    return [
+        node.name
+        for node in gm.graph.nodes
+        if any(isinstance(v, torch.device) for v in pytree.tree_leaves((node.args, node.kwargs)))
+    ]
 
 
 def capture(model: PreTrainedModel, max_model_len: int) -> fx.GraphModule:

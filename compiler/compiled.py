@@ -1,4 +1,5 @@
 """The product of `kiln.compile`: the final FX graph plus what the runtime needs to drive it."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -68,7 +69,9 @@ class CompiledModel:
         """Bytes one block takes across all layers, K and V: what sizes the pool from a memory budget."""
         dtype, extra = self._cache_dtype()
         elem = torch.empty((), dtype=dtype).element_size()
-        return sum(block_size * l.kv_heads * (l.head_dim + l.v_head_dim + 2 * extra) * elem for l in self.kv_layouts)
+        return sum(
+            block_size * lay.kv_heads * (lay.head_dim + lay.v_head_dim + 2 * extra) * elem for lay in self.kv_layouts
+        )
 
     def _cache_dtype(self) -> tuple[torch.dtype, int]:
         """The cache element type and the elements each K/V vector carries beyond its values (its scale)."""
@@ -82,8 +85,9 @@ class CompiledModel:
         dtype, extra = self._cache_dtype()
         for layout in self.kv_layouts:
             for dim in (layout.head_dim, layout.v_head_dim):
-                caches.append(torch.zeros(num_blocks, block_size, layout.kv_heads, dim + extra, dtype=dtype,
-                                          device=self.device))
+                caches.append(
+                    torch.zeros(num_blocks, block_size, layout.kv_heads, dim + extra, dtype=dtype, device=self.device)
+                )
         return caches
 
     @torch.inference_mode()

@@ -3,6 +3,7 @@ optional pass. The list `build_pipeline` returns is exactly what `kiln.compile` 
 included. It lives in compiler/ rather than passes/ because the lowering passes live in codegen/, which itself
 builds on passes/.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -60,9 +61,16 @@ def _lower(opts: PipelineOptions) -> GraphPass:
 STAGES: tuple[tuple[str, tuple[Step, ...]], ...] = (
     ("cleanup", (Step("cleanup", lambda _: Cleanup()),)),
     ("attention", (Step(None, lambda _: PagedAttention()), Step("prune_logits", lambda _: PruneLogits()))),
-    ("fusion", (Step("fuse_linears", lambda _: FuseLinears()), Step("fuse_activation", lambda _: FuseActivation()),
-                Step("fuse_norm", lambda _: FuseNorm()), Step("fuse_rope", lambda _: FuseRope()),
-                Step("fuse_regions", lambda _: FuseRegions()))),
+    (
+        "fusion",
+        (
+            Step("fuse_linears", lambda _: FuseLinears()),
+            Step("fuse_activation", lambda _: FuseActivation()),
+            Step("fuse_norm", lambda _: FuseNorm()),
+            Step("fuse_rope", lambda _: FuseRope()),
+            Step("fuse_regions", lambda _: FuseRegions()),
+        ),
+    ),
     ("quantization", (Step("quantize", _quantize),)),  # runs only when a quantization or kv_cache_dtype is asked
     ("lowering", (Step(None, _final_cleanup), Step(None, _lower))),
     ("flatten", (Step(None, lambda _: FlattenAttributes()),)),
@@ -73,8 +81,9 @@ STAGES: tuple[tuple[str, tuple[Step, ...]], ...] = (
 PASS_FLAGS: dict[str, bool] = {step.flag: True for _, steps in STAGES for step in steps if step.flag is not None}
 
 
-def pipeline_stages(options: dict[str, bool], quant: QuantConfig | None = None,
-                    backend: str = "reference") -> list[tuple[str, list[GraphPass]]]:
+def pipeline_stages(
+    options: dict[str, bool], quant: QuantConfig | None = None, backend: str = "reference"
+) -> list[tuple[str, list[GraphPass]]]:
     """The passes to run for these flags, by stage; unknown flags are refused by name."""
     unknown = sorted(set(options) - set(PASS_FLAGS))
     if unknown:
@@ -88,7 +97,8 @@ def pipeline_stages(options: dict[str, bool], quant: QuantConfig | None = None,
     return stages
 
 
-def build_pipeline(options: dict[str, bool], quant: QuantConfig | None = None,
-                   backend: str = "reference") -> list[GraphPass]:
+def build_pipeline(
+    options: dict[str, bool], quant: QuantConfig | None = None, backend: str = "reference"
+) -> list[GraphPass]:
     """Every pass `kiln.compile` runs for these flags, in order, lowering for `backend` and flattening included."""
     return [p for _, passes in pipeline_stages(options, quant, backend) for p in passes]

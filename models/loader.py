@@ -1,4 +1,5 @@
 """Load an HF causal LM (a local directory or a PreTrainedModel) the way kiln captures it."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -12,7 +13,12 @@ from .device import DeviceLike, resolve_device
 from .registry import Family, UnsupportedModelError, family_for
 from .weights import load_safetensors_model
 
-_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+_WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 
 
@@ -33,16 +39,26 @@ def _resolve_dtype(dtype: str | torch.dtype | None, config_dtype: object) -> tor
     name = dtype if dtype is not None else config_dtype
     if isinstance(name, torch.dtype):
         return name
-    table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-             "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, None: torch.float32,
-             "auto": torch.float32}
+    table = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+        "half": torch.float16,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        None: torch.float32,
+        "auto": torch.float32,
+    }
     if name not in table:
         raise ValueError(f"dtype: unsupported value {name!r}; use float32, float16 or bfloat16")
     return table[name]
 
 
 def load_model(
-    model: str | Path | PreTrainedModel, dtype: str | torch.dtype | None = None, trust_remote_code: bool = False,
+    model: str | Path | PreTrainedModel,
+    dtype: str | torch.dtype | None = None,
+    trust_remote_code: bool = False,
     device: DeviceLike = "auto",
 ) -> LoadedModel:
     """Load and check a model onto `device`; errors name the missing file or unsupported feature.

@@ -6,6 +6,7 @@ capture and calibration see an ordinary model), and the packed codes, converted 
 to the layout of `kiln::linear_int4` (ops/quant.py), go to passes/quantize.py, which uses them as they
 are. What cannot be converted exactly is refused by name.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -62,8 +63,14 @@ class Prequantized:
 
     def describe(self) -> dict[str, Any]:
         """What the compile report records."""
-        return {"method": self.method, "bits": self.bits, "group_size": self.group_size, "sym": self.sym,
-                "checkpoint_format": self.checkpoint_format, "linears": len(self.linears)}
+        return {
+            "method": self.method,
+            "bits": self.bits,
+            "group_size": self.group_size,
+            "sym": self.sym,
+            "checkpoint_format": self.checkpoint_format,
+            "linears": len(self.linears),
+        }
 
     def summary(self) -> str:
         group = "per column" if self.group_size == -1 else f"group size {self.group_size}"
@@ -84,18 +91,32 @@ class Prequantized:
             return parts[0]
         zeros = None
         if any(p.qzeros is not None for p in parts):  # a symmetric part gets its implicit 8s written out
-            zeros = torch.cat([p.qzeros if p.qzeros is not None else
-                               Q.pack_int4(torch.full(p.scales.shape, 8, dtype=torch.int32), dim=1) for p in parts], 1)
-        return PackedLinear(torch.cat([p.qweight for p in parts], 1), torch.cat([p.scales for p in parts], 1),
-                            zeros, parts[0].group_size)
+            zeros = torch.cat(
+                [
+                    p.qzeros
+                    if p.qzeros is not None
+                    else Q.pack_int4(torch.full(p.scales.shape, 8, dtype=torch.int32), dim=1)
+                    for p in parts
+                ],
+                1,
+            )
+        return PackedLinear(
+            torch.cat([p.qweight for p in parts], 1),
+            torch.cat([p.scales for p in parts], 1),
+            zeros,
+            parts[0].group_size,
+        )
 
     def quant_config(self, requested: QuantConfigT, spec: str | None) -> QuantConfigT:
         """The quantize pass's config: int4 from these weights; a scheme asked on top of them is refused."""
         if spec:
-            raise ValueError(f"quantization: {spec!r} cannot apply: the checkpoint is already quantized "
-                             f"({self.summary()}); leave quantization unset")
-        return dataclasses.replace(requested, mode="int4", group_size=self.group_size, zero_point=not self.sym,
-                                   prequantized=self)
+            raise ValueError(
+                f"quantization: {spec!r} cannot apply: the checkpoint is already quantized "
+                f"({self.summary()}); leave quantization unset"
+            )
+        return dataclasses.replace(
+            requested, mode="int4", group_size=self.group_size, zero_point=not self.sym, prequantized=self
+        )
 
 
 def parse_config(qc: dict[str, Any]) -> Prequantized:
@@ -105,8 +126,9 @@ def parse_config(qc: dict[str, Any]) -> Prequantized:
     group = int(qc.get("group_size", qc.get("q_group_size", -1)))
     where = "quantization_config"
     if method not in ("gptq", "awq"):
-        raise ValueError(f"{where}: quant_method {method!r} is not supported; kiln loads gptq and awq (gemm) "
-                         "4-bit checkpoints")
+        raise ValueError(
+            f"{where}: quant_method {method!r} is not supported; kiln loads gptq and awq (gemm) 4-bit checkpoints"
+        )
     if bits != 4:
         raise ValueError(f"{where}: {method} with bits={bits} is not supported; only 4-bit checkpoints load")
     if group != -1 and (group < 8 or group % 8):
@@ -122,8 +144,10 @@ def parse_config(qc: dict[str, Any]) -> Prequantized:
         return Prequantized("awq", 4, group, sym=False, checkpoint_format="gemm")
     fmt = str(qc.get("checkpoint_format", qc.get("format", "gptq"))).lower()
     if fmt not in _GPTQ_ZERO_OFFSET:
-        raise ValueError(f"{where}: gptq checkpoint_format {fmt!r} is not supported (exllama/marlin/bitblas "
-                         "repacks are not); use gptq or gptq_v2")
+        raise ValueError(
+            f"{where}: gptq checkpoint_format {fmt!r} is not supported (exllama/marlin/bitblas "
+            "repacks are not); use gptq or gptq_v2"
+        )
     return Prequantized("gptq", 4, group, sym=bool(qc.get("sym", True)), checkpoint_format=fmt)
 
 
@@ -166,12 +190,16 @@ def convert(pre: Prequantized, t: dict[str, Tensor], prefix: str) -> PackedLinea
         codes_t, zeros = Q.pack_int4(_unpack_awq(qweight), dim=0), _unpack_awq(qzeros)
     g = _group(pre, k, scales.shape[0], name)
     if scales.shape != (k // g, n) or zeros.shape != (k // g, n) or k % 8:
-        raise ValueError(f"{name}: shapes qweight {tuple(qweight.shape)}, qzeros {tuple(qzeros.shape)}, scales "
-                         f"{tuple(scales.shape)} do not fit {pre.method} with group size {pre.group_size}")
+        raise ValueError(
+            f"{name}: shapes qweight {tuple(qweight.shape)}, qzeros {tuple(qzeros.shape)}, scales "
+            f"{tuple(scales.shape)} do not fit {pre.method} with group size {pre.group_size}"
+        )
     g_idx = t.get(prefix + "g_idx")
     if g_idx is not None and not torch.equal(g_idx.long(), torch.arange(k) // g):
-        raise ValueError(f"{name}: act-order (desc_act) g_idx permutes the groups; only a trivial g_idx "
-                         "(k // group_size) is supported")
+        raise ValueError(
+            f"{name}: act-order (desc_act) g_idx permutes the groups; only a trivial g_idx "
+            "(k // group_size) is supported"
+        )
     return PackedLinear(codes_t.contiguous(), scales.float().contiguous(), _zeros(zeros, name), g)
 
 
@@ -184,8 +212,9 @@ def _read_safetensors(path: Path) -> dict[str, Tensor]:
     return {k: v for f in files for k, v in load_file(str(f)).items()}
 
 
-def load_prequantized(path: Path, config: PretrainedConfig, dtype: torch.dtype,
-                      attn_implementation: str) -> tuple[PreTrainedModel, Prequantized]:
+def load_prequantized(
+    path: Path, config: PretrainedConfig, dtype: torch.dtype, attn_implementation: str
+) -> tuple[PreTrainedModel, Prequantized]:
     """The model with dequantized float linears, and the packed weights for the quantize pass."""
     from transformers import AutoModelForCausalLM
 
@@ -205,12 +234,28 @@ def load_prequantized(path: Path, config: PretrainedConfig, dtype: torch.dtype,
     model_class: Any = AutoModelForCausalLM._model_mapping.get(type(config), None)
     if model_class is None:
         raise ValueError(f"model: {path}: pre-quantized {type(config).__name__} models are not supported")
-    model, info = model_class.from_pretrained(None, config=config, state_dict=tensors, dtype=dtype,
-                                              attn_implementation=attn_implementation, output_loading_info=True)
+    model, info = model_class.from_pretrained(
+        None,
+        config=config,
+        state_dict=tensors,
+        dtype=dtype,
+        attn_implementation=attn_implementation,
+        output_loading_info=True,
+    )
     # Old GPTQ exporters wrote all-zero biases for linears that have none: those are harmless, nothing else is.
-    unexpected = [k for k in info["unexpected_keys"] if not (
-        k.endswith(".bias") and k[: -len("bias")] + "weight" in pre.linears and k in tensors and not tensors[k].any())]
+    unexpected = [
+        k
+        for k in info["unexpected_keys"]
+        if not (
+            k.endswith(".bias")
+            and k[: -len("bias")] + "weight" in pre.linears
+            and k in tensors
+            and not tensors[k].any()
+        )
+    ]
     if info["missing_keys"] or unexpected:
-        raise ValueError(f"model: {path}: after converting {pre.method}, tensors missing "
-                         f"{sorted(info['missing_keys'])}, unexpected {sorted(unexpected)}")
+        raise ValueError(
+            f"model: {path}: after converting {pre.method}, tensors missing "
+            f"{sorted(info['missing_keys'])}, unexpected {sorted(unexpected)}"
+        )
     return model.eval(), pre

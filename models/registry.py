@@ -1,5 +1,6 @@
 """Which Hugging Face architectures kiln compiles, and the few facts about them the compiler cannot read
 from the graph. Capture and rewrite are generic: a family here is only a declaration, never capture code."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

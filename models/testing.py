@@ -6,6 +6,7 @@ corpus, so the compiler is always fed a directory exactly like one from the hub.
 
 Special token ids are fixed across every architecture: `<unk>`=0, `<s>`=1, `</s>`=2, `<pad>`=3.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -40,35 +41,66 @@ TINY_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     "mistral": ("mistral", {**_COMMON, "head_dim": 16, "sliding_window": 16}),
     "qwen2": ("qwen2", dict(_COMMON)),
     # Layer 0 full attention, layer 1 sliding (window 16), via Qwen2's layer_types.
-    "qwen2_swa": ("qwen2", {**_COMMON, "use_sliding_window": True, "sliding_window": 16,
-                            "max_window_layers": 1}),
+    "qwen2_swa": ("qwen2", {**_COMMON, "use_sliding_window": True, "sliding_window": 16, "max_window_layers": 1}),
     "phi3": ("phi3", {**_COMMON, "original_max_position_embeddings": 512}),
     "gemma": ("gemma", {**_COMMON, "head_dim": 16}),
-    "gpt2": ("gpt2", {"vocab_size": 512, "n_embd": 64, "n_layer": 2, "n_head": 4,
-                      "n_positions": 512, "n_inner": 128, "initializer_range": 0.1}),
+    "gpt2": (
+        "gpt2",
+        {
+            "vocab_size": 512,
+            "n_embd": 64,
+            "n_layer": 2,
+            "n_head": 4,
+            "n_positions": 512,
+            "n_inner": 128,
+            "initializer_range": 0.1,
+        },
+    ),
     "gpt_neox": ("gpt_neox", dict(_NO_GQA)),  # partial rotary (25%), parallel residual
     "phi": ("phi", dict(_COMMON)),  # partial rotary (50%), parallel attn/MLP, biases
     "qwen3": ("qwen3", {**_COMMON, "head_dim": 16}),  # q/k RMSNorm
     # Small softcaps so that they actually bend the random logits; window 16 on even layers.
-    "gemma2": ("gemma2", {**_COMMON, "head_dim": 16, "sliding_window": 16,
-                          "query_pre_attn_scalar": 16, "attn_logit_softcapping": 5.0,
-                          "final_logit_softcapping": 3.0}),
+    "gemma2": (
+        "gemma2",
+        {
+            **_COMMON,
+            "head_dim": 16,
+            "sliding_window": 16,
+            "query_pre_attn_scalar": 16,
+            "attn_logit_softcapping": 5.0,
+            "final_logit_softcapping": 3.0,
+        },
+    ),
     "starcoder2": ("starcoder2", dict(_COMMON)),  # LayerNorm, biases, GELU MLP
     "olmo": ("olmo", dict(_COMMON)),  # non-parametric LayerNorm
     "olmo2": ("olmo2", dict(_COMMON)),  # post-norms, q/k RMSNorm over all heads
     "stablelm": ("stablelm", dict(_COMMON)),  # partial rotary, LayerNorm
     # Non-default multipliers so that each scaling site is exercised.
-    "granite": ("granite", {**_COMMON, "embedding_multiplier": 4.0, "logits_scaling": 2.0,
-                            "residual_multiplier": 0.5, "attention_multiplier": 0.125}),
+    "granite": (
+        "granite",
+        {
+            **_COMMON,
+            "embedding_multiplier": 4.0,
+            "logits_scaling": 2.0,
+            "residual_multiplier": 0.5,
+            "attention_multiplier": 0.125,
+        },
+    ),
 }
 
 # The `make demo` model: a small Llama, still quick to build and run on a laptop CPU.
 DEMO_ARCH = "llama"
 DEMO_NAME = "kiln-demo-llama"
 DEMO_OVERRIDES: dict[str, Any] = {
-    "hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 8,
-    "num_key_value_heads": 4, "head_dim": 32, "intermediate_size": 688,
-    "vocab_size": 2048, "max_position_embeddings": 2048, "initializer_range": 0.05,
+    "hidden_size": 256,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+    "head_dim": 32,
+    "intermediate_size": 688,
+    "vocab_size": 2048,
+    "max_position_embeddings": 2048,
+    "initializer_range": 0.05,
 }
 
 # Bump when the way checkpoints are built changes, so that cached ones are rebuilt.
@@ -123,8 +155,7 @@ def tiny_config(arch: str, **overrides: Any) -> Any:
     if arch not in TINY_CONFIGS:
         raise KeyError(f"unknown tiny arch {arch!r}; known: {', '.join(sorted(TINY_CONFIGS))}")
     model_type, kwargs = TINY_CONFIGS[arch]
-    kwargs = {**kwargs, "bos_token_id": BOS_ID, "eos_token_id": EOS_ID,
-              "pad_token_id": PAD_ID, **overrides}
+    kwargs = {**kwargs, "bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "pad_token_id": PAD_ID, **overrides}
     config = AutoConfig.for_model(model_type, **kwargs)
     config.dtype = "float32"
     return config
@@ -144,7 +175,9 @@ def build_tiny_tokenizer(vocab_size: int, model_max_length: int = 512) -> Any:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(_CORPUS.split("\n\n"), trainer=trainer)
@@ -156,8 +189,12 @@ def build_tiny_tokenizer(vocab_size: int, model_max_length: int = 512) -> Any:
         raise ValueError(f"vocab_size {vocab_size} is below the byte alphabet plus specials")
     tok.add_tokens([f"<|reserved_{i}|>" for i in range(missing)])
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-        pad_token="<pad>", chat_template=_CHAT_TEMPLATE,
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        chat_template=_CHAT_TEMPLATE,
         model_max_length=model_max_length,
     )
     ids = fast.convert_tokens_to_ids(SPECIAL_TOKENS)
@@ -166,8 +203,9 @@ def build_tiny_tokenizer(vocab_size: int, model_max_length: int = 512) -> Any:
     return fast
 
 
-def build_tiny_checkpoint(arch: str, path: str | os.PathLike[str], *, seed: int = 0,
-                          with_tokenizer: bool = True, **config_overrides: Any) -> Path:
+def build_tiny_checkpoint(
+    arch: str, path: str | os.PathLike[str], *, seed: int = 0, with_tokenizer: bool = True, **config_overrides: Any
+) -> Path:
     """Write a random-weight checkpoint of `arch` to `path`; same seed, same bytes of weights."""
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
@@ -176,8 +214,7 @@ def build_tiny_checkpoint(arch: str, path: str | os.PathLike[str], *, seed: int 
     config = tiny_config(arch, **config_overrides)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.generation_config = GenerationConfig(
-        bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
+    model.generation_config = GenerationConfig(bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
     model.save_pretrained(path, safe_serialization=True)
     if with_tokenizer:
         max_len = getattr(config, "max_position_embeddings", None) or config.n_positions
@@ -192,15 +229,19 @@ def cache_dir() -> Path:
     return base / "models"
 
 
-def cached_checkpoint(arch: str, name: str | None = None, *, seed: int = 0,
-                      **overrides: Any) -> Path:
+def cached_checkpoint(arch: str, name: str | None = None, *, seed: int = 0, **overrides: Any) -> Path:
     """Build a tiny checkpoint once and reuse it; rebuilt when the recipe changes.
 
     The recipe (builder version, arch, seed, overrides, the arch's base config) is stored beside
     the weights, so editing TINY_CONFIGS or the overrides never serves a stale model.
     """
-    recipe = {"builder": BUILDER_VERSION, "arch": arch, "seed": seed,
-              "base": TINY_CONFIGS[arch], "overrides": overrides}
+    recipe = {
+        "builder": BUILDER_VERSION,
+        "arch": arch,
+        "seed": seed,
+        "base": TINY_CONFIGS[arch],
+        "overrides": overrides,
+    }
     blob = json.dumps(recipe, sort_keys=True, default=str)
     if name is None:
         name = f"{arch}-tiny-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"

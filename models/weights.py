@@ -5,6 +5,7 @@ through CPU memory first. Here the model is built on the device with initialisat
 `__init__`, such as rotary frequencies, are computed there, on the device), then each checkpoint tensor is read
 straight onto the device and copied into its parameter: the peak is the model plus one tensor.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,8 +27,9 @@ def safetensors_files(path: Path) -> list[Path]:
     return [path / "model.safetensors"] if (path / "model.safetensors").is_file() else []
 
 
-def _empty_model(config: PretrainedConfig, dtype: torch.dtype, attn_implementation: str,
-                 device: torch.device) -> PreTrainedModel:
+def _empty_model(
+    config: PretrainedConfig, dtype: torch.dtype, attn_implementation: str, device: torch.device
+) -> PreTrainedModel:
     from transformers.initialization import no_init_weights
 
     with no_init_weights(), torch.device(device):
@@ -36,8 +38,9 @@ def _empty_model(config: PretrainedConfig, dtype: torch.dtype, attn_implementati
     return model.eval()
 
 
-def load_safetensors_model(path: Path, config: PretrainedConfig, dtype: torch.dtype, attn_implementation: str,
-                           device: torch.device) -> PreTrainedModel | None:
+def load_safetensors_model(
+    path: Path, config: PretrainedConfig, dtype: torch.dtype, attn_implementation: str, device: torch.device
+) -> PreTrainedModel | None:
     """The model on `device` with every weight from the checkpoint, or None when the checkpoint's tensor names or
     shapes are not the model's own (a legacy layout that transformers renames or converts on loading: the
     caller then loads through transformers). Checked before anything is read."""

@@ -4,6 +4,7 @@ The reference is the specification every backend is tested against: vectorised o
 (no per-sequence Python loops), written in torch only. Backend "reference" runs it directly, or on CPU the C
 kernels that backends/cpu/lowering.py chooses for it where they apply.
 """
+
 from __future__ import annotations
 
 import torch
@@ -50,12 +51,20 @@ def paged_attention(
 
 
 paged_attention_op = torch.library.custom_op(
-    "kiln::paged_attention", paged_attention, mutates_args=("k_cache", "v_cache"))
+    "kiln::paged_attention", paged_attention, mutates_args=("k_cache", "v_cache")
+)
 
 
 def attend_padded(
-    q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, seq_lens: Tensor, query_start_loc: Tensor,
-    scale: float, window: int, softcap: float,
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    block_tables: Tensor,
+    seq_lens: Tensor,
+    query_start_loc: Tensor,
+    scale: float,
+    window: int,
+    softcap: float,
 ) -> Tensor:
     """Attention in torch: gather each sequence's context, pad queries per sequence, mask by position."""
     num_tokens, num_heads, _ = q.shape
@@ -75,7 +84,7 @@ def attend_padded(
     padded[seq_id, row] = q
     padded = padded.transpose(1, 2)
 
-    context_lens = (seq_lens.long() - (query_start_loc[1:] - query_start_loc[:-1]).long())
+    context_lens = seq_lens.long() - (query_start_loc[1:] - query_start_loc[:-1]).long()
     q_pos = context_lens[:, None] + torch.arange(max_q, device=q.device)[None, :]  # [S, max_q]
     k_pos = torch.arange(ctx, device=q.device)
     allowed = k_pos[None, None, :] <= q_pos[:, :, None]

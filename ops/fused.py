@@ -6,9 +6,8 @@ token-major: activations [T, hidden], attention heads [T, heads, head_dim]. The 
 neutral with HF: norms are computed in float32 and cast back the way HF's modules do, so a fused graph matches
 the unfused one to float noise; Triton kernels (codegen/) implement the same contracts.
 """
-from __future__ import annotations
 
-from typing import Optional
+from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
@@ -39,8 +38,9 @@ def _(x, weight, eps, weight_offset):
     return torch.empty_like(x)
 
 
-def add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float,
-                 weight_offset: float) -> tuple[Tensor, Tensor]:
+def add_rms_norm(
+    x: Tensor, residual: Tensor, weight: Tensor, eps: float, weight_offset: float
+) -> tuple[Tensor, Tensor]:
     """The residual add before a norm: residual_out = x + residual (in x's dtype), out = rms_norm(residual_out).
 
     Returns (out, residual_out); residual_out is the next layer's residual stream.
@@ -57,11 +57,11 @@ def _(x, residual, weight, eps, weight_offset):
     return torch.empty_like(x), torch.empty_like(x)
 
 
-def _ln(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float) -> Tensor:
+def _ln(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
     return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
 
 
-def layer_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float) -> Tensor:
+def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
     """LayerNorm over the last dim with optional affine weight/bias (None for OLMo's non-parametric norm).
 
     Computed as `aten.layer_norm` in x's dtype, as nn.LayerNorm does (it accumulates in float32 internally).
@@ -78,7 +78,7 @@ def _(x, weight, bias, eps):
 
 
 def add_layer_norm(
-    x: Tensor, residual: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float
+    x: Tensor, residual: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
 ) -> tuple[Tensor, Tensor]:
     """residual_out = x + residual, out = layer_norm(residual_out); returns (out, residual_out)."""
     residual_out = x + residual

@@ -3,6 +3,7 @@
 One forward call runs a packed stream of T tokens drawn from S sequences (prefill chunks and decode tokens
 mixed). The runtime builds this once per step; the compiled graph takes its tensors as inputs.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -51,7 +52,7 @@ class AttentionMetadata:
         block_tables: list[list[int]],
         block_size: int,
         device: torch.device | str = "cpu",
-    ) -> "AttentionMetadata":
+    ) -> AttentionMetadata:
         """Metadata for sequences that each add query_lens[s] tokens after context_lens[s] cached ones."""
         slots: list[int] = []
         for q, c, table in zip(query_lens, context_lens, block_tables):

@@ -16,9 +16,10 @@ its reference.
 Quantized KV caches hold each token-and-head vector as [D values | 4 bytes of fp32 scale] in one tensor of
 the cache dtype ([num_blocks, block_size, kv_heads, D + 4]), so the runtime still passes two caches per layer.
 """
+
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -55,7 +56,7 @@ def unpack_int4(packed: Tensor, dim: int) -> Tensor:
     return q.reshape(p.shape[0] * 8, *p.shape[1:]).movedim(0, dim)
 
 
-def quantize_int4(w: Tensor, group_size: int, zero_point: bool) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+def quantize_int4(w: Tensor, group_size: int, zero_point: bool) -> tuple[Tensor, Tensor, Tensor | None]:
     """Group-wise round-to-nearest int4 of w [N, K] -> (qweight [K/8, N], scales [K/g, N], qzeros or None)."""
     n, k = w.shape
     g = w.float().reshape(n, k // group_size, group_size)
@@ -72,7 +73,7 @@ def quantize_int4(w: Tensor, group_size: int, zero_point: bool) -> tuple[Tensor,
     return pack_int4(q.t(), dim=0).contiguous(), scales, qzeros
 
 
-def dequantize_int4(qweight: Tensor, scales: Tensor, qzeros: Optional[Tensor], group_size: int) -> Tensor:
+def dequantize_int4(qweight: Tensor, scales: Tensor, qzeros: Tensor | None, group_size: int) -> Tensor:
     """fp32 W^T [K, N] from the GPTQ layout (scales and zeros broadcast per group, never expanded)."""
     k, n = qweight.shape[0] * 8, qweight.shape[1]
     q = unpack_int4(qweight, dim=0).view(k // group_size, group_size, n).float()
@@ -88,12 +89,12 @@ def quantize_tokens(x: Tensor) -> tuple[Tensor, Tensor]:
     return quantize_int8(x, dim=-1)
 
 
-def _rows(x: Tensor, input_scale: Optional[Tensor]) -> Tensor:
+def _rows(x: Tensor, input_scale: Tensor | None) -> Tensor:
     x2 = x.reshape(-1, x.shape[-1])
     return x2 * input_scale if input_scale is not None else x2
 
 
-def _finish(y: Tensor, x: Tensor, bias: Optional[Tensor]) -> Tensor:
+def _finish(y: Tensor, x: Tensor, bias: Tensor | None) -> Tensor:
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])
@@ -106,7 +107,7 @@ def int8_mm(a: Tensor, b_t: Tensor) -> Tensor:
     return (a.double() @ b_t.double()).to(torch.int32)  # exact: sums of int8 products fit in float64
 
 
-def linear_int8(x: Tensor, weight: Tensor, scale: Tensor, bias: Optional[Tensor]) -> Tensor:
+def linear_int8(x: Tensor, weight: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:
     """Weight-only int8: y = (x @ weightᵀ) * scale + bias, activations exact, fp32 accumulation (the weight is
     dequantized for torch's GEMM)."""
     y = torch.nn.functional.linear(_rows(x, None).float(), weight.float()) * scale
@@ -135,7 +136,7 @@ def unpack_int8(packed: Tensor) -> Tensor:
     return packed.transpose(1, 2).reshape(nb * tile, k)
 
 
-def linear_int8_packed(x: Tensor, packed: Tensor, scale: Tensor, bias: Optional[Tensor]) -> Tensor:
+def linear_int8_packed(x: Tensor, packed: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:
     """kiln::linear_int8 with its weight in the CPU tile layout (backend "reference" repacks it when it lowers
     the graph): the reference over the unpacked weight."""
     return linear_int8(x, unpack_int8(packed), scale, bias)
@@ -144,8 +145,7 @@ def linear_int8_packed(x: Tensor, packed: Tensor, scale: Tensor, bias: Optional[
 linear_int8_packed_op = torch.library.custom_op("kiln::linear_int8_packed", linear_int8_packed, mutates_args=())
 
 
-def linear_w8a8(x: Tensor, weight: Tensor, scale: Tensor, input_scale: Optional[Tensor],
-                bias: Optional[Tensor]) -> Tensor:
+def linear_w8a8(x: Tensor, weight: Tensor, scale: Tensor, input_scale: Tensor | None, bias: Tensor | None) -> Tensor:
     """W8A8: x (times input_scale) quantized per token to int8, int8 x int8 -> int32, then token x channel scales."""
     xq, x_scale = quantize_tokens(_rows(x, input_scale))
     y = int8_mm(xq, weight.t()).float() * x_scale[:, None] * scale
@@ -174,8 +174,9 @@ def unpack_w8a8(packed: Tensor) -> Tensor:
     return packed.transpose(1, 2).reshape(nb * tr, kb * tc)
 
 
-def linear_w8a8_packed(x: Tensor, packed: Tensor, scale: Tensor, input_scale: Optional[Tensor],
-                       bias: Optional[Tensor]) -> Tensor:
+def linear_w8a8_packed(
+    x: Tensor, packed: Tensor, scale: Tensor, input_scale: Tensor | None, bias: Tensor | None
+) -> Tensor:
     """kiln::linear_w8a8 with its weight in the CPU tile layout (backend "reference" repacks it when it lowers
     the graph): the reference over the unpacked weight."""
     return linear_w8a8(x, unpack_w8a8(packed), scale, input_scale, bias)
@@ -184,8 +185,15 @@ def linear_w8a8_packed(x: Tensor, packed: Tensor, scale: Tensor, input_scale: Op
 linear_w8a8_packed_op = torch.library.custom_op("kiln::linear_w8a8_packed", linear_w8a8_packed, mutates_args=())
 
 
-def linear_int4(x: Tensor, qweight: Tensor, scales: Tensor, qzeros: Optional[Tensor], input_scale: Optional[Tensor],
-                bias: Optional[Tensor], group_size: int) -> Tensor:
+def linear_int4(
+    x: Tensor,
+    qweight: Tensor,
+    scales: Tensor,
+    qzeros: Tensor | None,
+    input_scale: Tensor | None,
+    bias: Tensor | None,
+    group_size: int,
+) -> Tensor:
     """Weight-only group-wise int4 (GPTQ layout): y = (x * input_scale) @ dequant(W) + bias, fp32 accumulation."""
     y = _rows(x, input_scale).float() @ dequantize_int4(qweight, scales, qzeros, group_size)
     return _finish(y, x, bias)
@@ -229,7 +237,7 @@ def quantize_kv(x: Tensor, cache_dtype: torch.dtype) -> Tensor:
     values = torch.round(scaled).clamp(-127, 127) if cache_dtype == torch.int8 else scaled
     out = torch.empty(*x.shape[:-1], x.shape[-1] + SCALE_BYTES, dtype=cache_dtype, device=x.device)
     out[..., : x.shape[-1]] = values.to(cache_dtype)
-    out[..., x.shape[-1]:].view(torch.float32).copy_(scale)
+    out[..., x.shape[-1] :].view(torch.float32).copy_(scale)
     return out
 
 
@@ -240,8 +248,18 @@ def dequantize_kv(packed: Tensor) -> Tensor:
 
 
 def attend_quantized(
-    attend: Callable[..., Tensor], q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor,
-    slot_mapping: Tensor, block_tables: Tensor, seq_lens: Tensor, query_start_loc: Tensor, scale: float, window: int,
+    attend: Callable[..., Tensor],
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    slot_mapping: Tensor,
+    block_tables: Tensor,
+    seq_lens: Tensor,
+    query_start_loc: Tensor,
+    scale: float,
+    window: int,
     softcap: float,
 ) -> Tensor:
     """Paged attention over a quantized cache through `attend`, a float kiln::paged_attention implementation.
@@ -256,22 +274,58 @@ def attend_quantized(
     used, tables = torch.unique(block_tables[:, :max_blocks].long(), return_inverse=True)
     k_f, v_f = dequantize_kv(k_cache[used]), dequantize_kv(v_cache[used])
     none = slot_mapping[:0]  # the step's K/V are in the compact cache already: the float op writes nothing
-    out = attend(q.float(), k[:0].float(), v[:0].float(), k_f, v_f, none, tables.to(torch.int32),
-                 seq_lens, query_start_loc, scale, window, softcap)
+    out = attend(
+        q.float(),
+        k[:0].float(),
+        v[:0].float(),
+        k_f,
+        v_f,
+        none,
+        tables.to(torch.int32),
+        seq_lens,
+        query_start_loc,
+        scale,
+        window,
+        softcap,
+    )
     return out.to(q.dtype)
 
 
 def paged_attention_quant(
-    q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor, block_tables: Tensor,
-    seq_lens: Tensor, query_start_loc: Tensor, scale: float, window: int, softcap: float,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    slot_mapping: Tensor,
+    block_tables: Tensor,
+    seq_lens: Tensor,
+    query_start_loc: Tensor,
+    scale: float,
+    window: int,
+    softcap: float,
 ) -> Tensor:
     """kiln::paged_attention over a quantized cache (int8 or fp8 e4m3, [.., D + 4] with inline scales)."""
-    return attend_quantized(attention.paged_attention, q, k, v, k_cache, v_cache, slot_mapping, block_tables,
-                            seq_lens, query_start_loc, scale, window, softcap)
+    return attend_quantized(
+        attention.paged_attention,
+        q,
+        k,
+        v,
+        k_cache,
+        v_cache,
+        slot_mapping,
+        block_tables,
+        seq_lens,
+        query_start_loc,
+        scale,
+        window,
+        softcap,
+    )
 
 
 paged_attention_quant_op = torch.library.custom_op(
-    "kiln::paged_attention_quant", paged_attention_quant, mutates_args=("k_cache", "v_cache"))
+    "kiln::paged_attention_quant", paged_attention_quant, mutates_args=("k_cache", "v_cache")
+)
 
 
 @paged_attention_quant_op.register_fake

@@ -1,8 +1,10 @@
 """The one registry of kiln's op vocabulary: every `kiln::` op and the pure-torch function it was declared from."""
+
 from __future__ import annotations
 
 import importlib
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch._library.custom_ops import OPDEFS

@@ -1,4 +1,5 @@
 """What every pass shares: the pass interface, op counting, and the report of what each pass changed."""
+
 from __future__ import annotations
 
 import abc
@@ -13,8 +14,25 @@ from torch import fx
 
 # Calls that only re-describe memory; they are not counted as ops of a layer.
 VIEW_OPS = {
-    "view", "_unsafe_view", "reshape", "transpose", "permute", "unsqueeze", "squeeze", "expand", "slice",
-    "select", "getitem", "alias", "t", "contiguous", "split", "split_with_sizes", "chunk", "unflatten", "flatten",
+    "view",
+    "_unsafe_view",
+    "reshape",
+    "transpose",
+    "permute",
+    "unsqueeze",
+    "squeeze",
+    "expand",
+    "slice",
+    "select",
+    "getitem",
+    "alias",
+    "t",
+    "contiguous",
+    "split",
+    "split_with_sizes",
+    "chunk",
+    "unflatten",
+    "flatten",
 }
 
 
@@ -126,7 +144,10 @@ class PassReport:
     def format(self) -> str:
         lines = ["pass               what it matched/removed/added              graph ops (all calls)"]
         lines += [r.line() for r in self.records]
-        compute = lambda c: sum(v for k, v in c.items() if k.split(".")[-1] not in VIEW_OPS)
+
+        def compute(counts: dict[str, int]) -> int:
+            return sum(v for k, v in counts.items() if k.split(".")[-1] not in VIEW_OPS)
+
         if self.num_layers:
             lines.append(
                 f"compute ops (views excluded): {compute(self.ops_initial)} -> {compute(self.ops_final)} "
@@ -138,16 +159,21 @@ class PassReport:
         if self.quantization:
             q = self.quantization
             before, after = q["weight_bytes"]
-            lines.append(f"quantization {q['mode']} (kv cache {q['kv_cache_dtype'] or 'model dtype'}): quantized "
-                         f"weights {before / 2**20:.1f} -> {after / 2**20:.1f} MiB, teacher-forced top-1 agreement "
-                         f"{q['top1_agreement']:.1%} over {q['calibration_tokens']} calibration tokens")
-            lines.append("relative output error per layer (worst linear): "
-                         + ", ".join(f"{e:.4f}" for e in q["layer_errors"]))
+            lines.append(
+                f"quantization {q['mode']} (kv cache {q['kv_cache_dtype'] or 'model dtype'}): quantized "
+                f"weights {before / 2**20:.1f} -> {after / 2**20:.1f} MiB, teacher-forced top-1 agreement "
+                f"{q['top1_agreement']:.1%} over {q['calibration_tokens']} calibration tokens"
+            )
+            lines.append(
+                "relative output error per layer (worst linear): " + ", ".join(f"{e:.4f}" for e in q["layer_errors"])
+            )
             if q.get("cpu_kernel"):
                 lines.append(f"on CPU (backend reference) {q['mode']} runs {q['cpu_kernel']}")
             if q.get("prequantized"):
-                lines.append("weights pre-quantized in the checkpoint: "
-                             + ", ".join(f"{k}={v}" for k, v in q["prequantized"].items()))
+                lines.append(
+                    "weights pre-quantized in the checkpoint: "
+                    + ", ".join(f"{k}={v}" for k, v in q["prequantized"].items())
+                )
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
@@ -194,8 +220,6 @@ def run_passes(gm: fx.GraphModule, passes: list[GraphPass], ctx: PassContext, re
         gm.recompile()
         after = op_counts(gm)
         changed = {k: after[k] - before[k] for k in set(before) | set(after) if after[k] != before[k]}
-        report.records.append(
-            PassRecord(p.name, counters, sum(before.values()), sum(after.values()), changed)
-        )
+        report.records.append(PassRecord(p.name, counters, sum(before.values()), sum(after.values()), changed))
     report.ops_final = op_counts(gm)
     report.layer_ops = (initial_layers, layer_op_counts(gm, report.num_layers))

@@ -4,6 +4,7 @@ Runtime asserts and guards, dropout in eval mode, aliases, casts and views that 
 everything that becomes dead once they are gone (notably the causal-mask construction after the
 paged-attention rewrite). It runs first and again as the fixed final pass.
 """
+
 from __future__ import annotations
 
 import torch
@@ -12,8 +13,12 @@ from torch import fx
 from .base import GraphPass, PassContext, is_op
 
 _ASSERTS = {
-    "_assert_tensor_metadata", "_assert_scalar", "_assert_async", "sym_constrain_range",
-    "sym_constrain_range_for_size", "_functional_assert_async",
+    "_assert_tensor_metadata",
+    "_assert_scalar",
+    "_assert_async",
+    "sym_constrain_range",
+    "sym_constrain_range_for_size",
+    "_functional_assert_async",
 }
 
 

@@ -1,6 +1,7 @@
 """Gated MLP activation fusion: `act(gate) * up` over the two halves of the fused gate/up projection becomes
 `kiln::silu_mul` or `kiln::gelu_mul` (exact or tanh-approximate GELU). Runs after fuse_linears, which produces
 the halves as slices of one [T, 2I] matmul; separate gate/up tensors are left to region fusion."""
+
 from __future__ import annotations
 
 import torch

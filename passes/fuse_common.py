@@ -1,5 +1,6 @@
 """Helpers the passes share: typed access to node arguments and fake values, giving new nodes the metadata of the
 nodes they replace (layer attribution, fake values for later passes and codegen), reading and adding parameters."""
+
 from __future__ import annotations
 
 from collections.abc import Callable

@@ -4,6 +4,7 @@ q/k/v projections become one [Hq*D + 2*Hkv*D, hidden] matmul, gate/up one [2I, h
 is a slice of the fused one (a view). Weights are concatenated once at compile time; the old parameters are
 removed from the module so the engine does not hold them twice.
 """
+
 from __future__ import annotations
 
 import os
@@ -19,7 +20,7 @@ def _fused_name(targets: list[str]) -> str:
     """`a.self_attn.q_proj.weight`, `...k_proj.weight` -> `a.self_attn.q_k_v_proj` (the common owner keeps it)."""
     modules = [t.rpartition(".")[0] for t in targets]
     owner = os.path.commonprefix([m + "." for m in modules]).rpartition(".")[0]
-    leaves = [m[len(owner):].lstrip(".").replace(".", "_") for m in modules]
+    leaves = [m[len(owner) :].lstrip(".").replace(".", "_") for m in modules]
     suffix = os.path.commonprefix([leaf[::-1] for leaf in leaves])[::-1]
     stems = [leaf[: len(leaf) - len(suffix)] if suffix and leaf != suffix else leaf for leaf in leaves]
     return ".".join(filter(None, [owner, "_".join(stems) + suffix]))
@@ -55,7 +56,8 @@ class FuseLinears(GraphPass):
         """A linear whose weight (and bias) are parameters nothing else reads (tied weights stay separate)."""
         inputs = [a for a in node.args[1:3] if a is not None]
         return isinstance(node.args[0], fx.Node) and all(
-            isinstance(a, fx.Node) and param(gm, a) is not None and len(a.users) == 1 for a in inputs)
+            isinstance(a, fx.Node) and param(gm, a) is not None and len(a.users) == 1 for a in inputs
+        )
 
     @staticmethod
     def _fuse(gm: fx.GraphModule, linears: list[fx.Node], has_bias: bool) -> None:

@@ -8,6 +8,7 @@ sum stays available as the op's second output, the residual stream of the next l
 Each norm is a pattern function (passes/pattern.py) and a replacement function; the replacement inserts the op
 right after the norm's input, so a residual add that feeds it can be folded in.
 """
+
 from __future__ import annotations
 
 import operator

@@ -9,6 +9,7 @@ On the reference backend a region is a `region_N` submodule (a GraphModule runni
 `compiled.code` stays readable and the region's own code is `gm.region_N.code`). Its description — ops, inputs,
 outputs — is in `node.meta["kiln_region"]` for codegen, which lowers each region to one kernel.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -21,8 +22,31 @@ from .base import GraphPass, PassContext, is_op, is_view, op_name
 from .fuse_common import arg_node, last_dim
 
 POINTWISE = {
-    "add", "sub", "mul", "div", "neg", "pow", "exp", "log", "sqrt", "rsqrt", "reciprocal", "tanh", "sigmoid",
-    "silu", "gelu", "relu", "erf", "abs", "clamp", "minimum", "maximum", "where", "to", "_to_copy", "type_as",
+    "add",
+    "sub",
+    "mul",
+    "div",
+    "neg",
+    "pow",
+    "exp",
+    "log",
+    "sqrt",
+    "rsqrt",
+    "reciprocal",
+    "tanh",
+    "sigmoid",
+    "silu",
+    "gelu",
+    "relu",
+    "erf",
+    "abs",
+    "clamp",
+    "minimum",
+    "maximum",
+    "where",
+    "to",
+    "_to_copy",
+    "type_as",
 }
 REDUCTIONS = {"mean", "sum", "amax"}
 
@@ -31,8 +55,12 @@ def _kind(node: fx.Node) -> str | None:
     if node.op != "call_function":
         return None
     dims = node.args[1] if len(node.args) > 1 else None
-    if (is_op(node, *REDUCTIONS) and isinstance(dims, (list, tuple)) and len(dims) == 1
-            and last_dim(arg_node(node, 0), dims[0])):
+    if (
+        is_op(node, *REDUCTIONS)
+        and isinstance(dims, (list, tuple))
+        and len(dims) == 1
+        and last_dim(arg_node(node, 0), dims[0])
+    ):
         return "reduction"
     if is_op(node, *POINTWISE):
         return "pointwise"
@@ -81,8 +109,12 @@ def _check_acyclic(graph: fx.Graph, groups: list[list[fx.Node]]) -> None:
     """The graph with every region contracted to one node must stay a DAG (the grouping guarantees it)."""
     label = {n: ("region", i) for i, g in enumerate(groups) for n in g}
     view = nx.DiGraph()
-    view.add_edges_from((label.get(i, i), label.get(n, n)) for n in graph.nodes for i in n.all_input_nodes
-                        if label.get(i, i) != label.get(n, n))
+    view.add_edges_from(
+        (label.get(i, i), label.get(n, n))
+        for n in graph.nodes
+        for i in n.all_input_nodes
+        if label.get(i, i) != label.get(n, n)
+    )
     if not nx.is_directed_acyclic_graph(view):
         raise AssertionError("region fusion would create a cycle")
 

@@ -6,6 +6,7 @@ Whatever rope variant produced it, the cos/sin subgraph is a function of the pos
 evaluated here once for every position up to the model's limit into a `cos_sin_cache` buffer; the op then
 only gathers rows of it. The rewrite is refused where the subgraph is not row-wise in the positions.
 """
+
 from __future__ import annotations
 
 import operator
@@ -90,8 +91,9 @@ def _trace_back(node: fx.Node) -> fx.Node:
     return node
 
 
-def _evaluate(gm: fx.GraphModule, targets: list[fx.Node], positions: fx.Node,
-              pos: torch.Tensor) -> list[torch.Tensor] | None:
+def _evaluate(
+    gm: fx.GraphModule, targets: list[fx.Node], positions: fx.Node, pos: torch.Tensor
+) -> list[torch.Tensor] | None:
     """Run the subgraph computing `targets` with `positions` = pos; None if it reads any other input."""
     needed, stack = set(), list(targets)
     while stack:
@@ -118,8 +120,9 @@ def _evaluate(gm: fx.GraphModule, targets: list[fx.Node], positions: fx.Node,
     return [env[t] for t in targets]
 
 
-def _cos_sin_cache(gm: fx.GraphModule, cos: fx.Node, sin: fx.Node, positions: fx.Node, max_pos: int,
-                   rd: int) -> torch.Tensor | None:
+def _cos_sin_cache(
+    gm: fx.GraphModule, cos: fx.Node, sin: fx.Node, positions: fx.Node, max_pos: int, rd: int
+) -> torch.Tensor | None:
     """[max_pos, rd] float32 (cos half then sin half), or None if not computable row-wise from positions."""
     with torch.no_grad():
         full = _evaluate(gm, [cos, sin], positions, torch.arange(max_pos))
@@ -160,8 +163,10 @@ class FuseRope(GraphPass):
                 caches.append((table, cache))
             order = {n: i for i, n in enumerate(graph.nodes)}
             with graph.inserting_before(max(q_rot, k_rot, key=order.__getitem__).next):
-                qt, kt = (call(graph, aten.transpose.int, (call(graph, aten.select.int, (t, 0, 0), attn), 0, 1), attn)
-                          for t in (q, k))
+                qt, kt = (
+                    call(graph, aten.transpose.int, (call(graph, aten.select.int, (t, 0, 0), attn), 0, 1), attn)
+                    for t in (q, k)
+                )
                 rope = call(graph, torch.ops.kiln.rope.default, (qt, kt, positions, cache, rd, True), attn)
                 outs = [call(graph, operator.getitem, (rope, i), attn) for i in (0, 1)]
             for i, (rot, out) in enumerate(zip((q_rot, k_rot), outs)):
@@ -174,8 +179,14 @@ class FuseRope(GraphPass):
                         graph.erase_node(select)
                 if rot.users:
                     with graph.inserting_before(out.next):
-                        rot.replace_all_uses_with(call(graph, aten.unsqueeze.default,
-                                                       (call(graph, aten.transpose.int, (out, 0, 1), attn), 0), attn))
+                        rot.replace_all_uses_with(
+                            call(
+                                graph,
+                                aten.unsqueeze.default,
+                                (call(graph, aten.transpose.int, (out, 0, 1), attn), 0),
+                                attn,
+                            )
+                        )
             matched += 1
         graph.eliminate_dead_code()
         return {"matched": matched, "caches": len(caches)}

@@ -8,6 +8,7 @@ Two forms are recognised, the ones HF models export to:
 The rewrite adds the KV caches and the step's attention metadata as graph inputs; the mask construction it
 no longer needs dies in the final cleanup.
 """
+
 from __future__ import annotations
 
 import math
@@ -142,7 +143,9 @@ class PagedAttention(GraphPass):
                     torch.ops.kiln.paged_attention.default,
                     (*args, new[f"k_cache_{layer}"], new[f"v_cache_{layer}"], *meta, scale, windows[layer], softcap),
                 )
-                out = graph.call_function(aten.unsqueeze.default, (graph.call_function(aten.transpose.int, (attn, 0, 1)), 0))
+                out = graph.call_function(
+                    aten.unsqueeze.default, (graph.call_function(aten.transpose.int, (attn, 0, 1)), 0)
+                )
             node.replace_all_uses_with(out)
             graph.erase_node(node)
             kv_shapes.append((int(k.meta["val"].shape[1]), _head_dim(k), _head_dim(v)))

@@ -13,6 +13,7 @@ values (the normed output and the residual sum). Here a pattern is matched backw
 - `Casts(p)` sees through any chain of dtype casts above what `p` matches (the one shared way to do so; passes
   that walk graphs by hand use `strip_casts`). At the root it takes the whole chain.
 """
+
 from __future__ import annotations
 
 import abc
@@ -53,7 +54,7 @@ class Match:
 
     def restore(self, saved: tuple[dict[str, Argument], int]) -> None:
         self.bound = dict(saved[0])
-        del self.nodes[saved[1]:]
+        del self.nodes[saved[1] :]
 
     def erase(self, graph: fx.Graph) -> None:
         """Erase the pattern's nodes that nothing reads any more (after the replacement took over their users)."""
@@ -129,8 +130,14 @@ class Op(Pattern):
         return False
 
 
-def op(names: str | tuple[str, ...], *args: object, commutative: bool = False, partial: bool = False,
-       name: str | None = None, check: Callable[[fx.Node, Match], bool] | None = None) -> Op:
+def op(
+    names: str | tuple[str, ...],
+    *args: object,
+    commutative: bool = False,
+    partial: bool = False,
+    name: str | None = None,
+    check: Callable[[fx.Node, Match], bool] | None = None,
+) -> Op:
     """`Op` with its arguments written as a call: `op("add", Bind("x"), Bind("eps"))`."""
     return Op((names,) if isinstance(names, str) else names, args, commutative, partial, name, check)
 

@@ -4,6 +4,7 @@ Prefill of a 500-token prompt needs one row of logits, not 500; on a 32k vocabul
 largest matmul of a small model. The pass gathers `logits_indices` (a graph input the paged-attention rewrite
 adds) right before the final linear, so everything after it runs on S rows instead of T.
 """
+
 from __future__ import annotations
 
 import torch

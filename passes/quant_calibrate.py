@@ -1,5 +1,6 @@
 """Calibration for the quantize pass: run the (partly rewritten) graph on calibration tokens, record what the
 linears read, and search per-input-channel scales (AWQ for int4, SmoothQuant for w8a8) on those activations."""
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -41,9 +42,14 @@ class _Recorder(fx.Interpreter):
         return super().run_node(n)
 
 
-def run_graph(gm: fx.GraphModule, prompts: list[list[int]], kv_shapes: list[tuple[int, int, int]],
-              cache_dtype: torch.dtype, cache_extra: int = 0,
-              watch: set[fx.Node] | None = None) -> tuple[Tensor, dict[fx.Node, Tensor]]:
+def run_graph(
+    gm: fx.GraphModule,
+    prompts: list[list[int]],
+    kv_shapes: list[tuple[int, int, int]],
+    cache_dtype: torch.dtype,
+    cache_extra: int = 0,
+    watch: set[fx.Node] | None = None,
+) -> tuple[Tensor, dict[fx.Node, Tensor]]:
     """A packed prefill of `prompts` (logits at every position, for teacher-forced comparison) on fresh caches.
 
     kv_shapes: (kv_heads, head_dim, v_head_dim) per layer; cache_extra: elements appended to each cached
@@ -53,8 +59,11 @@ def run_graph(gm: fx.GraphModule, prompts: list[list[int]], kv_shapes: list[tupl
     tables = [list(range(s, s + n)) for s, n in zip(starts, per_seq)]
     meta = AttentionMetadata.build([len(p) for p in prompts], [0] * len(prompts), tables, BLOCK_SIZE)
     meta.logits_indices = torch.arange(sum(len(p) for p in prompts))
-    caches = [torch.zeros(sum(per_seq), BLOCK_SIZE, heads, dim + cache_extra, dtype=cache_dtype)
-              for heads, k_dim, v_dim in kv_shapes for dim in (k_dim, v_dim)]
+    caches = [
+        torch.zeros(sum(per_seq), BLOCK_SIZE, heads, dim + cache_extra, dtype=cache_dtype)
+        for heads, k_dim, v_dim in kv_shapes
+        for dim in (k_dim, v_dim)
+    ]
     ids = torch.tensor([t for p in prompts for t in p])
     pos = torch.cat([torch.arange(len(p)) for p in prompts])
     recorder = _Recorder(gm, watch or set())

@@ -4,6 +4,7 @@ Modes: int8 (weight-only, per-output-channel symmetric), w8a8 (int8 weights and 
 activations; `smooth` searches SmoothQuant scales), int4 (weight-only, group-wise g32/g64/g128, symmetric or
 `zp`; `awq` searches activation-aware scales). `head` quantizes the LM head too.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -43,12 +44,16 @@ class QuantConfig:
         if mode not in MODES:
             raise ValueError(f"quantization: {mode!r} is not one of {', '.join(MODES)}")
         fields: dict[str, Any] = {"mode": mode, "kv_cache_dtype": kv_cache_dtype}
-        allowed = {"head"} | ({"smooth"} if mode == "w8a8" else set()) | (
-            {"zp", "awq"} | {f"g{g}" for g in GROUP_SIZES} if mode == "int4" else set())
+        allowed = (
+            {"head"}
+            | ({"smooth"} if mode == "w8a8" else set())
+            | ({"zp", "awq"} | {f"g{g}" for g in GROUP_SIZES} if mode == "int4" else set())
+        )
         for opt in opts:
             if opt not in allowed:
-                raise ValueError(f"quantization: option {opt!r} does not apply to {mode}; "
-                                 f"known: {', '.join(sorted(allowed))}")
+                raise ValueError(
+                    f"quantization: option {opt!r} does not apply to {mode}; known: {', '.join(sorted(allowed))}"
+                )
             if opt.startswith("g"):
                 fields["group_size"] = int(opt[1:])
             else:

@@ -1,5 +1,6 @@
 """The quantize pass's graph rewrite: one linear becomes a quantized `kiln::` op over packed weights (with its
 AWQ / SmoothQuant input scale searched on the calibration activations), and attention reads a quantized cache."""
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -16,8 +17,11 @@ from .quant_config import QuantConfig
 if TYPE_CHECKING:
     from kiln.models.prequantized import PackedLinear
 
-_OPS = {"int8": torch.ops.kiln.linear_int8.default, "w8a8": torch.ops.kiln.linear_w8a8.default,
-        "int4": torch.ops.kiln.linear_int4.default}
+_OPS = {
+    "int8": torch.ops.kiln.linear_int8.default,
+    "w8a8": torch.ops.kiln.linear_w8a8.default,
+    "int4": torch.ops.kiln.linear_int4.default,
+}
 
 
 def int4_forward(cfg: QuantConfig) -> cal.Forward:
@@ -44,8 +48,10 @@ def _input_scale(cfg: QuantConfig, x: torch.Tensor, w: torch.Tensor) -> torch.Te
 def _quantized(cfg: QuantConfig, w: torch.Tensor, packed: PackedLinear | None) -> dict[str, torch.Tensor | None]:
     """The op's weight tensors, by name: the checkpoint's codes as they are, or `w` quantized here."""
     if packed is not None:
-        return {k: None if t is None else t.to(w.device)
-                for k, t in (("qweight", packed.qweight), ("scales", packed.scales), ("qzeros", packed.qzeros))}
+        return {
+            k: None if t is None else t.to(w.device)
+            for k, t in (("qweight", packed.qweight), ("scales", packed.scales), ("qzeros", packed.qzeros))
+        }
     if cfg.mode == "int4":
         qweight, scales, qzeros = Q.quantize_int4(w, cfg.group_size, cfg.zero_point)
         return {"qweight": qweight, "scales": scales, "qzeros": qzeros}
@@ -53,8 +59,9 @@ def _quantized(cfg: QuantConfig, w: torch.Tensor, packed: PackedLinear | None) -
     return {"qweight": q, "scales": s}
 
 
-def rewrite_linear(gm: fx.GraphModule, node: fx.Node, x: torch.Tensor, cfg: QuantConfig,
-                   packed: PackedLinear | None) -> tuple[int, float]:
+def rewrite_linear(
+    gm: fx.GraphModule, node: fx.Node, x: torch.Tensor, cfg: QuantConfig, packed: PackedLinear | None
+) -> tuple[int, float]:
     """Replace one linear; returns (bytes of the new tensors, relative output error on its activations x)."""
     assert cfg.mode is not None
     weight_node = arg_node(node, 1)
@@ -69,8 +76,10 @@ def rewrite_linear(gm: fx.GraphModule, node: fx.Node, x: torch.Tensor, cfg: Quan
     tensors = _quantized(cfg, w, packed)
     if cfg.mode != "int8":
         tensors["input_scale"] = None if scale is None else (1.0 / scale).contiguous()
-    attrs = {k: None if t is None else new_attr(gm, f"{weight_node.target}_{k}", t, node, buffer=True)
-             for k, t in tensors.items()}
+    attrs = {
+        k: None if t is None else new_attr(gm, f"{weight_node.target}_{k}", t, node, buffer=True)
+        for k, t in tensors.items()
+    }
     op = _OPS[cfg.mode]
     extra: tuple[int, ...] = (cfg.group_size,) if cfg.mode == "int4" else ()
     if packed is not None:

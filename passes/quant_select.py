@@ -1,5 +1,6 @@
 """Which linears the quantize pass rewrites: a linear over a 2-D parameter whose K fits the mode, the LM head
 only when asked; for a pre-quantized checkpoint (GPTQ / AWQ), exactly the linears it packed, with its weights."""
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING

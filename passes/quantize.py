@@ -7,6 +7,7 @@ for the report (quant_report). Modes and spec strings: quant_config. Embeddings 
 the LM head unless `head` is given. A pre-quantized checkpoint (models/prequantized.py, GPTQ / AWQ) brings its own
 packed int4 weights: exactly the linears it packed are rewritten, with those weights, and nothing is quantized here.
 """
+
 from __future__ import annotations
 
 import torch
@@ -57,5 +58,9 @@ class Quantize(GraphPass):
         logits, _ = cal.run_graph(gm, prompts, ctx.kv_shapes, cache_dtype, extra)
         tokens = sum(len(p) for p in prompts)
         ctx.quantization = quantization_report(cfg, tokens, ref_logits, logits, (before, after), errors)
-        return {"linears": len(linears), "attentions": attentions, "weight_kib_before": before // 1024,
-                "weight_kib_after": after // 1024}
+        return {
+            "linears": len(linears),
+            "attentions": attentions,
+            "weight_kib_before": before // 1024,
+            "weight_kib_after": after // 1024,
+        }

@@ -6,12 +6,14 @@ stops listening, by closing its generator or by being cancelled, aborts its requ
 reading (a stalled client) holds one output in its mailbox, and after `stall_timeout` seconds is aborted, its
 blocks freed, and told so.
 """
+
 from __future__ import annotations
 
 import asyncio
 import itertools
 import time
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 from .engine import LLMEngine
 from .mailbox import Mailbox
@@ -35,13 +37,18 @@ class AsyncLLMEngine:
         self._ids = itertools.count()
 
     @classmethod
-    def from_model(cls, model: Any, **options: Any) -> "AsyncLLMEngine":
+    def from_model(cls, model: Any, **options: Any) -> AsyncLLMEngine:
         """Compile (unless already compiled) and build the engine, as `LLM` does."""
         from .llm import LLM
+
         return cls(LLM(model, **options).engine)
 
-    async def generate(self, prompt: str | list[int], sampling_params: SamplingParams | dict | None = None,
-                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+    async def generate(
+        self,
+        prompt: str | list[int],
+        sampling_params: SamplingParams | dict | None = None,
+        request_id: str | None = None,
+    ) -> AsyncIterator[RequestOutput]:
         """Yield the request's output after each step that changes it; the last one has finished=True."""
         request_id = request_id if request_id is not None else f"async-{next(self._ids)}"
         if request_id in self._queues:
@@ -110,8 +117,9 @@ class AsyncLLMEngine:
         for request_id, mailbox in list(self._queues.items()):
             if mailbox.unread_since is not None and now - mailbox.unread_since > self.stall_timeout:
                 self.engine.abort(request_id)
-                mailbox.put(TimeoutError(f"request {request_id} aborted: its client read nothing for "
-                                         f"{self.stall_timeout:g} s"))
+                mailbox.put(
+                    TimeoutError(f"request {request_id} aborted: its client read nothing for {self.stall_timeout:g} s")
+                )
 
     async def shutdown(self) -> None:
         """Stop the background loop and abort whatever is still in flight."""

@@ -5,6 +5,7 @@ is keyed by a SHA-256 hash chain (parent block's hash + its token ids), so a lat
 prefix reuses it instead of recomputing. When its last owner lets go, a hashed block stays cached while it
 sits in the free pool; it is evicted (least recently freed first) only when no never-cached block is left.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -70,13 +71,16 @@ class BlockManager:
         bs = self.block_size
         hashes = seq.block_hashes
         for i in range(len(hashes), upto // bs):
-            hashes.append(hash_block(hashes[-1] if hashes else _ROOT_HASH, seq.token_ids[i * bs:(i + 1) * bs]))
+            hashes.append(hash_block(hashes[-1] if hashes else _ROOT_HASH, seq.token_ids[i * bs : (i + 1) * bs]))
 
     # Allocation ----------------------------------------------------------------------------------------
 
     def can_allocate(self, seq: Sequence, num_new_tokens: int, cached_blocks: list[int] | tuple[int, ...] = ()) -> bool:
-        need = self.blocks_needed(seq.num_computed_tokens + len(cached_blocks) * self.block_size
-                                  + num_new_tokens) - len(seq.block_table) - len(cached_blocks)
+        need = (
+            self.blocks_needed(seq.num_computed_tokens + len(cached_blocks) * self.block_size + num_new_tokens)
+            - len(seq.block_table)
+            - len(cached_blocks)
+        )
         revived = sum(1 for b in cached_blocks if self.ref_counts[b] == 0)
         return max(need, 0) + revived <= self.num_free_blocks
 

@@ -5,6 +5,7 @@ output every step, and only once the window decodes to complete characters (no t
 partial multi-byte sequence). A stop string truncates the text just before it. Which stop ends a sequence
 (token, EOS, stop string, length) is decided in `Scheduler.postprocess`.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -44,19 +45,19 @@ class Detokenizer:
         if seq.finish_reason is not None or not seq.params.stop_strings:
             return seq.text
         hold = max(len(s) for s in seq.params.stop_strings) - 1
-        return seq.text[:len(seq.text) - hold] if hold else seq.text
+        return seq.text[: len(seq.text) - hold] if hold else seq.text
 
     def _decode_new(self, seq: Sequence) -> str:
         assert self.tokenizer is not None
         skip = seq.params.skip_special_tokens
         tokens, end = seq.token_ids, len(seq.token_ids) - seq.num_pending
-        prefix_text = self.tokenizer.decode(tokens[seq.prefix_offset:seq.read_offset], skip_special_tokens=skip)
-        full_text = self.tokenizer.decode(tokens[seq.prefix_offset:end], skip_special_tokens=skip)
+        prefix_text = self.tokenizer.decode(tokens[seq.prefix_offset : seq.read_offset], skip_special_tokens=skip)
+        full_text = self.tokenizer.decode(tokens[seq.prefix_offset : end], skip_special_tokens=skip)
         if len(full_text) <= len(prefix_text) or full_text.endswith("\ufffd"):
             return ""  # an incomplete character (or nothing visible) so far: wait for more tokens
         seq.prefix_offset = seq.read_offset
         seq.read_offset = end
-        return full_text[len(prefix_text):]
+        return full_text[len(prefix_text) :]
 
     @staticmethod
     def _find_stop_string(seq: Sequence, new_start: int) -> str | None:

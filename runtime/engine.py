@@ -8,11 +8,13 @@ turns step N's tokens into outputs, so the host's work hides behind the device's
 finishes was already in step N+1; that token is dropped and its blocks are freed when the finish is reported.
 Tokens and finish reasons are the same either way.
 """
+
 from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from .block_manager import BlockManager
 from .detokenizer import Detokenizer
@@ -30,12 +32,22 @@ logger = logging.getLogger("kiln")
 class LLMEngine:
     """Owns the KV cache, the scheduler and the in-flight requests of one compiled model."""
 
-    def __init__(self, model: Any, *, block_size: int = 16, num_kv_blocks: int | None = None,
-                 kv_cache_memory: int | None = None, max_num_seqs: int = 256,
-                 max_num_batched_tokens: int | None = None, enable_prefix_caching: bool = True,
-                 enable_chunked_prefill: bool = True, max_model_len: int | None = None,
-                 enforce_eager: bool = False, gpu_memory_utilization: float = 0.9,
-                 async_scheduling: bool | None = None) -> None:
+    def __init__(
+        self,
+        model: Any,
+        *,
+        block_size: int = 16,
+        num_kv_blocks: int | None = None,
+        kv_cache_memory: int | None = None,
+        max_num_seqs: int = 256,
+        max_num_batched_tokens: int | None = None,
+        enable_prefix_caching: bool = True,
+        enable_chunked_prefill: bool = True,
+        max_model_len: int | None = None,
+        enforce_eager: bool = False,
+        gpu_memory_utilization: float = 0.9,
+        async_scheduling: bool | None = None,
+    ) -> None:
         """async_scheduling: overlap each step's host work with the previous step on the device; None = on
         when the model is on a GPU (on a CPU the host is the device, so there is nothing to overlap)."""
         self.model = model
@@ -43,28 +55,41 @@ class LLMEngine:
         self.eos_token_ids = list(model.eos_token_ids or [])
         self.vocab_size = int(model.vocab_size)
         self.max_model_len = min(model.max_model_len, max_model_len or model.max_model_len)
-        for name, value in (("block_size", block_size), ("max_num_seqs", max_num_seqs),
-                            ("max_num_batched_tokens", max_num_batched_tokens)):
+        for name, value in (
+            ("block_size", block_size),
+            ("max_num_seqs", max_num_seqs),
+            ("max_num_batched_tokens", max_num_batched_tokens),
+        ):
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         self.block_size = block_size
         if max_num_batched_tokens is None:
             max_num_batched_tokens = 2048 if enable_chunked_prefill else max(2048, self.max_model_len)
         if not enable_chunked_prefill and max_num_batched_tokens < self.max_model_len:
-            raise ValueError(f"max_num_batched_tokens ({max_num_batched_tokens}) must be >= max_model_len "
-                             f"({self.max_model_len}) when chunked prefill is disabled")
-        self.kv_pool = size_kv_pool(model, block_size=block_size, max_model_len=self.max_model_len,
-                                    max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                                    num_kv_blocks=num_kv_blocks, kv_cache_memory=kv_cache_memory,
-                                    gpu_memory_utilization=gpu_memory_utilization)
+            raise ValueError(
+                f"max_num_batched_tokens ({max_num_batched_tokens}) must be >= max_model_len "
+                f"({self.max_model_len}) when chunked prefill is disabled"
+            )
+        self.kv_pool = size_kv_pool(
+            model,
+            block_size=block_size,
+            max_model_len=self.max_model_len,
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens,
+            num_kv_blocks=num_kv_blocks,
+            kv_cache_memory=kv_cache_memory,
+            gpu_memory_utilization=gpu_memory_utilization,
+        )
         logger.info(self.kv_pool.describe())
         num_blocks = self.kv_pool.num_blocks
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens,
-                                   enable_chunked_prefill, self.eos_token_ids)
+        self.scheduler = Scheduler(
+            self.block_manager, max_num_seqs, max_num_batched_tokens, enable_chunked_prefill, self.eos_token_ids
+        )
         self.sampler = Sampler(self.eos_token_ids)
-        self.runner = ModelRunner(model, num_blocks, block_size, max_num_seqs, self.max_model_len, self.sampler,
-                                  enforce_eager)
+        self.runner = ModelRunner(
+            model, num_blocks, block_size, max_num_seqs, self.max_model_len, self.sampler, enforce_eager
+        )
         self.detokenizer = Detokenizer(self.tokenizer)
         if async_scheduling is None:
             async_scheduling = self.runner.device.type == "cuda"
@@ -76,9 +101,14 @@ class LLMEngine:
 
     # Requests ------------------------------------------------------------------------------------------
 
-    def make_request(self, request_id: str, prompt: str | list[int],
-                     params: SamplingParams | dict | None = None, arrival_time: float | None = None,
-                     stream: bool = True) -> Request:
+    def make_request(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams | dict | None = None,
+        arrival_time: float | None = None,
+        stream: bool = True,
+    ) -> Request:
         """Validate and tokenize a request without touching engine state (raises ValueError when bad).
 
         stream: report the request after every step that gives it tokens; False reports it once, finished
@@ -99,12 +129,16 @@ class LLMEngine:
             raise ValueError("stop strings need a tokenizer, and this model has none; use stop_token_ids")
         total = len(token_ids) + params.max_tokens
         if total > self.max_model_len:
-            raise ValueError(f"prompt ({len(token_ids)} tokens) + max_tokens ({params.max_tokens}) = {total} "
-                             f"exceeds max_model_len ({self.max_model_len})")
+            raise ValueError(
+                f"prompt ({len(token_ids)} tokens) + max_tokens ({params.max_tokens}) = {total} "
+                f"exceeds max_model_len ({self.max_model_len})"
+            )
         needed = self.block_manager.blocks_needed(total - 1)
         if needed > self.block_manager.num_blocks:
-            raise ValueError(f"prompt + max_tokens needs {needed} KV blocks but the pool has only "
-                             f"{self.block_manager.num_blocks} (raise num_kv_blocks or kv_cache_memory)")
+            raise ValueError(
+                f"prompt + max_tokens needs {needed} KV blocks but the pool has only "
+                f"{self.block_manager.num_blocks} (raise num_kv_blocks or kv_cache_memory)"
+            )
         request = Request(request_id, text, token_ids, params, arrival_time or time.time(), stream)
         for seq in request.seqs:
             self.detokenizer.start(seq)
@@ -118,8 +152,7 @@ class LLMEngine:
             text: str | None = prompt
         elif isinstance(prompt, (list, tuple)):
             token_ids, text = list(prompt), None
-            if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < self.vocab_size
-                       for t in token_ids):
+            if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < self.vocab_size for t in token_ids):
                 raise ValueError(f"prompt token ids must be integers in [0, {self.vocab_size})")
         else:
             raise ValueError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
@@ -127,8 +160,13 @@ class LLMEngine:
             raise ValueError("prompt is empty")
         return text, token_ids
 
-    def add_request(self, request_id: str, prompt: str | list[int],
-                    params: SamplingParams | dict | None = None, arrival_time: float | None = None) -> None:
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams | dict | None = None,
+        arrival_time: float | None = None,
+    ) -> None:
         self.enqueue(self.make_request(request_id, prompt, params, arrival_time))
 
     def enqueue(self, request: Request) -> None:
@@ -250,8 +288,16 @@ class LLMEngine:
             )
             for seq in request.seqs
         ]
-        return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, completions,
-                             finished, request.metrics, request.seqs[0].num_cached_tokens, request.error)
+        return RequestOutput(
+            request.request_id,
+            request.prompt,
+            request.prompt_token_ids,
+            completions,
+            finished,
+            request.metrics,
+            request.seqs[0].num_cached_tokens,
+            request.error,
+        )
 
     def stats(self) -> dict[str, int | float]:
         bm = self.block_manager

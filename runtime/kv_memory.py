@@ -1,6 +1,7 @@
 """How many KV blocks the engine gets: an explicit count, a byte budget, or on a GPU what is left of
 `gpu_memory_utilization` (vLLM's name and meaning) after the weights and one profiled forward at the largest step.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -33,13 +34,23 @@ class KVPool:
 
     def describe(self) -> str:
         size = f"{self.bytes / GIB:.2f} GiB" if self.bytes >= GIB else f"{self.bytes / (1 << 20):.1f} MiB"
-        return (f"KV cache: {self.num_blocks} blocks x {self.block_size} tokens = {self.tokens} tokens, {size} "
-                f"(sized by {self.source})")
+        return (
+            f"KV cache: {self.num_blocks} blocks x {self.block_size} tokens = {self.tokens} tokens, {size} "
+            f"(sized by {self.source})"
+        )
 
 
-def size_kv_pool(model: Any, *, block_size: int, max_model_len: int, max_num_seqs: int,
-                 max_num_batched_tokens: int, num_kv_blocks: int | None, kv_cache_memory: int | None,
-                 gpu_memory_utilization: float) -> KVPool:
+def size_kv_pool(
+    model: Any,
+    *,
+    block_size: int,
+    max_model_len: int,
+    max_num_seqs: int,
+    max_num_batched_tokens: int,
+    num_kv_blocks: int | None,
+    kv_cache_memory: int | None,
+    gpu_memory_utilization: float,
+) -> KVPool:
     """The pool for `model`: num_kv_blocks wins, then kv_cache_memory, then on a GPU the memory
     gpu_memory_utilization leaves, else (CPU) room for max_num_seqs full sequences within 1 GiB."""
     if not isinstance(gpu_memory_utilization, (int, float)) or not 0 < gpu_memory_utilization <= 1:
@@ -56,9 +67,11 @@ def size_kv_pool(model: Any, *, block_size: int, max_model_len: int, max_num_seq
     one_sequence = -(-max_model_len // block_size) * per_block
     if kv_cache_memory is not None:
         if kv_cache_memory < one_sequence:
-            raise ValueError(f"kv_cache_memory ({kv_cache_memory} bytes) cannot hold one sequence of max_model_len "
-                             f"({max_model_len} tokens), which needs {one_sequence} bytes ({one_sequence / GIB:.3f} "
-                             f"GiB); raise kv_cache_memory or lower max_model_len")
+            raise ValueError(
+                f"kv_cache_memory ({kv_cache_memory} bytes) cannot hold one sequence of max_model_len "
+                f"({max_model_len} tokens), which needs {one_sequence} bytes ({one_sequence / GIB:.3f} "
+                f"GiB); raise kv_cache_memory or lower max_model_len"
+            )
         return pool(kv_cache_memory // per_block, "kv_cache_memory")
     device = getattr(model, "device", torch.device("cpu"))
     if device.type != "cuda":
@@ -72,7 +85,8 @@ def size_kv_pool(model: Any, *, block_size: int, max_model_len: int, max_num_seq
             f"{max(budget, 0) / GIB:.3f} GiB for the KV cache after the weights and activations "
             f"({peak / GIB:.2f} GiB) and other memory on the device ({non_torch / GIB:.2f} GiB); one sequence of "
             f"max_model_len ({max_model_len} tokens) needs {one_sequence / GIB:.3f} GiB: raise "
-            f"gpu_memory_utilization, lower max_model_len or max_num_batched_tokens")
+            f"gpu_memory_utilization, lower max_model_len or max_num_batched_tokens"
+        )
     return pool(budget // per_block, f"gpu_memory_utilization={gpu_memory_utilization} of {total / GIB:.1f} GiB")
 
 
@@ -82,8 +96,9 @@ def kv_budget(total: int, utilization: float, peak_torch: int, non_torch: int) -
     return int(total * utilization) - peak_torch - non_torch
 
 
-def profile_batch(max_num_batched_tokens: int, max_num_seqs: int, block_size: int,
-                  max_model_len: int) -> tuple[list[int], list[list[int]], int]:
+def profile_batch(
+    max_num_batched_tokens: int, max_num_seqs: int, block_size: int, max_model_len: int
+) -> tuple[list[int], list[list[int]], int]:
     """A worst-case step: as many tokens as a step may hold, over as many sequences as may run (so the logits
     are as tall as they get too). Returns query lengths, block tables and the number of blocks they use."""
     seqs = max(1, min(max_num_seqs, max_num_batched_tokens))
@@ -97,8 +112,9 @@ def profile_batch(max_num_batched_tokens: int, max_num_seqs: int, block_size: in
     return lengths, tables, used
 
 
-def run_profile_step(model: Any, max_num_batched_tokens: int, max_num_seqs: int, block_size: int,
-                     max_model_len: int) -> tuple[torch.Tensor, int]:
+def run_profile_step(
+    model: Any, max_num_batched_tokens: int, max_num_seqs: int, block_size: int, max_model_len: int
+) -> tuple[torch.Tensor, int]:
     """Run the worst-case step over a cache just large enough for it; returns the logits and the cache bytes."""
     lengths, tables, num_blocks = profile_batch(max_num_batched_tokens, max_num_seqs, block_size, max_model_len)
     caches = model.allocate_kv_cache(num_blocks, block_size)
@@ -111,8 +127,9 @@ def run_profile_step(model: Any, max_num_batched_tokens: int, max_num_seqs: int,
     return logits, sum(c.numel() * c.element_size() for c in caches)
 
 
-def profile_memory(model: Any, max_num_batched_tokens: int, max_num_seqs: int, block_size: int,
-                   max_model_len: int) -> tuple[int, int, int]:
+def profile_memory(
+    model: Any, max_num_batched_tokens: int, max_num_seqs: int, block_size: int, max_model_len: int
+) -> tuple[int, int, int]:
     """(torch's peak bytes without the cache, the device's total bytes, bytes held outside torch) on a GPU."""
     device = model.device
     torch.cuda.synchronize(device)

@@ -1,10 +1,12 @@
 """`LLM`: offline batched generation (vLLM's `LLM`), the one-call way to use a compiled model."""
+
 from __future__ import annotations
 
 import itertools
 import sys
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from .engine import LLMEngine
 from .outputs import RequestOutput
@@ -23,15 +25,32 @@ class LLM:
     kv_cache_dtype (see `kiln.compile`).
     """
 
-    def __init__(self, model: Any, *, device: Any = "auto", backend: str = "auto", dtype: Any = None,
-                 max_model_len: int | None = None, quantization: str | None = None,
-                 kv_cache_dtype: str | None = None, **engine_options: Any) -> None:
+    def __init__(
+        self,
+        model: Any,
+        *,
+        device: Any = "auto",
+        backend: str = "auto",
+        dtype: Any = None,
+        max_model_len: int | None = None,
+        quantization: str | None = None,
+        kv_cache_dtype: str | None = None,
+        **engine_options: Any,
+    ) -> None:
         if _is_compiled(model):
             compiled = model
         else:
             from kiln.compiler.api import compile as kiln_compile
-            compiled = kiln_compile(model, backend=backend, dtype=dtype, max_model_len=max_model_len,
-                                    quantization=quantization, kv_cache_dtype=kv_cache_dtype, device=device)
+
+            compiled = kiln_compile(
+                model,
+                backend=backend,
+                dtype=dtype,
+                max_model_len=max_model_len,
+                quantization=quantization,
+                kv_cache_dtype=kv_cache_dtype,
+                device=device,
+            )
         self.model = compiled
         self.engine = LLMEngine(compiled, max_model_len=max_model_len, **engine_options)
         self._ids = itertools.count()
@@ -39,9 +58,12 @@ class LLM:
     def get_tokenizer(self) -> Any:
         return self.engine.tokenizer
 
-    def generate(self, prompts: PromptType | Sequence[PromptType],
-                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
+    def generate(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
         """Generate for every prompt; returns finished RequestOutputs in input order.
 
         Every request is validated before any runs, so one bad prompt or parameter raises ValueError and
@@ -54,8 +76,10 @@ class LLM:
             params_list = list(sampling_params)
             if len(params_list) != len(prompt_list):
                 raise ValueError(f"got {len(params_list)} sampling_params for {len(prompt_list)} prompts")
-        requests = [self.engine.make_request(f"llm-{next(self._ids)}", p, sp, stream=False)
-                    for p, sp in zip(prompt_list, params_list)]
+        requests = [
+            self.engine.make_request(f"llm-{next(self._ids)}", p, sp, stream=False)
+            for p, sp in zip(prompt_list, params_list)
+        ]
         for request in requests:
             self.engine.enqueue(request)
         pending = {r.request_id for r in requests}
@@ -93,8 +117,7 @@ def _as_prompt_list(prompts: Any) -> list[PromptType]:
         if prompts and all(isinstance(t, int) and not isinstance(t, bool) for t in prompts):
             return [list(prompts)]
         return list(prompts)
-    raise ValueError(f"prompts must be a string, a list of token ids, or a list of those; "
-                     f"got {type(prompts).__name__}")
+    raise ValueError(f"prompts must be a string, a list of token ids, or a list of those; got {type(prompts).__name__}")
 
 
 class _Progress:
@@ -115,8 +138,9 @@ class _Progress:
         elapsed = time.perf_counter() - self.start
         if elapsed >= self.DELAY_S:
             self.shown = True
-            sys.stderr.write(f"\rkiln: {self.done}/{self.total} requests, "
-                             f"{self.tokens / elapsed:.1f} output tok/s, {elapsed:.1f}s")
+            sys.stderr.write(
+                f"\rkiln: {self.done}/{self.total} requests, {self.tokens / elapsed:.1f} output tok/s, {elapsed:.1f}s"
+            )
             sys.stderr.flush()
 
     def close(self) -> None:

@@ -4,6 +4,7 @@ Outputs are cumulative (each holds everything generated so far), so a newer one 
 and nothing is lost: a client that reads slowly gets fewer, larger updates, and one that stops reading costs one
 output's memory, not one per step. `unread_since` lets the engine abort a client that stopped reading.
 """
+
 from __future__ import annotations
 
 import asyncio

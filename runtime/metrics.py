@@ -3,13 +3,33 @@
 Counters and histograms are updated as requests finish; engine gauges (KV blocks, queue sizes, preemptions)
 are read from `LLMEngine.stats()` at scrape time, so they can never drift from the engine's own counts.
 """
+
 from __future__ import annotations
 
 import bisect
 from typing import Any
 
-LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
-                   10.0, 20.0, 40.0, 80.0)
+LATENCY_BUCKETS = (
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+)
 
 
 def _labels(labels: dict[str, str]) -> str:
@@ -36,8 +56,11 @@ class Histogram:
             running += count
             lines.append(f'{self.name}_bucket{{le="{bound}"}} {running}')
         running += self.counts[-1]
-        lines += [f'{self.name}_bucket{{le="+Inf"}} {running}', f"{self.name}_sum {self.total}",
-                  f"{self.name}_count {running}"]
+        lines += [
+            f'{self.name}_bucket{{le="+Inf"}} {running}',
+            f"{self.name}_sum {self.total}",
+            f"{self.name}_count {running}",
+        ]
         return lines
 
 
@@ -50,8 +73,9 @@ class ServerMetrics:
         self.prompt_tokens = 0
         self.generation_tokens = 0
         self.ttft = Histogram("kiln_time_to_first_token_seconds", "Time from arrival to the first token.")
-        self.tpot = Histogram("kiln_time_per_output_token_seconds",
-                              "Mean time per output token after the first, per request.")
+        self.tpot = Histogram(
+            "kiln_time_per_output_token_seconds", "Mean time per output token after the first, per request."
+        )
         self.e2e = Histogram("kiln_e2e_request_latency_seconds", "Time from arrival to the last token.")
 
     def count_http(self, path: str, status: int) -> None:
@@ -83,34 +107,66 @@ class ServerMetrics:
             lines.extend(f"{name}{_labels(labels)} {value}" for labels, value in samples)
 
         s = engine_stats
-        family("kiln_http_requests_total", "counter", "HTTP requests by route and status code.",
-               [({"path": p, "status": c}, n) for (p, c), n in sorted(self.http_requests.items())])
-        family("kiln_request_finished_total", "counter", "Finished completions (choices) by finish reason.",
-               [({"finished_reason": r}, n) for r, n in sorted(self.finished.items())])
-        family("kiln_prompt_tokens_total", "counter", "Prompt tokens of finished requests.",
-               [({}, self.prompt_tokens)])
-        family("kiln_generation_tokens_total", "counter", "Generated tokens of finished requests.",
-               [({}, self.generation_tokens)])
+        family(
+            "kiln_http_requests_total",
+            "counter",
+            "HTTP requests by route and status code.",
+            [({"path": p, "status": c}, n) for (p, c), n in sorted(self.http_requests.items())],
+        )
+        family(
+            "kiln_request_finished_total",
+            "counter",
+            "Finished completions (choices) by finish reason.",
+            [({"finished_reason": r}, n) for r, n in sorted(self.finished.items())],
+        )
+        family("kiln_prompt_tokens_total", "counter", "Prompt tokens of finished requests.", [({}, self.prompt_tokens)])
+        family(
+            "kiln_generation_tokens_total",
+            "counter",
+            "Generated tokens of finished requests.",
+            [({}, self.generation_tokens)],
+        )
         for hist in (self.ttft, self.tpot, self.e2e):
             lines.extend(hist.render())
         used, total = s["kv_blocks_in_use"], s["kv_blocks_total"]
-        family("kiln_kv_cache_usage_perc", "gauge", "Fraction of KV cache blocks in use (0 to 1).",
-               [({}, used / total if total else 0.0)])
+        family(
+            "kiln_kv_cache_usage_perc",
+            "gauge",
+            "Fraction of KV cache blocks in use (0 to 1).",
+            [({}, used / total if total else 0.0)],
+        )
         family("kiln_kv_blocks_in_use", "gauge", "KV cache blocks held by requests.", [({}, used)])
         family("kiln_kv_blocks_total", "gauge", "KV cache blocks in the pool.", [({}, total)])
-        family("kiln_kv_cache_capacity_tokens", "gauge", "Tokens the KV cache pool holds.",
-               [({}, s["kv_cache_tokens"])])
-        family("kiln_kv_cache_capacity_bytes", "gauge", "Bytes of the KV cache pool (all layers, K and V).",
-               [({}, s["kv_cache_bytes"])])
+        family(
+            "kiln_kv_cache_capacity_tokens", "gauge", "Tokens the KV cache pool holds.", [({}, s["kv_cache_tokens"])]
+        )
+        family(
+            "kiln_kv_cache_capacity_bytes",
+            "gauge",
+            "Bytes of the KV cache pool (all layers, K and V).",
+            [({}, s["kv_cache_bytes"])],
+        )
         family("kiln_num_requests_running", "gauge", "Sequences in the running batch.", [({}, s["num_running"])])
-        family("kiln_num_requests_waiting", "gauge", "Sequences waiting to be scheduled.",
-               [({}, s["num_waiting"])])
-        family("kiln_num_unfinished_requests", "gauge", "Requests admitted and not yet finished.",
-               [({}, s["num_unfinished_requests"])])
-        family("kiln_num_preemptions_total", "counter", "Sequences preempted to free KV blocks.",
-               [({}, s["preemptions"])])
-        family("kiln_prefix_cache_hit_tokens_total", "counter", "Prompt tokens served from the prefix cache.",
-               [({}, s["prefix_cache_hit_tokens"])])
-        family("kiln_prefix_cache_query_tokens_total", "counter", "Prompt tokens looked up in the prefix cache.",
-               [({}, s["prefix_cache_query_tokens"])])
+        family("kiln_num_requests_waiting", "gauge", "Sequences waiting to be scheduled.", [({}, s["num_waiting"])])
+        family(
+            "kiln_num_unfinished_requests",
+            "gauge",
+            "Requests admitted and not yet finished.",
+            [({}, s["num_unfinished_requests"])],
+        )
+        family(
+            "kiln_num_preemptions_total", "counter", "Sequences preempted to free KV blocks.", [({}, s["preemptions"])]
+        )
+        family(
+            "kiln_prefix_cache_hit_tokens_total",
+            "counter",
+            "Prompt tokens served from the prefix cache.",
+            [({}, s["prefix_cache_hit_tokens"])],
+        )
+        family(
+            "kiln_prefix_cache_query_tokens_total",
+            "counter",
+            "Prompt tokens looked up in the prefix cache.",
+            [({}, s["prefix_cache_query_tokens"])],
+        )
         return "\n".join(lines) + "\n"

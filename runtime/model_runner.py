@@ -10,6 +10,7 @@ An input token still being sampled by the previous step (a placeholder, see sequ
 step's sampled ids on the device, so a step can be launched before the previous one's tokens reach the host.
 Two staging buffers alternate, so the host writes step N+1's inputs while step N's copy may still read its own.
 """
+
 from __future__ import annotations
 
 import logging
@@ -42,23 +43,37 @@ class _Row:
 class ModelRunner:
     """Owns the KV cache and the per-step buffers of one model; `run` does a step, returning host samples."""
 
-    def __init__(self, model: Any, num_blocks: int, block_size: int, max_num_seqs: int, max_model_len: int,
-                 sampler: Sampler, enforce_eager: bool = False) -> None:
+    def __init__(
+        self,
+        model: Any,
+        num_blocks: int,
+        block_size: int,
+        max_num_seqs: int,
+        max_model_len: int,
+        sampler: Sampler,
+        enforce_eager: bool = False,
+    ) -> None:
         self.model, self.device, self.block_size, self.sampler = model, model.device, block_size, sampler
         self.kv_caches = model.allocate_kv_cache(num_blocks, block_size)
         self.max_blocks = -(-max_model_len // block_size)
         self.num_rows = 2 * max_num_seqs  # spare rows: a preempted or waiting sequence keeps its row a while
         self.table = torch.zeros(self.num_rows, self.max_blocks, dtype=torch.int32, device=self.device)
-        self.host_table = self.table.numpy() if self.device.type == "cpu" else \
-            np.zeros((self.num_rows, self.max_blocks), dtype=np.int32)  # host mirror for slot computation
+        self.host_table = (
+            self.table.numpy()
+            if self.device.type == "cpu"
+            else np.zeros((self.num_rows, self.max_blocks), dtype=np.int32)
+        )  # host mirror for slot computation
         self.rows: dict[int, _Row] = {}
         self.free_rows = list(range(self.num_rows - 1, -1, -1))
         self._staging = [torch.empty(0, dtype=torch.int64)] * 2
         self._copied: list[torch.cuda.Event | None] = [None, None]  # each buffer's last copy to the GPU
         self._step = 0
         self.last_sampled: torch.Tensor | None = None  # the previous step's sampled ids, on the device
-        self.forward = model.forward if enforce_eager else _decode_graphs(model, self.kv_caches, max_model_len,
-                                                                          block_size, max_num_seqs)
+        self.forward = (
+            model.forward
+            if enforce_eager
+            else _decode_graphs(model, self.kv_caches, max_model_len, block_size, max_num_seqs)
+        )
 
     # Inputs ----------------------------------------------------------------------------------------------
 
@@ -86,8 +101,9 @@ class ModelRunner:
             copied.synchronize()
         if self._staging[self._step].numel() < size:
             pin = self.device.type == "cuda"
-            self._staging[self._step] = torch.empty(max(size, 2 * self._staging[self._step].numel()),
-                                                    dtype=torch.int64, pin_memory=pin)
+            self._staging[self._step] = torch.empty(
+                max(size, 2 * self._staging[self._step].numel()), dtype=torch.int64, pin_memory=pin
+            )
         return self._staging[self._step]
 
     def prepare(self, out: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
@@ -107,8 +123,8 @@ class ModelRunner:
             if row.table is not table:
                 row.table, row.written = table, 0
             if length > row.written:
-                new = table[row.written:]
-                self.host_table[row.index, row.written:length] = new
+                new = table[row.written :]
+                self.host_table[row.index, row.written : length] = new
                 upd_rows.extend([row.index] * len(new))
                 upd_cols.extend(range(row.written, length))
                 upd_vals.extend(new)
@@ -122,11 +138,11 @@ class ModelRunner:
         end32 = o32 + num_seqs + 1  # (2S + 1) int32 fit in S + 1 slots
         staging = self._staging_buffer(end32 + 3 * updates)
         buf = staging.numpy()
-        ids, pos, slots = buf[:tokens], buf[tokens:2 * tokens], buf[2 * tokens:3 * tokens]
-        logits_idx, row_idx = buf[o:o + num_seqs], buf[o + num_seqs:o32]
+        ids, pos, slots = buf[:tokens], buf[tokens : 2 * tokens], buf[2 * tokens : 3 * tokens]
+        logits_idx, row_idx = buf[o : o + num_seqs], buf[o + num_seqs : o32]
         ints = buf[o32:end32].view(np.int32)
-        seq_lens, starts = ints[:num_seqs], ints[num_seqs:2 * num_seqs + 1]
-        upd = buf[end32:end32 + 3 * updates]
+        seq_lens, starts = ints[:num_seqs], ints[num_seqs : 2 * num_seqs + 1]
+        upd = buf[end32 : end32 + 3 * updates]
         context = np.asarray(out.context, dtype=np.int64)
         row_idx[:] = row_index
         if tokens == num_seqs:  # decode: one token per sequence, the one after its context
@@ -139,32 +155,32 @@ class ModelRunner:
             query = np.asarray(num_new, dtype=np.int64)
             starts[0] = 0
             np.cumsum(query, out=starts[1:])
-            ids[:] = [t for s, c, n in zip(seqs, out.context, num_new) for t in s.token_ids[c:c + n]]
+            ids[:] = [t for s, c, n in zip(seqs, out.context, num_new) for t in s.token_ids[c : c + n]]
             seq_index = np.repeat(np.arange(num_seqs), query)
             pos[:] = np.arange(tokens) - (starts[:-1] - context)[seq_index]
             seq_lens[:] = context + query
         logits_idx[:] = starts[1:] - 1
         slots[:] = self.host_table[row_idx[seq_index], pos // bs].astype(np.int64) * bs + pos % bs
         if updates:
-            upd[:updates], upd[updates:2 * updates], upd[2 * updates:] = upd_rows, upd_cols, upd_vals
-        dev = self._to_device(staging[:end32 + 3 * updates])
+            upd[:updates], upd[updates : 2 * updates], upd[2 * updates :] = upd_rows, upd_cols, upd_vals
+        dev = self._to_device(staging[: end32 + 3 * updates])
         if updates and self.device.type != "cpu":  # on the CPU the host table is the table
             u = dev[end32:]
-            self.table[u[:updates], u[updates:2 * updates]] = u[2 * updates:].to(torch.int32)
+            self.table[u[:updates], u[updates : 2 * updates]] = u[2 * updates :].to(torch.int32)
         dev32 = dev[o32:end32].view(torch.int32)
         meta = AttentionMetadata(
-            slot_mapping=dev[2 * tokens:3 * tokens],
-            block_tables=self.table[dev[o + num_seqs:o32], :width],
+            slot_mapping=dev[2 * tokens : 3 * tokens],
+            block_tables=self.table[dev[o + num_seqs : o32], :width],
             seq_lens=dev32[:num_seqs],
-            query_start_loc=dev32[num_seqs:2 * num_seqs + 1],
-            logits_indices=dev[o:o + num_seqs],
+            query_start_loc=dev32[num_seqs : 2 * num_seqs + 1],
+            logits_indices=dev[o : o + num_seqs],
             max_query_len=max(num_new),
         )
         input_ids = dev[:tokens]
         if ids.min() < 0:  # tokens the previous step is sampling: take them from its ids on the device
             assert self.last_sampled is not None
             input_ids = torch.where(input_ids < 0, self.last_sampled[(-1 - input_ids).clamp_(min=0)], input_ids)
-        return input_ids, dev[tokens:2 * tokens], meta
+        return input_ids, dev[tokens : 2 * tokens], meta
 
     def _to_device(self, host: torch.Tensor) -> torch.Tensor:
         """Staging entries on the device: one non-blocking copy from pinned memory (the view itself on the CPU,
@@ -209,12 +225,16 @@ def capture_sizes(max_num_seqs: int) -> tuple[int, ...]:
 
 def _decode_graphs(model: Any, kv_caches: list, max_model_len: int, block_size: int, max_num_seqs: int) -> Any:
     """On a GPU with generated kernels, decode steps replay CUDA graphs (one per capture size); else eager."""
-    if getattr(model, "backend", None) != "triton" or getattr(model, "device", None) is None \
-            or model.device.type != "cuda":
+    if (
+        getattr(model, "backend", None) != "triton"
+        or getattr(model, "device", None) is None
+        or model.device.type != "cuda"
+    ):
         return model.forward
     from kiln.codegen.cuda_graphs import DecodeGraphs
 
-    graphs = DecodeGraphs(model, kv_caches, max_blocks_per_seq=-(-max_model_len // block_size),
-                          buckets=capture_sizes(max_num_seqs))
+    graphs = DecodeGraphs(
+        model, kv_caches, max_blocks_per_seq=-(-max_model_len // block_size), buckets=capture_sizes(max_num_seqs)
+    )
     graphs.capture()
     return graphs

@@ -4,6 +4,7 @@ Models are strict and refuse unknown fields, so that a misspelt option is a 400 
 silently ignored setting. Values are range-checked by `SamplingParams` (one source of truth with the
 offline API); here we only check shapes and types.
 """
+
 from __future__ import annotations
 
 from typing import Any, Literal
@@ -15,7 +16,8 @@ from .outputs import CompletionOutput
 CONTEXT_LENGTH_MESSAGE = (
     "This model's maximum context length is {limit} tokens. However, you requested {total} tokens "
     "({prompt} in the messages, {completion} in the completion). Please reduce the length of the messages "
-    "or completion.")
+    "or completion."
+)
 
 
 class _Strict(BaseModel):
@@ -50,9 +52,22 @@ class _SamplingFields(_Strict):
 
     def sampling_options(self) -> dict[str, Any]:
         """The fields SamplingParams takes, leaving out those not given (so its defaults apply)."""
-        names = ("n", "stop", "seed", "temperature", "top_p", "presence_penalty", "frequency_penalty", "top_k",
-                 "min_p", "repetition_penalty", "ignore_eos", "min_tokens", "stop_token_ids",
-                 "skip_special_tokens")
+        names = (
+            "n",
+            "stop",
+            "seed",
+            "temperature",
+            "top_p",
+            "presence_penalty",
+            "frequency_penalty",
+            "top_k",
+            "min_p",
+            "repetition_penalty",
+            "ignore_eos",
+            "min_tokens",
+            "stop_token_ids",
+            "skip_special_tokens",
+        )
         return {k: getattr(self, k) for k in names if getattr(self, k) is not None}
 
 
@@ -99,8 +114,9 @@ class DetokenizeRequest(_Strict):
     tokens: list[int]
 
 
-def error_body(message: str, err_type: str = "invalid_request_error", param: str | None = None,
-               code: str | int | None = None) -> dict[str, Any]:
+def error_body(
+    message: str, err_type: str = "invalid_request_error", param: str | None = None, code: str | int | None = None
+) -> dict[str, Any]:
     return {"error": {"message": message, "type": err_type, "param": param, "code": code}}
 
 
@@ -124,8 +140,9 @@ def token_text(tokenizer: Any, token_id: int) -> str:
     return tokenizer.decode([token_id]) if tokenizer is not None else f"token_id:{token_id}"
 
 
-def completion_logprobs(tokenizer: Any, token_ids: list[int], logprobs: list[dict[int, float]],
-                        text_offset: int) -> dict[str, Any]:
+def completion_logprobs(
+    tokenizer: Any, token_ids: list[int], logprobs: list[dict[int, float]], text_offset: int
+) -> dict[str, Any]:
     """The legacy completions `logprobs` object for a run of tokens (the top-k plus the sampled token)."""
     tokens, token_lps, tops, offsets = [], [], [], []
     for tid, lp in zip(token_ids, logprobs):
@@ -141,9 +158,9 @@ def completion_logprobs(tokenizer: Any, token_ids: list[int], logprobs: list[dic
     return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
 
 
-def chat_logprobs(tokenizer: Any, token_ids: list[int], logprobs: list[dict[int, float]],
-                  top: int) -> dict[str, Any]:
+def chat_logprobs(tokenizer: Any, token_ids: list[int], logprobs: list[dict[int, float]], top: int) -> dict[str, Any]:
     """The chat `logprobs.content` list: each token with its logprob and the `top` most likely tokens."""
+
     def entry(tid: int, value: float) -> dict[str, Any]:
         text = token_text(tokenizer, tid)
         return {"token": text, "logprob": value, "bytes": list(text.encode("utf-8"))}
@@ -156,8 +173,11 @@ def chat_logprobs(tokenizer: Any, token_ids: list[int], logprobs: list[dict[int,
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
 
 
 def finish_fields(out: CompletionOutput) -> dict[str, Any]:

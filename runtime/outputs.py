@@ -1,4 +1,5 @@
 """What the engine hands back for a request, shaped like vLLM's outputs so that existing user code reads it."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

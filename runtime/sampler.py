@@ -9,6 +9,7 @@ shares the batch. `DeviceSample.start_copy` queues the copy of the results to th
 A sequence's token being sampled is its last entry in `token_ids` (a placeholder), so "outputs before this
 one" is `len(token_ids) - 1 - num_prompt_tokens`.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -115,7 +116,7 @@ class Sampler:
         errors: dict[int, str] = {}
         for i, seq in enumerate(seqs):
             try:
-                row = self.sample(logits[i:i + 1], [seq]).to_host()
+                row = self.sample(logits[i : i + 1], [seq]).to_host()
             except Exception as exc:  # noqa: BLE001 - isolated and reported for this request only
                 errors[i] = f"sampling failed: {type(exc).__name__}: {exc}"
                 tokens.append(0)
@@ -135,14 +136,23 @@ class Sampler:
             p = [seqs[i].params for i in rows]
             prompts = None
             if any(x.repetition_penalty != 1.0 for x in p):
-                prompts = [seqs[i].token_ids[:seqs[i].num_prompt_tokens] for i in rows]
-            logits = ops.apply_penalties(logits, rows, prompts, [seqs[i].output_token_ids for i in rows],
-                                         [(x.repetition_penalty, x.frequency_penalty, x.presence_penalty) for x in p])
+                prompts = [seqs[i].token_ids[: seqs[i].num_prompt_tokens] for i in rows]
+            logits = ops.apply_penalties(
+                logits,
+                rows,
+                prompts,
+                [seqs[i].output_token_ids for i in rows],
+                [(x.repetition_penalty, x.frequency_penalty, x.presence_penalty) for x in p],
+            )
             # A tiny repetition penalty divides logits into +-inf; keep them finite so that sampling stays sane.
             logits = logits.clamp_(-ops.LOGIT_LIMIT, ops.LOGIT_LIMIT)
-        banned = [i * vocab + t for i, s in enumerate(seqs)
-                  if len(s.token_ids) - 1 - s.num_prompt_tokens < s.params.min_tokens
-                  for t in self._held_back(s) if t < vocab]
+        banned = [
+            i * vocab + t
+            for i, s in enumerate(seqs)
+            if len(s.token_ids) - 1 - s.num_prompt_tokens < s.params.min_tokens
+            for t in self._held_back(s)
+            if t < vocab
+        ]
         return ops.ban(logits, banned) if banned else logits
 
     def _held_back(self, seq: Sequence) -> list[int]:
@@ -156,8 +166,13 @@ class Sampler:
         params = [s.params for s in seqs]
         vocab, device = x.shape[-1], x.device
         temperature = [p.temperature for p in params]
-        thr = ops.keep_threshold(x, temperature, [p.top_k if 0 < p.top_k < vocab else vocab for p in params],
-                                 [p.top_p for p in params], [p.min_p for p in params])
+        thr = ops.keep_threshold(
+            x,
+            temperature,
+            [p.top_k if 0 < p.top_k < vocab else vocab for p in params],
+            [p.top_p for p in params],
+            [p.min_p for p in params],
+        )
         noise = torch.empty_like(x)
         seeded = [(i, p.seed) for i, p in enumerate(params) if p.seed is not None]
         if len(seeded) < len(seqs):
@@ -169,4 +184,3 @@ class Sampler:
             ops.log_exponential_(noise[i], seq.generator)
         neg_temperature = ops.to_device([[-t] for t in temperature], torch.float32, device)
         return ops.race(x, neg_temperature, noise, thr)
-

@@ -4,6 +4,7 @@ Each function takes its decisions from host-side Python values (derived from Sam
 a device tensor back, so a GPU step queues its kernels without waiting on the GPU. Host lists reach the device
 through pinned memory and non-blocking copies, which do not wait either.
 """
+
 from __future__ import annotations
 
 import math
@@ -32,8 +33,13 @@ def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.T
     return torch.tensor(values, dtype=dtype, pin_memory=device.type == "cuda").to(device, non_blocking=True)
 
 
-def apply_penalties(logits: torch.Tensor, rows: list[int], prompts: list[list[int]] | None,
-                    outputs: list[list[int]], factors: list[tuple[float, float, float]]) -> torch.Tensor:
+def apply_penalties(
+    logits: torch.Tensor,
+    rows: list[int],
+    prompts: list[list[int]] | None,
+    outputs: list[list[int]],
+    factors: list[tuple[float, float, float]],
+) -> torch.Tensor:
     """vLLM's penalties on `rows`, returned as a new tensor: repetition over prompt and output tokens, frequency
     and presence over output tokens. `factors` are (repetition, frequency, presence) per row; `prompts` is None
     when no row has a repetition penalty, which spares building the (long) prompt index."""
@@ -60,8 +66,9 @@ def ban(logits: torch.Tensor, flat_ids: list[int]) -> torch.Tensor:
     return logits.reshape(-1).index_fill(0, idx, NEG_INF).view(logits.shape)
 
 
-def keep_threshold(x: torch.Tensor, temperature: list[float], top_k: list[int], top_p: list[float],
-                   min_p: list[float]) -> torch.Tensor | None:
+def keep_threshold(
+    x: torch.Tensor, temperature: list[float], top_k: list[int], top_p: list[float], min_p: list[float]
+) -> torch.Tensor | None:
     """Per row ([S, 1]), the smallest logit that top-k, top-p and min-p all keep, or None if no row filters.
 
     `top_k` holds vocab for rows without one, `top_p` 1.0, `min_p` 0.0; temperatures are > 0. As in vLLM, top-p
@@ -76,8 +83,9 @@ def keep_threshold(x: torch.Tensor, temperature: list[float], top_k: list[int], 
     thr = row_max = None
     if need_p:
         sorted_x = x.sort(dim=-1, descending=True).values
-        t_p = to_device([[t, p if p < 1.0 else float("inf")] for t, p in zip(temperature, top_p)],
-                        torch.float32, device)
+        t_p = to_device(
+            [[t, p if p < 1.0 else float("inf")] for t, p in zip(temperature, top_p)], torch.float32, device
+        )
         k_last = to_device([[k - 1] for k in top_k], torch.int64, device)
         probs = torch.softmax(sorted_x / t_p[:, :1], dim=-1)
         cum = probs.cumsum(dim=-1)
@@ -92,8 +100,9 @@ def keep_threshold(x: torch.Tensor, temperature: list[float], top_k: list[int], 
         thr = top.gather(1, to_device([[k - 1 if k < vocab else largest] for k in top_k], torch.int64, device))
     if any(m > 0.0 for m in min_p):
         # p_i >= min_p * p_max  <=>  x_i >= x_max + T * log(min_p)
-        offset = to_device([[t * math.log(m) if m > 0.0 else NEG_INF] for t, m in zip(temperature, min_p)],
-                           torch.float32, device)
+        offset = to_device(
+            [[t * math.log(m) if m > 0.0 else NEG_INF] for t, m in zip(temperature, min_p)], torch.float32, device
+        )
         row_max = x.amax(dim=-1, keepdim=True) if row_max is None else row_max
         thr = row_max + offset if thr is None else torch.maximum(thr, row_max + offset)
     return thr
@@ -108,8 +117,9 @@ def log_exponential_(out: torch.Tensor, generator: torch.Generator | None = None
     return out.exponential_(generator=generator).log_()
 
 
-def race(x: torch.Tensor, neg_temperature: torch.Tensor, log_noise: torch.Tensor,
-         thr: torch.Tensor | None) -> torch.Tensor:
+def race(
+    x: torch.Tensor, neg_temperature: torch.Tensor, log_noise: torch.Tensor, thr: torch.Tensor | None
+) -> torch.Tensor:
     """One draw per row from softmax(x / T) restricted to x >= thr: argmax(p_i / E_i) (the exponential race,
     the same as Gumbel-max), computed as argmax(x - T * log E_i) so that it needs no softmax and no sync.
     Overwrites `log_noise`."""

@@ -3,6 +3,7 @@
 Every value is checked at construction so that a bad request fails when it is added, with a ValueError that
 names the offending parameter, instead of failing mid-batch and taking other requests down with it.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -87,7 +88,7 @@ class SamplingParams:
         need_float("min_p", 0.0, 1.0)
         need_float("presence_penalty", -2.0, 2.0)
         need_float("frequency_penalty", -2.0, 2.0)
-        need_float("repetition_penalty", 0.0, 2.0 ** 31, low_open=True)
+        need_float("repetition_penalty", 0.0, 2.0**31, low_open=True)
 
     def _check_stops(self) -> None:
         stop = self.stop
@@ -103,8 +104,9 @@ class SamplingParams:
             raise ValueError(f"stop has {len(stops)} strings; at most {MAX_STOP_STRINGS} are allowed")
         for s in stops:
             if not isinstance(s, str) or not s or len(s) > MAX_STOP_STRING_LEN:
-                raise ValueError(f"stop strings must be non-empty strings of at most {MAX_STOP_STRING_LEN} "
-                                 f"characters, got {s!r:.80}")
+                raise ValueError(
+                    f"stop strings must be non-empty strings of at most {MAX_STOP_STRING_LEN} characters, got {s!r:.80}"
+                )
         self._stop_list = stops
         ids = self.stop_token_ids
         if ids is not None:
@@ -128,7 +130,7 @@ class SamplingParams:
         return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
 
     @classmethod
-    def from_dict(cls, options: dict[str, Any]) -> "SamplingParams":
+    def from_dict(cls, options: dict[str, Any]) -> SamplingParams:
         """Build from a user-supplied mapping (e.g. a JSON request), refusing unknown keys by name."""
         if not isinstance(options, dict):
             raise ValueError(f"sampling options must be a dict, got {type(options).__name__}")

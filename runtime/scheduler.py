@@ -10,13 +10,13 @@ Fairness: waiting sequences are admitted by rank, then arrival. A request's k-th
 and a preempted sequence rank -1, so a request with many sequences takes its turns interleaved with later
 requests instead of all in front of them: a later request's first sequence waits for first sequences only.
 """
+
 from __future__ import annotations
 
 import bisect
 import time
 from dataclasses import dataclass, field
 from operator import attrgetter
-
 from typing import TYPE_CHECKING
 
 from .block_manager import BlockManager
@@ -59,8 +59,14 @@ class SchedulerOutput:
 class Scheduler:
     """Holds the waiting queue and the running set; never schedules past its budgets."""
 
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 enable_chunked_prefill: bool = True, eos_token_ids: list[int] | None = None) -> None:
+    def __init__(
+        self,
+        block_manager: BlockManager,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        enable_chunked_prefill: bool = True,
+        eos_token_ids: list[int] | None = None,
+    ) -> None:
         if max_num_seqs < 1 or max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
         self.block_manager = block_manager
@@ -86,8 +92,13 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         running, take, bs = SequenceStatus.RUNNING, self._take, self.block_manager.block_size
         publish = self.block_manager.enable_prefix_caching
-        seqs, num_new_tokens, contexts, rows, filling = (out.seqs, out.num_new_tokens, out.context,
-                                                         out.sample_rows, out.filling)
+        seqs, num_new_tokens, contexts, rows, filling = (
+            out.seqs,
+            out.num_new_tokens,
+            out.context,
+            out.sample_rows,
+            out.filling,
+        )
         partial: list[Sequence] = []  # running sequences with several prompt tokens left go after the decodes
         for seq in list(self.running):
             if budget == 0:
@@ -198,8 +209,12 @@ class Scheduler:
     def _waits_for_leader(seq: Sequence, leader: Sequence, out: SchedulerOutput) -> bool:
         """Siblings (n > 1) start once the first sequence has computed the shared prompt in an earlier step,
         then reuse its blocks."""
-        return (seq is not leader and seq.num_output_tokens == 0 and not leader.is_finished
-                and (leader.num_computed_tokens < leader.num_prompt_tokens or leader.seq_id in out.prompt_done))
+        return (
+            seq is not leader
+            and seq.num_output_tokens == 0
+            and not leader.is_finished
+            and (leader.num_computed_tokens < leader.num_prompt_tokens or leader.seq_id in out.prompt_done)
+        )
 
     def _preempt(self, seq: Sequence) -> None:
         """Free seq's blocks and requeue it at the front; it recomputes prompt + outputs when readmitted."""

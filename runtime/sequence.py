@@ -10,6 +10,7 @@ can be scheduled (and, with async scheduling, launched, its input taken from the
 known on the host; `Scheduler.postprocess` puts the real token in its place. `num_pending` counts them; they
 are always the last entries.
 """
+
 from __future__ import annotations
 
 import enum
@@ -33,7 +34,7 @@ class SequenceStatus(enum.Enum):
 class Sequence:
     """One completion in flight: its tokens, how many are in the KV cache, and where they live."""
 
-    def __init__(self, request: "Request", index: int, prompt_token_ids: list[int]) -> None:
+    def __init__(self, request: Request, index: int, prompt_token_ids: list[int]) -> None:
         self.seq_id = next(_seq_counter)
         self.request = request
         self.index = index
@@ -71,7 +72,7 @@ class Sequence:
     @property
     def output_token_ids(self) -> list[int]:
         """The outputs known on the host (placeholders left out)."""
-        return self.token_ids[self.num_prompt_tokens:len(self.token_ids) - self.num_pending]
+        return self.token_ids[self.num_prompt_tokens : len(self.token_ids) - self.num_pending]
 
     @property
     def num_output_tokens(self) -> int:
@@ -80,7 +81,7 @@ class Sequence:
     def drop_pending(self) -> None:
         """Forget the tokens still being sampled (the sequence finished before they arrive)."""
         if self.num_pending:
-            del self.token_ids[len(self.token_ids) - self.num_pending:]
+            del self.token_ids[len(self.token_ids) - self.num_pending :]
             self.num_pending = 0
 
     @property
@@ -88,8 +89,10 @@ class Sequence:
         return self.status is SequenceStatus.FINISHED
 
     def __repr__(self) -> str:
-        return (f"Sequence({self.request.request_id}#{self.index}, tokens={self.num_tokens}, "
-                f"computed={self.num_computed_tokens}, {self.status.value})")
+        return (
+            f"Sequence({self.request.request_id}#{self.index}, tokens={self.num_tokens}, "
+            f"computed={self.num_computed_tokens}, {self.status.value})"
+        )
 
 
 def make_generator(seed: int, index: int, device: torch.device) -> torch.Generator:
@@ -103,8 +106,15 @@ def make_generator(seed: int, index: int, device: torch.device) -> torch.Generat
 class Request:
     """A user request: the prompt, its parameters, and its n sequences."""
 
-    def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
-                 params: SamplingParams, arrival_time: float, stream: bool = True) -> None:
+    def __init__(
+        self,
+        request_id: str,
+        prompt: str | None,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        arrival_time: float,
+        stream: bool = True,
+    ) -> None:
         self.request_id = request_id
         self.stream = stream  # report after every step, or only when finished
         self.prompt = prompt

@@ -2,11 +2,12 @@
 `serve`. The request handling lives in `serving` (checks, engine submission, errors), the routes and wire formats
 in `server_routes`, the request models in `openai_protocol`.
 """
+
 from __future__ import annotations
 
 import contextlib
 import hmac
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +21,16 @@ from .metrics import ServerMetrics
 from .server_routes import register
 from .serving import APIError, ClientGone, OpenAIServing, ServerLimits
 
-ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/version", "/tokenize",
-          "/detokenize", "/metrics")
+ROUTES = (
+    "/v1/completions",
+    "/v1/chat/completions",
+    "/v1/models",
+    "/health",
+    "/version",
+    "/tokenize",
+    "/detokenize",
+    "/metrics",
+)
 
 
 class _Guard:
@@ -36,7 +45,7 @@ class _Guard:
             return await self.app(scope, receive, send)
         path = scope["path"] if scope["path"] in ROUTES else "other"
 
-        async def counting_send(message: dict) -> None:
+        async def counting_send(message: MutableMapping[str, Any]) -> None:
             if message["type"] == "http.response.start":
                 self.metrics.count_http(path, message["status"])
             await send(message)
@@ -49,9 +58,9 @@ class _Guard:
         await self.app(scope, receive, counting_send)
 
 
-
-def build_app(engine: AsyncLLMEngine, model_name: str, api_key: str | None = None,
-              limits: ServerLimits | None = None) -> FastAPI:
+def build_app(
+    engine: AsyncLLMEngine, model_name: str, api_key: str | None = None, limits: ServerLimits | None = None
+) -> FastAPI:
     """The FastAPI app serving `engine` as `model_name`; /v1 routes need `Bearer api_key` when one is set."""
     metrics = ServerMetrics()
     serving = OpenAIServing(engine, model_name, limits or ServerLimits(), metrics)
@@ -85,9 +94,17 @@ def build_app(engine: AsyncLLMEngine, model_name: str, api_key: str | None = Non
     return app
 
 
-def serve(model: str | Path | Any, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, *,
-          served_model_name: str | None = None, limits: ServerLimits | None = None, log_level: str = "info",
-          **engine_options: Any) -> None:
+def serve(
+    model: str | Path | Any,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: str | None = None,
+    *,
+    served_model_name: str | None = None,
+    limits: ServerLimits | None = None,
+    log_level: str = "info",
+    **engine_options: Any,
+) -> None:
     """Compile `model` (a checkpoint directory or a CompiledModel) and serve it until interrupted."""
     import uvicorn
 

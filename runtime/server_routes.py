@@ -1,11 +1,13 @@
 """The routes `kiln.runtime.server` registers on its app, and the OpenAI wire formats of completions, whole and
 streamed."""
+
 from __future__ import annotations
 
 import json
 import time
 import uuid
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
@@ -29,8 +31,13 @@ class _Writer:
 
     def _envelope(self, choices: list[dict[str, Any]], stream: bool) -> dict[str, Any]:
         kind = ("chat.completion" if self.chat else "text_completion") + (".chunk" if stream and self.chat else "")
-        return {"id": self.id, "object": kind, "created": self.created, "model": self.serving.model_name,
-                "choices": choices}
+        return {
+            "id": self.id,
+            "object": kind,
+            "created": self.created,
+            "model": self.serving.model_name,
+            "choices": choices,
+        }
 
     def _logprobs(self, token_ids: list[int], logprobs: list | None, text_offset: int) -> dict[str, Any] | None:
         if logprobs is None or self.top is None:
@@ -43,8 +50,13 @@ class _Writer:
     def opening(self, num_prompts: int) -> list[dict[str, Any]]:
         if not self.chat:
             return []
-        return [self._envelope([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                                 "finish_reason": None}], True) for i in range(num_prompts * self.n)]
+        return [
+            self._envelope(
+                [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}],
+                True,
+            )
+            for i in range(num_prompts * self.n)
+        ]
 
     def deltas(self, prompt_index: int, out: RequestOutput) -> list[dict[str, Any]]:
         chunks = []
@@ -69,15 +81,22 @@ class _Writer:
         for p, out in enumerate(outs):
             for c in out.outputs:
                 body = {"message": {"role": "assistant", "content": c.text}} if self.chat else {"text": c.text}
-                choices.append({"index": p * self.n + c.index, **body,
-                                "logprobs": self._logprobs(c.token_ids, c.logprobs, 0), **proto.finish_fields(c)})
+                choices.append(
+                    {
+                        "index": p * self.n + c.index,
+                        **body,
+                        "logprobs": self._logprobs(c.token_ids, c.logprobs, 0),
+                        **proto.finish_fields(c),
+                    }
+                )
         return {**self._envelope(choices, False), "usage": self.usage(outs)}
 
     @staticmethod
     def usage(outs: Any) -> dict[str, int]:
         outs = list(outs)
-        return proto.usage(sum(len(o.prompt_token_ids) for o in outs),
-                           sum(len(c.token_ids) for o in outs for c in o.outputs))
+        return proto.usage(
+            sum(len(o.prompt_token_ids) for o in outs), sum(len(c.token_ids) for o in outs for c in o.outputs)
+        )
 
 
 def sse(payload: dict[str, Any]) -> str:
@@ -100,11 +119,19 @@ class _SSEResponse(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             self.merged.close()
-            await self.body_iterator.aclose()
+            aclose = getattr(self.body_iterator, "aclose", None)  # an async generator's; typed as AsyncIterable
+            if aclose is not None:
+                await aclose()
 
 
-async def _events(serving: OpenAIServing, writer: _Writer, first: tuple[int, RequestOutput],
-                  merged: Merged, num_prompts: int, include_usage: bool) -> AsyncIterator[str]:
+async def _events(
+    serving: OpenAIServing,
+    writer: _Writer,
+    first: tuple[int, RequestOutput],
+    merged: Merged,
+    num_prompts: int,
+    include_usage: bool,
+) -> AsyncIterator[str]:
     last: dict[int, RequestOutput] = {}
     try:
         for chunk in writer.opening(num_prompts):
@@ -128,12 +155,18 @@ async def _events(serving: OpenAIServing, writer: _Writer, first: tuple[int, Req
     yield "data: [DONE]\n\n"
 
 
-async def _respond(serving: OpenAIServing, request: Request, req: Any, prompts: list[list[int]], chat: bool,
-                   max_tokens: int | None, logprobs: int | None) -> Response:
+async def _respond(
+    serving: OpenAIServing,
+    request: Request,
+    req: Any,
+    prompts: list[list[int]],
+    chat: bool,
+    max_tokens: int | None,
+    logprobs: int | None,
+) -> Response:
     renames = CHAT_RENAMES if chat else {}
     if len(prompts) > serving.limits.max_prompts:
-        raise APIError(400, f"At most {serving.limits.max_prompts} prompts per request, got {len(prompts)}.",
-                       "prompt")
+        raise APIError(400, f"At most {serving.limits.max_prompts} prompts per request, got {len(prompts)}.", "prompt")
     params = serving.sampling_params(req, prompts, max_tokens, logprobs, renames)
     first, merged = await serving.start(request, prompts, params, renames)
     writer = _Writer(serving, chat, req.n, logprobs)
@@ -163,13 +196,17 @@ def register(app: FastAPI, serving: OpenAIServing) -> None:
             raise APIError(400, "top_logprobs requires logprobs to be true.", "top_logprobs")
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        return await _respond(serving, request, req, [serving.chat_prompt(req.messages)], True, max_tokens,
-                              logprobs)
+        return await _respond(serving, request, req, [serving.chat_prompt(req.messages)], True, max_tokens, logprobs)
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        card = {"id": serving.model_name, "object": "model", "created": int(time.time()), "owned_by": "kiln",
-                "max_model_len": serving.max_model_len}
+        card = {
+            "id": serving.model_name,
+            "object": "model",
+            "created": int(time.time()),
+            "owned_by": "kiln",
+            "max_model_len": serving.max_model_len,
+        }
         return {"object": "list", "data": [card]}
 
     @app.get("/health")
@@ -179,6 +216,7 @@ def register(app: FastAPI, serving: OpenAIServing) -> None:
     @app.get("/version")
     async def version() -> dict[str, str]:
         from kiln.version import __version__
+
         return {"version": __version__}
 
     @app.post("/tokenize")
@@ -203,5 +241,6 @@ def register(app: FastAPI, serving: OpenAIServing) -> None:
 
     @app.get("/metrics")
     async def metrics() -> PlainTextResponse:
-        return PlainTextResponse(serving.metrics.render(engine.stats()),
-                                 media_type="text/plain; version=0.0.4; charset=utf-8")
+        return PlainTextResponse(
+            serving.metrics.render(engine.stats()), media_type="text/plain; version=0.0.4; charset=utf-8"
+        )

@@ -5,6 +5,7 @@ its first output is awaited before a response starts, so every refusal is a 400 
 never a broken stream. Client disconnects cancel the work, which aborts the engine requests and frees their
 KV blocks at once. `server_routes` turns these into the routes and wire formats; `server` builds the app.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -35,8 +36,14 @@ class ServerLimits:
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 err_type: str = "invalid_request_error") -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        err_type: str = "invalid_request_error",
+    ) -> None:
         super().__init__(message)
         self.status, self.body = status, proto.error_body(message, err_type, param, code)
 
@@ -114,16 +121,14 @@ class Merged:
 class OpenAIServing:
     """Turns OpenAI requests into engine requests and engine outputs into OpenAI responses."""
 
-    def __init__(self, engine: AsyncLLMEngine, model_name: str, limits: ServerLimits,
-                 metrics: ServerMetrics) -> None:
+    def __init__(self, engine: AsyncLLMEngine, model_name: str, limits: ServerLimits, metrics: ServerMetrics) -> None:
         self.engine, self.model_name, self.limits, self.metrics = engine, model_name, limits, metrics
         self.tokenizer = engine.engine.tokenizer
         self.max_model_len = engine.engine.max_model_len
 
     async def parse(self, request: Request, model_cls: type[BaseModel]) -> Any:
         declared = request.headers.get("content-length", "")
-        too_big = APIError(413, f"Request body exceeds {self.limits.max_body_bytes} bytes.",
-                           code="request_too_large")
+        too_big = APIError(413, f"Request body exceeds {self.limits.max_body_bytes} bytes.", code="request_too_large")
         if declared.isdigit() and int(declared) > self.limits.max_body_bytes:
             raise too_big
         body = bytearray()
@@ -151,35 +156,39 @@ class OpenAIServing:
             raise APIError(400, "This model has no chat template; use /v1/completions.", "messages")
         plain = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})} for m in messages]
         try:
-            text = self.tokenizer.apply_chat_template(plain, tokenize=False,
-                                                      add_generation_prompt=add_generation_prompt)
+            text = self.tokenizer.apply_chat_template(
+                plain, tokenize=False, add_generation_prompt=add_generation_prompt
+            )
         except Exception as err:  # the template's own refusals (e.g. roles out of order) are the client's
             raise APIError(400, f"The chat template rejected the messages: {err}", "messages") from None
         return self.encode(text, add_special_tokens=False)  # the template already holds the BOS
 
-    def sampling_params(self, req: Any, prompts: list[list[int]], max_tokens: int | None, logprobs: int | None,
-                        renames: dict[str, str]) -> SamplingParams:
+    def sampling_params(
+        self, req: Any, prompts: list[list[int]], max_tokens: int | None, logprobs: int | None, renames: dict[str, str]
+    ) -> SamplingParams:
         if req.n > self.limits.max_n:
             raise APIError(400, f"n must be at most {self.limits.max_n}, got {req.n}.", "n")
         if isinstance(req.stop, list) and len(req.stop) > self.limits.max_stop:
-            raise APIError(400, f"stop may hold at most {self.limits.max_stop} sequences, got {len(req.stop)}.",
-                           "stop")
+            raise APIError(400, f"stop may hold at most {self.limits.max_stop} sequences, got {len(req.stop)}.", "stop")
         try:
-            params = SamplingParams(**req.sampling_options(), logprobs=logprobs,
-                                    max_tokens=1 if max_tokens is None else max_tokens)
+            params = SamplingParams(
+                **req.sampling_options(), logprobs=logprobs, max_tokens=1 if max_tokens is None else max_tokens
+            )
         except ValueError as err:
             raise APIError(400, str(err), _param_of(err, renames)) from None
         longest = max(len(p) for p in prompts)
         if max_tokens is None:  # chat without a limit: the rest of the context, as vLLM does
             max_tokens = max(self.max_model_len - longest, 0)
         if max_tokens < 1 or longest + max_tokens > self.max_model_len:
-            message = proto.CONTEXT_LENGTH_MESSAGE.format(limit=self.max_model_len, total=longest + max_tokens,
-                                                          prompt=longest, completion=max_tokens)
+            message = proto.CONTEXT_LENGTH_MESSAGE.format(
+                limit=self.max_model_len, total=longest + max_tokens, prompt=longest, completion=max_tokens
+            )
             raise APIError(400, message, renames.get("prompt", "prompt"), "context_length_exceeded")
         return dataclasses.replace(params, max_tokens=max_tokens)
 
-    async def start(self, request: Request, prompts: list[list[int]], params: SamplingParams,
-                    renames: dict[str, str]) -> tuple[tuple[int, RequestOutput], Merged]:
+    async def start(
+        self, request: Request, prompts: list[list[int]], params: SamplingParams, renames: dict[str, str]
+    ) -> tuple[tuple[int, RequestOutput], Merged]:
         """Submit one engine request per prompt and wait for the first output (or the first refusal)."""
         rid = uuid.uuid4().hex
         merged = Merged([self.engine.generate(p, params, f"{rid}-{i}") for i, p in enumerate(prompts)])
@@ -192,14 +201,16 @@ class OpenAIServing:
             raise
         return first, merged
 
-    async def collect(self, request: Request, first: tuple[int, RequestOutput], merged: Merged,
-                      num_prompts: int) -> list[RequestOutput]:
+    async def collect(
+        self, request: Request, first: tuple[int, RequestOutput], merged: Merged, num_prompts: int
+    ) -> list[RequestOutput]:
         """Run to completion, unless the client leaves first."""
         finals: dict[int, RequestOutput] = {first[0]: first[1]}
 
         async def rest() -> None:
             async for i, out in merged:
                 finals[i] = out
+
         try:
             await _unless_disconnected(request, rest())
         finally:

@@ -1,4 +1,5 @@
 """Shared fixtures: tiny random-weight checkpoints built once per session, loaded from disk like real ones."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,4 +1,5 @@
 """Drive a CompiledModel step by step over a paged cache, the way the runtime does, to compare with HF."""
+
 from __future__ import annotations
 
 import torch

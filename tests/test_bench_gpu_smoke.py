@@ -3,6 +3,7 @@
 GPU time is scarce: the script's control flow (phase subprocesses, per-peer guards, JSON lines, peers, timers)
 is proven here first, on a tiny model. HF's generate_batch is left out: its warm-up alone takes ~15 s on a CPU.
 """
+
 from __future__ import annotations
 
 import json
@@ -14,9 +15,22 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def test_tiny_cpu_run_records_every_phase(tmp_path: Path) -> None:
-    cmd = [sys.executable, "-m", "kiln.bench.gpu", "--device", "cpu", "--tiny", "--out", str(tmp_path),
-           "--work-dir", str(tmp_path / "work"), "--tests", "tests/runtime/test_sampling_params.py",
-           "--skip", "engine.hf_generate_batch"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "kiln.bench.gpu",
+        "--device",
+        "cpu",
+        "--tiny",
+        "--out",
+        str(tmp_path),
+        "--work-dir",
+        str(tmp_path / "work"),
+        "--tests",
+        "tests/runtime/test_sampling_params.py",
+        "--skip",
+        "engine.hf_generate_batch",
+    ]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (results,) = tmp_path.glob("gpu_cpu-*.jsonl")

@@ -1,4 +1,5 @@
 """The `kiln` command: argument handling always; the end-to-end paths once compiler and runtime exist."""
+
 from __future__ import annotations
 
 import subprocess
@@ -11,15 +12,12 @@ from kiln.__main__ import build_parser, main
 
 ROOT = Path(__file__).resolve().parents[1]
 SUBCOMMANDS = ["demo", "compile", "generate", "serve", "bench"]
-needs_compiler = pytest.mark.skipif(not (ROOT / "compiler" / "api.py").is_file(),
-                                    reason="kiln.compile not written yet")
-needs_engine = pytest.mark.skipif(not (ROOT / "runtime" / "llm.py").is_file(),
-                                  reason="kiln.LLM not written yet")
+needs_compiler = pytest.mark.skipif(not (ROOT / "compiler" / "api.py").is_file(), reason="kiln.compile not written yet")
+needs_engine = pytest.mark.skipif(not (ROOT / "runtime" / "llm.py").is_file(), reason="kiln.LLM not written yet")
 
 
 def _run(*argv: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "kiln", *argv], capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run([sys.executable, "-m", "kiln", *argv], capture_output=True, text=True, timeout=300)
 
 
 @pytest.mark.parametrize("command", SUBCOMMANDS)
@@ -36,14 +34,17 @@ def test_top_level_help_runs_as_module_without_torch() -> None:
     for command in SUBCOMMANDS:
         assert command in result.stdout
     probe = subprocess.run(
-        [sys.executable, "-c", "import sys, kiln.__main__ as m; m.build_parser(); "
-                               "print('torch' in sys.modules)"],
-        capture_output=True, text=True, check=True)
+        [sys.executable, "-c", "import sys, kiln.__main__ as m; m.build_parser(); print('torch' in sys.modules)"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert probe.stdout.strip() == "False"
 
 
-def test_serve_parses_its_options_and_refuses_a_missing_model(tmp_path: Path,
-                                                               capsys: pytest.CaptureFixture[str]) -> None:
+def test_serve_parses_its_options_and_refuses_a_missing_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     args = build_parser().parse_args(["serve", "m", "--port", "9001", "--api-key", "k", "--max-num-seqs", "8"])
     assert (args.host, args.port, args.api_key, args.max_num_seqs) == ("127.0.0.1", 9001, "k", 8)
     assert main(["serve", str(tmp_path / "nope"), "--port", "8000"]) == 2
@@ -63,8 +64,9 @@ def test_bad_arguments_are_usage_errors(argv: list[str]) -> None:
 
 
 @pytest.mark.parametrize("command", [["compile"], ["generate"], ["demo"], ["bench"]])
-def test_missing_model_dir_is_a_clear_error(command: list[str], tmp_path: Path,
-                                            capsys: pytest.CaptureFixture[str]) -> None:
+def test_missing_model_dir_is_a_clear_error(
+    command: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     argv = [*command, str(tmp_path / "nope")] + (["hi"] if command == ["generate"] else [])
     assert main(argv) == 2
     assert "no such directory" in capsys.readouterr().err
@@ -118,8 +120,8 @@ def _generate(model: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
 @needs_engine
 def test_generate_streams_the_same_text_from_artifact_and_checkpoint(
-        tiny_llama: Path, tiny_artifact: Path, monkeypatch: pytest.MonkeyPatch,
-        capsys: pytest.CaptureFixture[str]) -> None:
+    tiny_llama: Path, tiny_artifact: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     from_checkpoint = _generate(tiny_llama, monkeypatch)
     from_artifact = _generate(tiny_artifact, monkeypatch)
     assert "".join(from_artifact).strip() and "".join(from_artifact) == "".join(from_checkpoint)
@@ -129,15 +131,13 @@ def test_generate_streams_the_same_text_from_artifact_and_checkpoint(
 
 @needs_engine
 def test_bench_reports_throughput(tiny_artifact: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["bench", str(tiny_artifact), "--num-requests", "3", "--input-len", "8",
-                 "--output-len", "4"]) == 0
+    assert main(["bench", str(tiny_artifact), "--num-requests", "3", "--input-len", "8", "--output-len", "4"]) == 0
     out = capsys.readouterr().out
     assert "requests/s" in out and "output tokens/s" in out and "12 tokens" in out, out
 
 
 @needs_compiler
-def test_corrupted_artifact_is_refused(tiny_artifact: Path, tmp_path: Path,
-                                       capsys: pytest.CaptureFixture[str]) -> None:
+def test_corrupted_artifact_is_refused(tiny_artifact: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import shutil
 
     art = Path(shutil.copytree(tiny_artifact, tmp_path / "art"))
@@ -147,8 +147,7 @@ def test_corrupted_artifact_is_refused(tiny_artifact: Path, tmp_path: Path,
 
 
 @needs_compiler
-def test_compile_output_must_be_new(tiny_llama: Path, tiny_artifact: Path,
-                                    capsys: pytest.CaptureFixture[str]) -> None:
+def test_compile_output_must_be_new(tiny_llama: Path, tiny_artifact: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["compile", str(tiny_llama), "-o", str(tiny_artifact)]) == 2
     assert "not an empty directory" in capsys.readouterr().err
     assert main(["compile", str(tiny_artifact)]) == 2

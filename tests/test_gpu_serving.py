@@ -1,17 +1,17 @@
 """On a GPU: checkpoints compiled with device="cuda" match HF's greedy tokens on the same GPU, the KV pool is sized
 from gpu_memory_utilization, and an artifact compiled on the CPU serves there. Skipped where there is no GPU."""
+
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
 import torch
+from hf_reference import greedy_agrees
 from transformers import AutoModelForCausalLM
 
 import kiln
 from kiln.compiler.export import artifact
-
-from hf_reference import greedy_agrees
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -38,12 +38,19 @@ def test_checkpoint_on_cuda_matches_hf_greedy(checkpoint, arch: str) -> None:
     prompts = _prompts(llm.model.vocab_size)
     for prompt, ours in zip(prompts, _greedy(llm, prompts)):
         with torch.no_grad():
-            ref = hf.generate(torch.tensor([prompt], device="cuda"), do_sample=False, max_new_tokens=NEW_TOKENS,
-                              min_new_tokens=NEW_TOKENS, output_scores=True, return_dict_in_generate=True,
-                              pad_token_id=3)
-        theirs = ref.sequences[0, len(prompt):].tolist()
-        assert ours == theirs or greedy_agrees(ours, theirs, [s[0] for s in ref.scores], tie=2e-3), \
+            ref = hf.generate(
+                torch.tensor([prompt], device="cuda"),
+                do_sample=False,
+                max_new_tokens=NEW_TOKENS,
+                min_new_tokens=NEW_TOKENS,
+                output_scores=True,
+                return_dict_in_generate=True,
+                pad_token_id=3,
+            )
+        theirs = ref.sequences[0, len(prompt) :].tolist()
+        assert ours == theirs or greedy_agrees(ours, theirs, [s[0] for s in ref.scores], tie=2e-3), (
             f"{arch}: kiln {ours} vs HF {theirs}"
+        )
 
 
 def test_kv_pool_is_sized_from_gpu_memory(checkpoint) -> None:

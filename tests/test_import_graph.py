@@ -6,6 +6,7 @@ ops -> backends -> models -> passes -> codegen -> compiler -> runtime. The root 
 `__main__.py`, `commands.py`) and the bench scripts may import anything and nothing imports them;
 `version.py` imports nothing and anything may import it.
 """
+
 from __future__ import annotations
 
 import ast

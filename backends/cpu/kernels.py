@@ -8,6 +8,7 @@ backend. `kernels.c` (with `quant.c`) is built once with the system C compiler, 
 into kiln's cache directory; when no compiler or Python headers are found (or KILN_DISABLE_CPU_KERNELS=1), or a
 call is outside a kernel (not float32 on CPU, not contiguous in its last dim), the torch reference runs instead.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -50,8 +51,9 @@ def _library() -> ModuleType | None:
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             built = Path(tmp) / target.name
-            result = subprocess.run([compiler, *flags, *map(str, _SOURCES), "-o", str(built), "-lm"],
-                                    capture_output=True)
+            result = subprocess.run(
+                [compiler, *flags, *map(str, _SOURCES), "-o", str(built), "-lm"], capture_output=True
+            )
             if result.returncode != 0:
                 return None
             os.replace(built, target)  # atomic: concurrent builders never see half a library
@@ -76,8 +78,7 @@ def applies(*tensors: Tensor | None) -> bool:
     """Whether the C kernels cover these tensors: plain float32 CPU tensors (not fake or functional ones, as
     under torch.export), last dim contiguous; and the library could be built."""
     for t in tensors:
-        if t is not None and not (type(t) in _PLAIN and t.dtype is torch.float32 and t.is_cpu
-                                  and t.stride(-1) == 1):
+        if t is not None and not (type(t) in _PLAIN and t.dtype is torch.float32 and t.is_cpu and t.stride(-1) == 1):
             return False
     return _library() is not None
 
@@ -103,10 +104,15 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     if rows <= C_LINEAR_ROWS and weight.is_contiguous() and applies(x, weight, bias):
         return small_linear(x, weight, None, bias)
     blocked = _onednn_weight(weight)
-    if blocked is not None and type(x) in _PLAIN and x.dtype is torch.float32 \
-            and (bias is None or bias.dtype is x.dtype):
-        return torch.ops.mkldnn._linear_pointwise(x if x.is_contiguous() else x.contiguous(), blocked, bias,
-                                                  "none", [], "")
+    if (
+        blocked is not None
+        and type(x) in _PLAIN
+        and x.dtype is torch.float32
+        and (bias is None or bias.dtype is x.dtype)
+    ):
+        return torch.ops.mkldnn._linear_pointwise(
+            x if x.is_contiguous() else x.contiguous(), blocked, bias, "none", [], ""
+        )
     return torch.nn.functional.linear(x, weight, bias)
 
 
@@ -117,10 +123,15 @@ def _onednn_weight(weight: Tensor) -> Tensor | None:
     version, blocked = getattr(weight, "_kiln_onednn", (None, None))
     if version != weight._version:  # never made, or the weight was written in place since
         blocked = None
-        if _onednn_enabled() and type(weight) in _PLAIN and weight.dtype is torch.float32 and weight.is_cpu \
-                and weight.dim() == 2:
+        if (
+            _onednn_enabled()
+            and type(weight) in _PLAIN
+            and weight.dtype is torch.float32
+            and weight.is_cpu
+            and weight.dim() == 2
+        ):
             blocked = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 64)
-        setattr(weight, "_kiln_onednn", (weight._version, blocked))  # not a declared Tensor field
+        setattr(weight, "_kiln_onednn", (weight._version, blocked))  # noqa: B010 - not a declared Tensor field
     return blocked
 
 
@@ -137,15 +148,24 @@ def small_linear(x: Tensor, weight: Tensor, scale: Tensor | None, bias: Tensor |
     shape[-1] = weight.shape[0]
     out = torch.empty(shape, dtype=x.dtype)
     _built().small_linear(
-        x2.data_ptr(), weight.data_ptr(), None if scale is None else scale.data_ptr(),
-        None if bias is None else bias.data_ptr(), out.data_ptr(), rows, weight.shape[0], weight.shape[1], stride,
-        torch.get_num_threads(), int(weight.dtype is torch.int8),
+        x2.data_ptr(),
+        weight.data_ptr(),
+        None if scale is None else scale.data_ptr(),
+        None if bias is None else bias.data_ptr(),
+        out.data_ptr(),
+        rows,
+        weight.shape[0],
+        weight.shape[1],
+        stride,
+        torch.get_num_threads(),
+        int(weight.dtype is torch.int8),
     )
     return out
 
 
-def linear_w8a8_packed(x: Tensor, packed: Tensor, scale: Tensor, input_scale: Tensor | None,
-                       bias: Tensor | None) -> Tensor:
+def linear_w8a8_packed(
+    x: Tensor, packed: Tensor, scale: Tensor, input_scale: Tensor | None, bias: Tensor | None
+) -> Tensor:
     """kiln::linear_w8a8_packed through the C loop (VNNI where the CPU has it), bit for bit: x float32 [..., K],
     packed int8 weight tiles [N/4, K/64, 4, 64] contiguous, float32 scale [N]. The caller checks all three."""
     x2, rows, stride = _rows(x)
@@ -154,8 +174,16 @@ def linear_w8a8_packed(x: Tensor, packed: Tensor, scale: Tensor, input_scale: Te
     shape[-1] = n
     out = torch.empty(shape, dtype=x.dtype)
     _built().linear_w8a8_packed(
-        x2.data_ptr(), None if input_scale is None else input_scale.data_ptr(), packed.data_ptr(),
-        scale.data_ptr(), None if bias is None else bias.data_ptr(), out.data_ptr(), rows, n, k, stride,
+        x2.data_ptr(),
+        None if input_scale is None else input_scale.data_ptr(),
+        packed.data_ptr(),
+        scale.data_ptr(),
+        None if bias is None else bias.data_ptr(),
+        out.data_ptr(),
+        rows,
+        n,
+        k,
+        stride,
         torch.get_num_threads(),
     )
     return out
@@ -170,14 +198,28 @@ def linear_int8_packed(x: Tensor, packed: Tensor, scale: Tensor, bias: Tensor | 
     shape[-1] = n
     out = torch.empty(shape, dtype=x.dtype)
     _built().linear_i8_packed(
-        x2.data_ptr(), packed.data_ptr(), scale.data_ptr(), None if bias is None else bias.data_ptr(),
-        out.data_ptr(), rows, n, k, stride, torch.get_num_threads(),
+        x2.data_ptr(),
+        packed.data_ptr(),
+        scale.data_ptr(),
+        None if bias is None else bias.data_ptr(),
+        out.data_ptr(),
+        rows,
+        n,
+        k,
+        stride,
+        torch.get_num_threads(),
     )
     return out
 
 
 def paged_decode(
-    q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor, seq_lens: Tensor, scale: float, window: int,
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    block_tables: Tensor,
+    seq_lens: Tensor,
+    scale: float,
+    window: int,
     softcap: float,
 ) -> Tensor:
     """One query token per sequence: q [S, Hq, D] -> [S, Hq, Dv]. Caches must be contiguous."""
@@ -189,8 +231,22 @@ def paged_decode(
     v_dim = v_cache.shape[-1]
     out = torch.empty(num_seqs, num_heads, v_dim, dtype=q.dtype)
     _built().paged_decode(
-        q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(), lens.data_ptr(), out.data_ptr(),
-        num_seqs, num_heads, kv_heads, head_dim, v_dim, block_size, tables.shape[1], scale, window, softcap,
+        q.data_ptr(),
+        k_cache.data_ptr(),
+        v_cache.data_ptr(),
+        tables.data_ptr(),
+        lens.data_ptr(),
+        out.data_ptr(),
+        num_seqs,
+        num_heads,
+        kv_heads,
+        head_dim,
+        v_dim,
+        block_size,
+        tables.shape[1],
+        scale,
+        window,
+        softcap,
         torch.get_num_threads(),
     )
     return out
@@ -204,8 +260,17 @@ def cache_write(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_map
     slots = slot_mapping.to(torch.int64).contiguous()
     num_slots = k_cache.shape[0] * k_cache.shape[1]
     if _built().cache_write(
-        k2.data_ptr(), v2.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), slots.data_ptr(), slots.numel(),
-        num_slots, k2.shape[1], v2.shape[1], k2.stride(0), v2.stride(0),
+        k2.data_ptr(),
+        v2.data_ptr(),
+        k_cache.data_ptr(),
+        v_cache.data_ptr(),
+        slots.data_ptr(),
+        slots.numel(),
+        num_slots,
+        k2.shape[1],
+        v2.shape[1],
+        k2.stride(0),
+        v2.stride(0),
     ):
         raise IndexError(f"slot_mapping holds a slot outside the KV cache's {num_slots} slots")
 
@@ -223,8 +288,18 @@ def rms_norm(
         residual, _, res_stride = _rows(residual)
         res_ptr, res_out_ptr = residual.data_ptr(), res_out.data_ptr()
     _built().rms_norm(
-        x2.data_ptr(), res_ptr, weight.contiguous().data_ptr(), out.data_ptr(), res_out_ptr, rows, x.shape[-1],
-        x_stride, res_stride, eps, weight_offset, torch.get_num_threads(),
+        x2.data_ptr(),
+        res_ptr,
+        weight.contiguous().data_ptr(),
+        out.data_ptr(),
+        res_out_ptr,
+        rows,
+        x.shape[-1],
+        x_stride,
+        res_stride,
+        eps,
+        weight_offset,
+        torch.get_num_threads(),
     )
     return out, res_out
 
@@ -243,8 +318,7 @@ def silu_mul(gate_up: Tensor) -> Tensor:
 def argmax_rows(x: Tensor) -> Tensor:
     """x [rows, cols] -> int64 [rows], torch.argmax(x, -1) (first index of the maximum; NaN is never one)."""
     out = torch.empty(x.shape[0], dtype=torch.int64)
-    _built().argmax_rows(x.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1], x.stride(0),
-                           torch.get_num_threads())
+    _built().argmax_rows(x.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1], x.stride(0), torch.get_num_threads())
     return out
 
 
@@ -255,8 +329,18 @@ def rope(x: Tensor, positions: Tensor, cos_sin_cache: Tensor, rotary_dim: int, n
     pos = positions.to(torch.int64).contiguous()
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
     if _built().rope(
-        x.data_ptr(), out.data_ptr(), pos.data_ptr(), cos_sin_cache.contiguous().data_ptr(), x.shape[0], x.shape[1],
-        x.shape[2], x.stride(0), rotary_dim, int(neox_style), cos_sin_cache.shape[0], torch.get_num_threads(),
+        x.data_ptr(),
+        out.data_ptr(),
+        pos.data_ptr(),
+        cos_sin_cache.contiguous().data_ptr(),
+        x.shape[0],
+        x.shape[1],
+        x.shape[2],
+        x.stride(0),
+        rotary_dim,
+        int(neox_style),
+        cos_sin_cache.shape[0],
+        torch.get_num_threads(),
     ):
         raise IndexError(f"a position is outside the rotary cache's {cos_sin_cache.shape[0]} positions")
     return out

@@ -5,6 +5,7 @@ Config by shape: decode tiles hold one token × the group's heads (padded to the
 tiles pack up to 128 rows. Split-KV (flash-decoding) is chosen when the decode grid is too small to fill the GPU.
 `choose` is the launcher's choice of both, which the cross-compile check reproduces for each target.
 """
+
 from __future__ import annotations
 
 import torch
@@ -14,19 +15,55 @@ from ..model_step import MAX_BLOCKS_PER_SEQ, ModelStep, Planned, at_model_size
 from ..render import interpreting
 from ..signature import Kernel, const, ptr, scalar
 
-KERNEL = Kernel("paged_attention", "kernel", (
-    ptr("q_ptr"), ptr("k_cache_ptr"), ptr("v_cache_ptr"), ptr("out_ptr"), ptr("lse_ptr", "split"),
-    ptr("block_tables_ptr"), ptr("seq_lens_ptr"), ptr("query_start_loc_ptr"), scalar("q_stride_t"),
-    scalar("q_stride_h"), scalar("out_stride_t", ("split", False)), scalar("out_stride_h", ("split", False)),
-    scalar("tables_stride"), scalar("scale"), scalar("softcap", "softcap"), scalar("window", "window"),
-    const("KV_HEADS"), const("GROUP"), const("GROUP_P"), const("BLOCK_Q"), const("BLOCK_M"), const("BLOCK_N"),
-    const("BLOCK_SIZE"), const("HEAD_D"), const("BLOCK_D"), const("HEAD_DV"), const("BLOCK_DV"),
-    const("NUM_SPLITS"),
-))
-MERGE = Kernel("paged_attention", "merge", (
-    ptr("partial_ptr"), ptr("lse_ptr"), ptr("out_ptr"), scalar("out_stride_t"), scalar("out_stride_h"),
-    scalar("n_heads"), const("HEAD_DV"), const("BLOCK_DV"), const("NUM_SPLITS"),
-))
+KERNEL = Kernel(
+    "paged_attention",
+    "kernel",
+    (
+        ptr("q_ptr"),
+        ptr("k_cache_ptr"),
+        ptr("v_cache_ptr"),
+        ptr("out_ptr"),
+        ptr("lse_ptr", "split"),
+        ptr("block_tables_ptr"),
+        ptr("seq_lens_ptr"),
+        ptr("query_start_loc_ptr"),
+        scalar("q_stride_t"),
+        scalar("q_stride_h"),
+        scalar("out_stride_t", ("split", False)),
+        scalar("out_stride_h", ("split", False)),
+        scalar("tables_stride"),
+        scalar("scale"),
+        scalar("softcap", "softcap"),
+        scalar("window", "window"),
+        const("KV_HEADS"),
+        const("GROUP"),
+        const("GROUP_P"),
+        const("BLOCK_Q"),
+        const("BLOCK_M"),
+        const("BLOCK_N"),
+        const("BLOCK_SIZE"),
+        const("HEAD_D"),
+        const("BLOCK_D"),
+        const("HEAD_DV"),
+        const("BLOCK_DV"),
+        const("NUM_SPLITS"),
+    ),
+)
+MERGE = Kernel(
+    "paged_attention",
+    "merge",
+    (
+        ptr("partial_ptr"),
+        ptr("lse_ptr"),
+        ptr("out_ptr"),
+        scalar("out_stride_t"),
+        scalar("out_stride_h"),
+        scalar("n_heads"),
+        const("HEAD_DV"),
+        const("BLOCK_DV"),
+        const("NUM_SPLITS"),
+    ),
+)
 REFERENCE = "kiln::paged_attention"
 MAX_SPLITS = 16
 
@@ -67,8 +104,16 @@ def num_splits_for(num_seqs: int, kv_heads: int, max_query_len: int, sms: int | 
     return min(MAX_SPLITS, 1 << (want.bit_length() - 1))
 
 
-def choose(num_seqs: int, max_query_len: int, heads: int, kv_heads: int, head_dim: int, v_dim: int,
-           dtype: torch.dtype, target: Target) -> tuple[Config, int]:
+def choose(
+    num_seqs: int,
+    max_query_len: int,
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    v_dim: int,
+    dtype: torch.dtype,
+    target: Target,
+) -> tuple[Config, int]:
     """The config and split count a step runs with on `target`: what the launcher launches and the
     cross-compile check compiles, so the check cannot pass on a config the runtime would not pick."""
     config = pick(configs(max_query_len, heads // kv_heads, head_dim, v_dim, dtype), target.shared_limit)
@@ -76,10 +121,21 @@ def choose(num_seqs: int, max_query_len: int, heads: int, kv_heads: int, head_di
 
 
 def plan(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor, block_tables: torch.Tensor,
-    seq_lens: torch.Tensor, query_start_loc: torch.Tensor, scale: float, window: int, softcap: float,
-    max_query_len: int, config: Config, num_splits: int = 1,
-    partial: torch.Tensor | None = None, lse: torch.Tensor | None = None,
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    out: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    scale: float,
+    window: int,
+    softcap: float,
+    max_query_len: int,
+    config: Config,
+    num_splits: int = 1,
+    partial: torch.Tensor | None = None,
+    lse: torch.Tensor | None = None,
 ) -> list[Launch]:
     """q/out [T, Hq, D/Dv] (unit last stride), caches [blocks, block_size, Hkv, D] contiguous. With splits > 1,
     `partial` [T, Hq, splits, Dv] and `lse` [T, Hq, splits] are float32 scratch and a merge launch follows."""
@@ -88,14 +144,35 @@ def plan(
     v_dim = v_cache.shape[-1]
     group = num_heads // kv_heads
     split = num_splits > 1
-    flags = {"split": split, "softcap": softcap > 0, "window": window > 0,
-             "upcast": interpreting() and q.dtype == torch.bfloat16, "ieee": ieee_dots(q.dtype)}
-    args = {"q_ptr": q, "k_cache_ptr": k_cache, "v_cache_ptr": v_cache, "block_tables_ptr": block_tables,
-            "seq_lens_ptr": seq_lens, "query_start_loc_ptr": query_start_loc, "q_stride_t": q.stride(0),
-            "q_stride_h": q.stride(1), "tables_stride": block_tables.stride(0), "scale": float(scale),
-            "KV_HEADS": kv_heads, "GROUP": group, "GROUP_P": next_pow2(group), **config.blocks,
-            "BLOCK_SIZE": block_size, "HEAD_D": head_dim, "BLOCK_D": next_pow2(head_dim), "HEAD_DV": v_dim,
-            "BLOCK_DV": next_pow2(v_dim), "NUM_SPLITS": num_splits}
+    flags = {
+        "split": split,
+        "softcap": softcap > 0,
+        "window": window > 0,
+        "upcast": interpreting() and q.dtype == torch.bfloat16,
+        "ieee": ieee_dots(q.dtype),
+    }
+    args = {
+        "q_ptr": q,
+        "k_cache_ptr": k_cache,
+        "v_cache_ptr": v_cache,
+        "block_tables_ptr": block_tables,
+        "seq_lens_ptr": seq_lens,
+        "query_start_loc_ptr": query_start_loc,
+        "q_stride_t": q.stride(0),
+        "q_stride_h": q.stride(1),
+        "tables_stride": block_tables.stride(0),
+        "scale": float(scale),
+        "KV_HEADS": kv_heads,
+        "GROUP": group,
+        "GROUP_P": next_pow2(group),
+        **config.blocks,
+        "BLOCK_SIZE": block_size,
+        "HEAD_D": head_dim,
+        "BLOCK_D": next_pow2(head_dim),
+        "HEAD_DV": v_dim,
+        "BLOCK_DV": next_pow2(v_dim),
+        "NUM_SPLITS": num_splits,
+    }
     if split:
         args.update(out_ptr=partial, lse_ptr=lse)
     else:
@@ -107,9 +184,17 @@ def plan(
     grid = (seq_lens.shape[0], cdiv(max_query_len, config.blocks["BLOCK_Q"]), kv_heads * num_splits)
     launches = [Launch(KERNEL, flags, args, grid, config.num_warps, config.num_stages)]
     if split:
-        merge_args = {"partial_ptr": partial, "lse_ptr": lse, "out_ptr": out, "out_stride_t": out.stride(0),
-                      "out_stride_h": out.stride(1), "n_heads": num_heads, "HEAD_DV": v_dim,
-                      "BLOCK_DV": next_pow2(v_dim), "NUM_SPLITS": num_splits}
+        merge_args = {
+            "partial_ptr": partial,
+            "lse_ptr": lse,
+            "out_ptr": out,
+            "out_stride_t": out.stride(0),
+            "out_stride_h": out.stride(1),
+            "n_heads": num_heads,
+            "HEAD_DV": v_dim,
+            "BLOCK_DV": next_pow2(v_dim),
+            "NUM_SPLITS": num_splits,
+        }
         launches.append(Launch(MERGE, flags, merge_args, (q.shape[0], num_heads), 2, 1))
     return launches
 
@@ -119,15 +204,29 @@ def model_step_launches(step: ModelStep) -> list[Planned]:
     """The step's attention (and the split-KV merge when the launcher would split), with the config and split
     count the launcher chooses for the step's target."""
     s, t, seqs = step.shapes, step.tokens, step.seqs
-    config, splits = choose(seqs, step.query_len, s.heads, s.kv_heads, s.head_dim, s.head_dim, step.dtype,
-                            step.target)
+    config, splits = choose(seqs, step.query_len, s.heads, s.kv_heads, s.head_dim, s.head_dim, step.dtype, step.target)
     q = step.tensor(t, s.heads, s.head_dim)
     k_cache, v_cache = (step.tensor(4096, step.block_size, s.kv_heads, s.head_dim) for _ in range(2))
     partial = step.tensor(t, s.heads, splits, s.head_dim, dtype=torch.float32)
     lse = step.tensor(t, s.heads, splits, dtype=torch.float32)
     tables = step.tensor(seqs, MAX_BLOCKS_PER_SEQ, dtype=torch.int32)
     attention, *merge = plan(
-        q, k_cache, v_cache, q, tables, step.tensor(seqs, dtype=torch.int32), step.tensor(seqs + 1, dtype=torch.int32),
-        s.head_dim ** -0.5, s.window, s.softcap, step.query_len, config, splits, partial, lse)
-    return ([Planned("attention", step.name, attention, config.shared_bytes)]
-            + [Planned("attention_merge", step.name, launch) for launch in merge])
+        q,
+        k_cache,
+        v_cache,
+        q,
+        tables,
+        step.tensor(seqs, dtype=torch.int32),
+        step.tensor(seqs + 1, dtype=torch.int32),
+        s.head_dim**-0.5,
+        s.window,
+        s.softcap,
+        step.query_len,
+        config,
+        splits,
+        partial,
+        lse,
+    )
+    return [Planned("attention", step.name, attention, config.shared_bytes)] + [
+        Planned("attention_merge", step.name, launch) for launch in merge
+    ]

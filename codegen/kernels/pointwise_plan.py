@@ -1,6 +1,7 @@
 """Plan of pointwise.py.jinja: a fused chain of elementwise ops over row-major inputs, optionally reduced
 per row (sum or max). The chain is one Triton expression over the input names, scalar names and the helpers
 of activations.jinja (silu, gelu, gelu_tanh, tanh, relu), e.g. "silu(a) * b + 0.5 * c"."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -11,10 +12,18 @@ from ..kernel_plan import Config, Launch, cdiv, next_pow2
 from ..model_step import ModelStep, Planned, at_model_size
 from ..signature import Kernel, Repeat, const, ptr, scalar
 
-KERNEL = Kernel("pointwise", "kernel", (
-    Repeat("inputs", (ptr("{}_ptr"), scalar("{}_stride"))), ptr("out_ptr"), scalar("out_stride"), scalar("n_cols"),
-    Repeat("scalars", (scalar("{}"),)), const("BLOCK"),
-))
+KERNEL = Kernel(
+    "pointwise",
+    "kernel",
+    (
+        Repeat("inputs", (ptr("{}_ptr"), scalar("{}_stride"))),
+        ptr("out_ptr"),
+        scalar("out_stride"),
+        scalar("n_cols"),
+        Repeat("scalars", (scalar("{}"),)),
+        const("BLOCK"),
+    ),
+)
 REDUCTIONS = ("none", "sum", "max")
 
 

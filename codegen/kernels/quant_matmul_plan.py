@@ -2,6 +2,7 @@
 int8 x int8 matmul of W8A8 with its per-token activation quantizer. Decode (small M) splits K so that a few
 output tiles still fill the GPU. `choose` is the launchers' choice of config and split, which the cross-compile
 check reproduces for each target."""
+
 from __future__ import annotations
 
 import torch
@@ -11,16 +12,43 @@ from ..kernel_plan import Config, Launch, Target, cdiv, ieee_dots, next_pow2, pi
 from ..model_step import ModelStep, Planned, at_model_size
 from ..signature import Kernel, const, ptr, scalar
 
-KERNEL = Kernel("quant_matmul", "kernel", (
-    ptr("a_ptr"), ptr("w_ptr"), ptr("scale_ptr"), ptr("c_ptr"), ptr("a_scale_ptr", ("weight", "w8a8")),
-    ptr("zeros_ptr", "zero_point"), ptr("in_scale_ptr", "input_scale"), ptr("bias_ptr", "bias"),
-    scalar("M"), scalar("N"), scalar("K"), scalar("a_stride_m"), scalar("c_stride_m"),
-    const("BLOCK_M"), const("BLOCK_N"), const("BLOCK_K"), const("SPLIT_K"), const("GROUP_SIZE"),
-))
-QUANTIZE_ROWS = Kernel("quant_matmul", "quantize_rows", (
-    ptr("x_ptr"), ptr("in_scale_ptr", "input_scale"), ptr("q_ptr"), ptr("s_ptr"), scalar("K"), scalar("x_stride_m"),
-    const("BLOCK"),
-))
+KERNEL = Kernel(
+    "quant_matmul",
+    "kernel",
+    (
+        ptr("a_ptr"),
+        ptr("w_ptr"),
+        ptr("scale_ptr"),
+        ptr("c_ptr"),
+        ptr("a_scale_ptr", ("weight", "w8a8")),
+        ptr("zeros_ptr", "zero_point"),
+        ptr("in_scale_ptr", "input_scale"),
+        ptr("bias_ptr", "bias"),
+        scalar("M"),
+        scalar("N"),
+        scalar("K"),
+        scalar("a_stride_m"),
+        scalar("c_stride_m"),
+        const("BLOCK_M"),
+        const("BLOCK_N"),
+        const("BLOCK_K"),
+        const("SPLIT_K"),
+        const("GROUP_SIZE"),
+    ),
+)
+QUANTIZE_ROWS = Kernel(
+    "quant_matmul",
+    "quantize_rows",
+    (
+        ptr("x_ptr"),
+        ptr("in_scale_ptr", "input_scale"),
+        ptr("q_ptr"),
+        ptr("s_ptr"),
+        scalar("K"),
+        scalar("x_stride_m"),
+        const("BLOCK"),
+    ),
+)
 MODES = ("int8", "int4", "w8a8")
 MODEL_GROUP_SIZE = 128  # int4's group size in the model-size launches the cross-compile check compiles
 
@@ -32,10 +60,20 @@ def configs(m: int, mode: str, dtype: torch.dtype, zero_point: bool = False) -> 
     if ieee_dots(dtype) and mode != "w8a8":
         shapes = [(16, 64, 32, 8, 2)] if m <= 16 else [(32, 64, 32, 4, 2)]
     else:
-        shapes = ([(16, 64, 128, 8, 3), (16, 64, 64, 4, 2), (16, 64, 32, 4, 2)] if m <= 16 else
-                  [(64, 128, 64, 8, 3), (64, 128, 32, 8, 2), (64, 64, 32, 4, 3)])
-    return [Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, warps, stages,
-                   _shared_bytes(bm, bn, bk, stages, mode, dtype, zero_point)) for bm, bn, bk, warps, stages in shapes]
+        shapes = (
+            [(16, 64, 128, 8, 3), (16, 64, 64, 4, 2), (16, 64, 32, 4, 2)]
+            if m <= 16
+            else [(64, 128, 64, 8, 3), (64, 128, 32, 8, 2), (64, 64, 32, 4, 3)]
+        )
+    return [
+        Config(
+            {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk},
+            warps,
+            stages,
+            _shared_bytes(bm, bn, bk, stages, mode, dtype, zero_point),
+        )
+        for bm, bn, bk, warps, stages in shapes
+    ]
 
 
 def _shared_bytes(bm: int, bn: int, bk: int, stages: int, mode: str, dtype: torch.dtype, zero_point: bool) -> int:
@@ -59,29 +97,68 @@ def split_k_for(m: int, n: int, k: int, config: Config, sms: int) -> int:
     return max(1, min(cdiv(sms, tiles), k // (4 * blocks["BLOCK_K"]), 16))
 
 
-def choose(m: int, n: int, k: int, mode: str, dtype: torch.dtype, zero_point: bool,
-           target: Target) -> tuple[Config, int]:
+def choose(
+    m: int, n: int, k: int, mode: str, dtype: torch.dtype, zero_point: bool, target: Target
+) -> tuple[Config, int]:
     """The config and K splits an [m, k] x [k, n] launch runs with on `target` (split for its `split_sms`):
     what the quantized launchers launch and the cross-compile check compiles."""
     config = pick(configs(m, mode, dtype, zero_point), target.shared_limit)
     return config, split_k_for(m, n, k, config, target.split_sms)
 
 
-def plan(a: Tensor, weight: Tensor, scales: Tensor, c: Tensor, mode: str, config: Config, split_k: int = 1,
-         a_scale: Tensor | None = None, qzeros: Tensor | None = None, input_scale: Tensor | None = None,
-         bias: Tensor | None = None, group_size: int = 128) -> Launch:
+def plan(
+    a: Tensor,
+    weight: Tensor,
+    scales: Tensor,
+    c: Tensor,
+    mode: str,
+    config: Config,
+    split_k: int = 1,
+    a_scale: Tensor | None = None,
+    qzeros: Tensor | None = None,
+    input_scale: Tensor | None = None,
+    bias: Tensor | None = None,
+    group_size: int = 128,
+) -> Launch:
     """a [M, K] (int8 codes for w8a8, with a_scale [M]); c [M, N], fp32 and zeroed when split_k > 1."""
     if mode not in MODES:
         raise ValueError(f"mode: {mode!r} is not one of {', '.join(MODES)}")
     m, k = a.shape
     n = weight.shape[1] if mode == "int4" else weight.shape[0]
-    flags = {"weight": mode, "zero_point": qzeros is not None, "input_scale": input_scale is not None,
-             "bias": bias is not None, "split_k": split_k > 1, "ieee": ieee_dots(a.dtype)}
-    args = {"a_ptr": a, "w_ptr": weight, "scale_ptr": scales, "c_ptr": c, "M": m, "N": n, "K": k,
-            "a_stride_m": a.stride(0), "c_stride_m": c.stride(0), **config.blocks, "SPLIT_K": split_k,
-            "GROUP_SIZE": group_size}
-    args.update({name: t for name, t in (("a_scale_ptr", a_scale), ("zeros_ptr", qzeros),
-                                         ("in_scale_ptr", input_scale), ("bias_ptr", bias)) if t is not None})
+    flags = {
+        "weight": mode,
+        "zero_point": qzeros is not None,
+        "input_scale": input_scale is not None,
+        "bias": bias is not None,
+        "split_k": split_k > 1,
+        "ieee": ieee_dots(a.dtype),
+    }
+    args = {
+        "a_ptr": a,
+        "w_ptr": weight,
+        "scale_ptr": scales,
+        "c_ptr": c,
+        "M": m,
+        "N": n,
+        "K": k,
+        "a_stride_m": a.stride(0),
+        "c_stride_m": c.stride(0),
+        **config.blocks,
+        "SPLIT_K": split_k,
+        "GROUP_SIZE": group_size,
+    }
+    args.update(
+        {
+            name: t
+            for name, t in (
+                ("a_scale_ptr", a_scale),
+                ("zeros_ptr", qzeros),
+                ("in_scale_ptr", input_scale),
+                ("bias_ptr", bias),
+            )
+            if t is not None
+        }
+    )
     grid = (cdiv(m, config.blocks["BLOCK_M"]) * cdiv(n, config.blocks["BLOCK_N"]), split_k)
     return Launch(KERNEL, flags, args, grid, config.num_warps, config.num_stages)
 
@@ -92,8 +169,14 @@ def plan_quantize_rows(x: Tensor, q: Tensor, scale: Tensor, input_scale: Tensor 
     args = {"x_ptr": x, "q_ptr": q, "s_ptr": scale, "K": k, "x_stride_m": x.stride(0), "BLOCK": next_pow2(k)}
     if input_scale is not None:
         args["in_scale_ptr"] = input_scale
-    flags = {"weight": "w8a8", "zero_point": False, "input_scale": input_scale is not None, "bias": False,
-             "split_k": False, "ieee": False}
+    flags = {
+        "weight": "w8a8",
+        "zero_point": False,
+        "input_scale": input_scale is not None,
+        "bias": False,
+        "split_k": False,
+        "ieee": False,
+    }
     return Launch(QUANTIZE_ROWS, flags, args, (m,), num_warps=4, num_stages=1)
 
 
@@ -111,8 +194,11 @@ def model_step_launches(step: ModelStep) -> list[Planned]:
     a_scale = step.tensor(m, dtype=torch.float32)
     out = []
     for name, mode, weight, scales, extra in (
-            ("int8", "int8", q8, s8, {}), ("int4", "int4", q4, s4, {"input_scale": xs}),
-            ("int4_zp", "int4", q4, s4, {"qzeros": z4}), ("w8a8", "w8a8", q8, s8, {"a_scale": a_scale})):
+        ("int8", "int8", q8, s8, {}),
+        ("int4", "int4", q4, s4, {"input_scale": xs}),
+        ("int4_zp", "int4", q4, s4, {"qzeros": z4}),
+        ("w8a8", "w8a8", q8, s8, {"a_scale": a_scale}),
+    ):
         config, split = choose(m, n, k, mode, step.dtype, "qzeros" in extra, step.target)
         a = step.tensor(m, k, dtype=torch.int8) if mode == "w8a8" else x
         c = step.tensor(m, n, dtype=torch.float32 if split > 1 else step.dtype)

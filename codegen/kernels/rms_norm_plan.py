@@ -1,5 +1,6 @@
 """Plan of rms_norm.py.jinja: kiln::rms_norm and kiln::add_rms_norm, one row per program (Liger style: the
 whole row in one tile of the next power of two, so one read and one write per element)."""
+
 from __future__ import annotations
 
 import torch
@@ -8,12 +9,24 @@ from ..kernel_plan import Config, Launch, next_pow2
 from ..model_step import ModelStep, Planned, at_model_size
 from ..signature import Kernel, const, ptr, scalar
 
-KERNEL = Kernel("rms_norm", "kernel", (
-    ptr("x_ptr"), ptr("weight_ptr"), ptr("out_ptr"), ptr("res_ptr", "residual"), ptr("res_out_ptr", "residual"),
-    scalar("n_cols"), scalar("x_stride"), scalar("out_stride"),
-    scalar("res_stride", "residual"), scalar("res_out_stride", "residual"), scalar("eps"),
-    const("BLOCK"),
-))
+KERNEL = Kernel(
+    "rms_norm",
+    "kernel",
+    (
+        ptr("x_ptr"),
+        ptr("weight_ptr"),
+        ptr("out_ptr"),
+        ptr("res_ptr", "residual"),
+        ptr("res_out_ptr", "residual"),
+        scalar("n_cols"),
+        scalar("x_stride"),
+        scalar("out_stride"),
+        scalar("res_stride", "residual"),
+        scalar("res_out_stride", "residual"),
+        scalar("eps"),
+        const("BLOCK"),
+    ),
+)
 
 
 def config(n_cols: int) -> Config:
@@ -23,16 +36,32 @@ def config(n_cols: int) -> Config:
 
 
 def plan(
-    x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, eps: float, weight_offset: float,
-    residual: torch.Tensor | None = None, residual_out: torch.Tensor | None = None,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    out: torch.Tensor,
+    eps: float,
+    weight_offset: float,
+    residual: torch.Tensor | None = None,
+    residual_out: torch.Tensor | None = None,
 ) -> Launch:
     """x, residual, out, residual_out: [rows, cols] with unit column stride."""
     rows, cols = x.shape
-    args = {"x_ptr": x, "weight_ptr": weight, "out_ptr": out, "n_cols": cols, "x_stride": x.stride(0),
-            "out_stride": out.stride(0), "eps": float(eps)}
+    args = {
+        "x_ptr": x,
+        "weight_ptr": weight,
+        "out_ptr": out,
+        "n_cols": cols,
+        "x_stride": x.stride(0),
+        "out_stride": out.stride(0),
+        "eps": float(eps),
+    }
     if residual is not None and residual_out is not None:
-        args.update(res_ptr=residual, res_out_ptr=residual_out, res_stride=residual.stride(0),
-                    res_out_stride=residual_out.stride(0))
+        args.update(
+            res_ptr=residual,
+            res_out_ptr=residual_out,
+            res_stride=residual.stride(0),
+            res_out_stride=residual_out.stride(0),
+        )
     cfg = config(cols)
     flags = {"residual": residual is not None, "weight_offset": float(weight_offset)}
     return Launch(KERNEL, flags, {**args, **cfg.blocks}, (rows,), cfg.num_warps, cfg.num_stages)
@@ -43,5 +72,7 @@ def model_step_launches(step: ModelStep) -> list[Planned]:
     """rms_norm and add_rms_norm over the step's hidden states."""
     x, w = step.tensor(step.tokens, step.shapes.hidden), step.tensor(step.shapes.hidden)
     offset = step.shapes.weight_offset
-    return [Planned("rms_norm", step.name, plan(x, w, x, 1e-5, offset)),
-            Planned("add_rms_norm", step.name, plan(x, w, x, 1e-5, offset, x, x))]
+    return [
+        Planned("rms_norm", step.name, plan(x, w, x, 1e-5, offset)),
+        Planned("add_rms_norm", step.name, plan(x, w, x, 1e-5, offset, x, x)),
+    ]

@@ -6,6 +6,7 @@ fusion/quantization), `kernels/` (whatever the backend generated), and the HF co
 tokenizer files. Nothing is pickled, so loading an artifact never runs code other than `forward.py`, which
 is checked against its hash first.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -14,8 +15,9 @@ import importlib.util
 import json
 import shutil
 import types
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, cast
+from typing import Any, cast
 
 import torch
 import torch.fx as fx
@@ -60,8 +62,12 @@ def versions() -> dict[str, str | None]:
         except importlib.metadata.PackageNotFoundError:
             return None
 
-    return {"kiln": __version__, "torch": torch.__version__, "triton": installed("triton"),
-            "transformers": installed("transformers")}
+    return {
+        "kiln": __version__,
+        "torch": torch.__version__,
+        "triton": installed("triton"),
+        "transformers": installed("transformers"),
+    }
 
 
 # Saving ------------------------------------------------------------------------------------------------
@@ -69,8 +75,12 @@ def versions() -> dict[str, str | None]:
 
 def _weights(gm: fx.GraphModule) -> tuple[dict[str, torch.Tensor], list[str], dict[str, str]]:
     """Every tensor the graphs read by attribute path; tied tensors are stored once, aliased by name."""
-    read = {f"{path}.{n.target}" if path else str(n.target)
-            for path, module in graph_modules(gm).items() for n in module.graph.nodes if n.op == "get_attr"}
+    read = {
+        f"{path}.{n.target}" if path else str(n.target)
+        for path, module in graph_modules(gm).items()
+        for n in module.graph.nodes
+        if n.op == "get_attr"
+    }
     params = {name for name, _ in gm.named_parameters(remove_duplicate=False)}
     tensors: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
@@ -100,12 +110,20 @@ def _get(root: torch.nn.Module, path: str) -> Any:
 
 
 def sha256(path: Path) -> str:
+    digest = hashlib.sha256()  # hashlib.file_digest needs Python 3.11
     with path.open("rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
-def save(compiled: CompiledModel, path: str | Path, options: dict[str, Any] | None = None,
-         progress: Progress | None = None, target: str | None = None) -> Path:
+def save(
+    compiled: CompiledModel,
+    path: str | Path,
+    options: dict[str, Any] | None = None,
+    progress: Progress | None = None,
+    target: str | None = None,
+) -> Path:
     """Write `compiled` as an artifact directory at `path` (which must not exist or be empty).
 
     target (e.g. "cuda:90"): also cross-compile every generated kernel for it (sources, cubins, records) into
@@ -128,8 +146,9 @@ def save(compiled: CompiledModel, path: str | Path, options: dict[str, Any] | No
     return root
 
 
-def _write(compiled: CompiledModel, gm: fx.GraphModule, root: Path, options: dict[str, Any], say: Progress,
-           target: str | None) -> int:
+def _write(
+    compiled: CompiledModel, gm: fx.GraphModule, root: Path, options: dict[str, Any], say: Progress, target: str | None
+) -> int:
     """Write every file, the manifest last; returns how many files the manifest lists."""
     from safetensors.torch import save_file
     from transformers import GenerationConfig
@@ -160,11 +179,18 @@ def _write(compiled: CompiledModel, gm: fx.GraphModule, root: Path, options: dic
     manifest: dict[str, Any] = {
         "format": FORMAT,
         "versions": versions(),
-        "options": {"backend": compiled.backend, "dtype": str(compiled.dtype).removeprefix("torch."),
-                    "max_model_len": compiled.max_model_len, **({"target": target} if target else {}),
-                    **options},
-        "model": {"kv_layouts": [vars(layout) for layout in compiled.kv_layouts],
-                  "eos_token_ids": compiled.eos_token_ids, "kv_cache_dtype": compiled.kv_cache_dtype},
+        "options": {
+            "backend": compiled.backend,
+            "dtype": str(compiled.dtype).removeprefix("torch."),
+            "max_model_len": compiled.max_model_len,
+            **({"target": target} if target else {}),
+            **options,
+        },
+        "model": {
+            "kv_layouts": [vars(layout) for layout in compiled.kv_layouts],
+            "eos_token_ids": compiled.eos_token_ids,
+            "kv_cache_dtype": compiled.kv_cache_dtype,
+        },
         "submodules": submodules,
         "weights": {"parameters": params, "aliases": aliases},
         "kernels": {name: "binary" if isinstance(c, bytes) else "text" for name, c in kernels.items()},
@@ -182,8 +208,9 @@ def can_cross_compile() -> bool:
 
 def _cross_compile(compiled: CompiledModel, target: str, out_dir: Path) -> None:
     if not can_cross_compile():
-        raise ArtifactError(f"target {target!r}: this kiln build cannot cross-compile kernels (no kiln.codegen."
-                            f"cross_compile)")
+        raise ArtifactError(
+            f"target {target!r}: this kiln build cannot cross-compile kernels (no kiln.codegen.cross_compile)"
+        )
     from kiln.codegen.cross_compile import cross_compile
 
     cross_compile(compiled, target=target, out_dir=out_dir)
@@ -200,8 +227,9 @@ def _read_manifest(root: Path) -> dict[str, Any]:
     except json.JSONDecodeError as err:
         raise ArtifactError(f"{root / MANIFEST}: not valid JSON ({err})") from err
     if manifest.get("format") != FORMAT:
-        raise ArtifactError(f"{root}: version mismatch: artifact format {manifest.get('format')!r}, "
-                            f"this kiln reads format {FORMAT}")
+        raise ArtifactError(
+            f"{root}: version mismatch: artifact format {manifest.get('format')!r}, this kiln reads format {FORMAT}"
+        )
     missing = [key for key in _MANIFEST_KEYS if key not in manifest]
     if missing:
         raise ArtifactError(f"{root}: {MANIFEST} lacks {', '.join(missing)}; recompile with `kiln compile -o`")
@@ -214,8 +242,10 @@ def check_versions(root: Path, built: dict[str, Any]) -> None:
     for name in ("kiln", "torch"):
         theirs, ours = str(built.get(name)), str(here[name])
         if theirs.split(".")[:2] != ours.split(".")[:2]:
-            raise ArtifactError(f"{root}: version mismatch: compiled with {name} {theirs}, running {name} {ours} "
-                                f"(major.minor must match); recompile the model with `kiln compile`")
+            raise ArtifactError(
+                f"{root}: version mismatch: compiled with {name} {theirs}, running {name} {ours} "
+                f"(major.minor must match); recompile the model with `kiln compile`"
+            )
 
 
 def verify(root: Path, files: dict[str, str]) -> None:
@@ -254,8 +284,9 @@ def _child(owner: torch.nn.Module, path: list[str]) -> torch.nn.Module:
     return owner
 
 
-def _module_tree(forward: types.ModuleType, submodules: dict[str, str], tensors: dict[str, torch.Tensor],
-                 params: set[str]) -> torch.nn.Module:
+def _module_tree(
+    forward: types.ModuleType, submodules: dict[str, str], tensors: dict[str, torch.Tensor], params: set[str]
+) -> torch.nn.Module:
     """Modules running forward.py's functions, with the tensors at the dotted paths the source reads."""
     root = type("KilnForward", (torch.nn.Module,), {"forward": forward.forward, "code": forward.SOURCE})()
     for path, function in sorted(submodules.items(), key=lambda item: item[0].count(".")):
@@ -272,9 +303,17 @@ def _module_tree(forward: types.ModuleType, submodules: dict[str, str], tensors:
     return root.eval()
 
 
-def load(path: str | Path, *, backend: str = "auto", dtype: str | torch.dtype | None = None,
-         max_model_len: int | None = None, trust_remote_code: bool = False, progress: Progress | None = None,
-         device: str | torch.device | None = "auto", **options: bool) -> CompiledModel:
+def load(
+    path: str | Path,
+    *,
+    backend: str = "auto",
+    dtype: str | torch.dtype | None = None,
+    max_model_len: int | None = None,
+    trust_remote_code: bool = False,
+    progress: Progress | None = None,
+    device: str | torch.device | None = "auto",
+    **options: bool,
+) -> CompiledModel:
     """Start serving from an artifact: verify it, read the weights, import the forward. No tracing, no passes.
 
     An artifact records no device: its weights load straight onto `device` ("auto": the first CUDA GPU when
@@ -298,11 +337,15 @@ def load(path: str | Path, *, backend: str = "auto", dtype: str | torch.dtype | 
     asked = {**options, "backend": None if backend == "auto" else backend, "dtype": dtype}
     for name, value in asked.items():
         if value is not None and value != saved.get(name):
-            raise ArtifactError(f"{root}: {name}={value!r} was fixed when this artifact was compiled "
-                                f"({saved.get(name)!r}); recompile from the HF directory to change it")
+            raise ArtifactError(
+                f"{root}: {name}={value!r} was fixed when this artifact was compiled "
+                f"({saved.get(name)!r}); recompile from the HF directory to change it"
+            )
     if max_model_len is not None and not 1 <= max_model_len <= saved["max_model_len"]:
-        raise ArtifactError(f"{root}: max_model_len {max_model_len} is outside 1..{saved['max_model_len']}, "
-                            f"the length this artifact was compiled for")
+        raise ArtifactError(
+            f"{root}: max_model_len {max_model_len} is outside 1..{saved['max_model_len']}, "
+            f"the length this artifact was compiled for"
+        )
     say(f"verifying {len(manifest['files'])} files")
     verify(root, manifest["files"])
     model = manifest["model"]
@@ -311,8 +354,9 @@ def load(path: str | Path, *, backend: str = "auto", dtype: str | torch.dtype | 
     for alias, name in manifest["weights"]["aliases"].items():
         tensors[alias] = tensors[name]
     say(f"importing {FORWARD}")
-    module = _module_tree(_import_forward(root), manifest["submodules"], tensors,
-                          set(manifest["weights"]["parameters"]))
+    module = _module_tree(
+        _import_forward(root), manifest["submodules"], tensors, set(manifest["weights"]["parameters"])
+    )
     say("loading config and tokenizer")
     config = AutoConfig.from_pretrained(root, trust_remote_code=trust_remote_code)
     has_tokenizer = (root / "tokenizer_config.json").is_file()
@@ -331,7 +375,12 @@ def load(path: str | Path, *, backend: str = "auto", dtype: str | torch.dtype | 
         kv_cache_dtype=model.get("kv_cache_dtype"),
     )
     compiled.generation_config = GenerationConfig.from_pretrained(root)
-    setattr(compiled, KERNELS_ATTR, {
-        name: (root / KERNELS / name).read_bytes() if kind == "binary" else (root / KERNELS / name).read_text()
-        for name, kind in manifest["kernels"].items()})
+    setattr(
+        compiled,
+        KERNELS_ATTR,
+        {
+            name: (root / KERNELS / name).read_bytes() if kind == "binary" else (root / KERNELS / name).read_text()
+            for name, kind in manifest["kernels"].items()
+        },
+    )
     return compiled

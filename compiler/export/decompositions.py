@@ -7,10 +7,12 @@ a functional scatter + gather + masked attention that returns the updated caches
 reference implementation, which is its aten formula (norms, rope, gated activations, and whatever ops are added
 later, as long as their reference is traceable).
 """
+
 from __future__ import annotations
 
 import operator
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -24,8 +26,18 @@ PAGED_ATTENTION = torch.ops.kiln.paged_attention.default
 
 
 def paged_attention(
-    q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor,
-    block_tables: Tensor, seq_lens: Tensor, query_start_loc: Tensor, scale: float, window: int, softcap: float,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    slot_mapping: Tensor,
+    block_tables: Tensor,
+    seq_lens: Tensor,
+    query_start_loc: Tensor,
+    scale: float,
+    window: int,
+    softcap: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """`kiln::paged_attention` without mutation or data-dependent shapes; returns (out, k_cache', v_cache').
 
@@ -64,8 +76,7 @@ def paged_attention(
         scores = torch.tanh(scores / softcap) * softcap
     scores = scores.masked_fill(~allowed[:, None, None, :], float("-inf"))
     out = torch.matmul(torch.softmax(scores, dim=-1).to(q.dtype), values)  # [T, Hkv, G, Dv]
-    return (out.reshape(num_tokens, num_heads, v_dim),
-            k_flat.reshape(k_cache.shape), v_flat.reshape(v_cache.shape))
+    return (out.reshape(num_tokens, num_heads, v_dim), k_flat.reshape(k_cache.shape), v_flat.reshape(v_cache.shape))
 
 
 def _reference(op: torch._ops.OpOverload) -> Callable[..., Any]:
@@ -115,7 +126,8 @@ def decompose(gm: fx.GraphModule) -> fx.GraphModule:
             new_v = graph.call_function(operator.getitem, (node, 2))
             new_k = graph.call_function(operator.getitem, (node, 1))
             out = graph.call_function(operator.getitem, (node, 0))
-        node.replace_all_uses_with(out, delete_user_cb=lambda user: user not in (out, new_k, new_v))
+        added = (out, new_k, new_v)
+        node.replace_all_uses_with(out, delete_user_cb=lambda user, added=added: user not in added)
         latest[k_cache], latest[v_cache] = new_k, new_v
     graph.output((output, *(latest[c] for c in caches)))
     graph.lint()
@@ -123,4 +135,3 @@ def decompose(gm: fx.GraphModule) -> fx.GraphModule:
     new.graph._codegen = fx.graph.CodeGen()
     new.recompile()
     return new
-

@@ -5,6 +5,7 @@ groups as `region_N` GraphModules) becomes `def forward_<path>(self, ...)`, boun
 load. The file's imports recreate the globals FX's code generator referenced and register the custom ops
 (`torch.ops.kiln.*`, ...) the graphs call.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -86,8 +87,11 @@ def forward_source(gm: fx.GraphModule) -> tuple[str, dict[str, str]]:
         bodies.append(code.src.strip("\n").replace("def forward(", f"def {function_name(path)}(", 1))
         for node in module.graph.nodes:
             target = node.target
-            if node.op == "call_function" and isinstance(target, torch._ops.OpOverload) \
-                    and target.namespace not in ("aten", "prims"):
+            if (
+                node.op == "call_function"
+                and isinstance(target, torch._ops.OpOverload)
+                and target.namespace not in ("aten", "prims")
+            ):
                 op_imports.update(f"import {m}  # registers custom ops called below" for m in _op_module(target))
     lines = {*globals_.values(), *op_imports}
     imports = sorted(lines, key=lambda line: (not line.startswith("import "), not line.startswith("from "), line))

@@ -15,6 +15,7 @@ constants, so the module stands alone.
 Static (`static=StaticShape(...)`, and always for TOSA, whose torch-mlir lowering needs static shapes): two
 functions of the same signature, `prefill` (T = tokens) and `decode` (T = S = seqs); a caller pads to them.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -32,12 +33,16 @@ if TYPE_CHECKING:
 
 FORMATS = {"torch": "torch", "linalg": "linalg-on-tensors", "stablehlo": "stablehlo", "tosa": "tosa"}
 STATIC_ONLY = {"tosa"}
-INSTALL_HINT = ("MLIR export needs torch-mlir: `make install` tries to install it, or run "
-                "`pip install --no-deps torch-mlir==20261001 && pip install numpy packaging` "
-                "(or `pip install 'kiln[mlir]'`)")
+INSTALL_HINT = (
+    "MLIR export needs torch-mlir: `make install` tries to install it, or run "
+    "`pip install --no-deps torch-mlir==20261001 && pip install numpy packaging` "
+    "(or `pip install 'kiln[mlir]'`)"
+)
 # What torch_mlir.fx.export_and_import runs between the FX import and the backend lowering.
-_TO_BACKEND_CONTRACT = ("builtin.module(func.func(torch-match-quantized-custom-ops), "
-                        "torchdynamo-export-to-torch-backend-pipeline{ extra-library=})")
+_TO_BACKEND_CONTRACT = (
+    "builtin.module(func.func(torch-match-quantized-custom-ops), "
+    "torchdynamo-export-to-torch-backend-pipeline{ extra-library=})"
+)
 
 
 class MissingTorchMlir(RuntimeError):
@@ -63,40 +68,71 @@ class StaticShape:
     num_blocks: int = 33
 
 
-def example_step(compiled: CompiledModel, block_size: int, tokens: int = 8, seqs: int = 2,
-                 blocks_per_seq: int = 5, num_blocks: int = 11) -> tuple[torch.Tensor, ...]:
+def example_step(
+    compiled: CompiledModel,
+    block_size: int,
+    tokens: int = 8,
+    seqs: int = 2,
+    blocks_per_seq: int = 5,
+    num_blocks: int = 11,
+) -> tuple[torch.Tensor, ...]:
     """Step inputs of the given sizes to trace with; their values do not matter (nothing depends on them)."""
+
     def zeros(*shape: int, dtype: torch.dtype = torch.int64) -> torch.Tensor:
         return torch.zeros(shape, dtype=dtype, device=compiled.device)
 
-    meta = (zeros(tokens), zeros(seqs, blocks_per_seq, dtype=torch.int32), zeros(seqs, dtype=torch.int32),
-            zeros(seqs + 1, dtype=torch.int32), zeros(seqs))
+    meta = (
+        zeros(tokens),
+        zeros(seqs, blocks_per_seq, dtype=torch.int32),
+        zeros(seqs, dtype=torch.int32),
+        zeros(seqs + 1, dtype=torch.int32),
+        zeros(seqs),
+    )
     return (zeros(tokens), zeros(tokens), *meta, *compiled.allocate_kv_cache(num_blocks, block_size))
 
 
-def export_programs(compiled: CompiledModel, block_size: int = 16,
-                    static: StaticShape | None = None) -> dict[str, torch.export.ExportedProgram]:
+def export_programs(
+    compiled: CompiledModel, block_size: int = 16, static: StaticShape | None = None
+) -> dict[str, torch.export.ExportedProgram]:
     """torch.export of the decomposed graph: {"forward": dynamic} or {"prefill", "decode"} at `static` sizes."""
     if compiled.backend != "reference":
-        raise ValueError(f"MLIR export starts from the reference graph; this model was compiled for "
-                         f"backend {compiled.backend!r} (compile it with backend='reference')")
+        raise ValueError(
+            f"MLIR export starts from the reference graph; this model was compiled for "
+            f"backend {compiled.backend!r} (compile it with backend='reference')"
+        )
     if not isinstance(compiled.graph_module, torch.fx.GraphModule):
         raise ValueError("MLIR export needs the FX graph: compile the HF checkpoint, not a saved artifact")
     functional = decompose(compiled.graph_module)
     with torch.no_grad():
         if static is not None:
             sizes = {"prefill": static.tokens, "decode": static.seqs}
-            return {name: torch.export.export(functional, example_step(
-                compiled, block_size, tokens, static.seqs, static.blocks_per_seq, static.num_blocks), strict=False)
-                for name, tokens in sizes.items()}
+            return {
+                name: torch.export.export(
+                    functional,
+                    example_step(compiled, block_size, tokens, static.seqs, static.blocks_per_seq, static.num_blocks),
+                    strict=False,
+                )
+                for name, tokens in sizes.items()
+            }
         Dim = torch.export.Dim
         tokens = Dim("tokens", min=1, max=max(2, compiled.max_model_len))
         seqs = Dim("seqs", min=1, max=max(2, compiled.max_model_len))
         width, blocks = Dim("blocks_per_seq", min=1), Dim("num_blocks", min=1)
-        shapes = ({0: tokens}, {0: tokens}, {0: tokens}, {0: seqs, 1: width}, {0: seqs}, {0: seqs + 1},
-                  {0: seqs}, *([{0: blocks}] * (2 * compiled.num_layers)))
-        return {"forward": torch.export.export(functional, example_step(compiled, block_size),
-                                               dynamic_shapes=shapes, strict=False)}
+        shapes = (
+            {0: tokens},
+            {0: tokens},
+            {0: tokens},
+            {0: seqs, 1: width},
+            {0: seqs},
+            {0: seqs + 1},
+            {0: seqs},
+            *([{0: blocks}] * (2 * compiled.num_layers)),
+        )
+        return {
+            "forward": torch.export.export(
+                functional, example_step(compiled, block_size), dynamic_shapes=shapes, strict=False
+            )
+        }
 
 
 def to_mlir(programs: dict[str, torch.export.ExportedProgram], fmt: str = "linalg") -> Any:
@@ -121,16 +157,22 @@ def to_mlir(programs: dict[str, torch.export.ExportedProgram], fmt: str = "linal
     return lower_mlir_module(False, OutputType.get(FORMATS[fmt]), importer.module)
 
 
-def export_mlir(compiled: CompiledModel, fmt: str = "linalg", block_size: int = 16,
-                static: StaticShape | None = None) -> Any:
+def export_mlir(
+    compiled: CompiledModel, fmt: str = "linalg", block_size: int = 16, static: StaticShape | None = None
+) -> Any:
     """The model as a torch-mlir `Module` in `fmt`; `str(module)` is its text. TOSA is always static."""
     if fmt in STATIC_ONLY and static is None:
         static = StaticShape()
     return to_mlir(export_programs(compiled, block_size, static), fmt)
 
 
-def write_mlir(compiled: CompiledModel, path: str | Path, fmt: str = "linalg", block_size: int = 16,
-               static: StaticShape | None = None) -> Path:
+def write_mlir(
+    compiled: CompiledModel,
+    path: str | Path,
+    fmt: str = "linalg",
+    block_size: int = 16,
+    static: StaticShape | None = None,
+) -> Path:
     """Export and write the module's text (weights inlined as dense resources) to `path`."""
     module = export_mlir(compiled, fmt, block_size, static)
     path = Path(path)
@@ -140,24 +182,56 @@ def write_mlir(compiled: CompiledModel, path: str | Path, fmt: str = "linalg", b
 
 # linalg-on-tensors -> LLVM, the way torch-mlir's RefBackend does it (its e2e-test package is not in the wheel;
 # its refback-* passes are, registered by torchMlirRegisterAllPasses).
-_LOWER_TO_LLVM = "builtin.module(" + ",".join([
-    "func.func(linalg-generalize-named-ops)", "func.func(linalg-fuse-elementwise-ops)", "convert-shape-to-std",
-    "func.func(refback-generalize-tensor-pad)", "func.func(refback-generalize-tensor-concat)",
-    "func.func(tm-tensor-bufferize)",
-    "one-shot-bufferize{copy-before-write bufferize-function-boundaries "
-    "function-boundary-type-conversion=identity-layout-map}",
-    "refback-mlprogram-bufferize", "func.func(buffer-deallocation-pipeline)", "inline",
-    "refback-munge-calling-conventions", "func.func(tm-tensor-to-loops)", "func.func(refback-munge-memref-copy)",
-    "func.func(convert-linalg-to-loops)", "func.func(lower-affine)", "convert-scf-to-cf",
-    "func.func(refback-expand-ops-for-llvm)", "func.func(arith-expand)", "func.func(convert-math-to-llvm)",
-    "convert-math-to-libm", "expand-strided-metadata", "finalize-memref-to-llvm", "lower-affine",
-    "convert-bufferization-to-memref", "finalize-memref-to-llvm", "func.func(convert-arith-to-llvm)",
-    "convert-vector-to-llvm", "convert-func-to-llvm", "convert-cf-to-llvm", "convert-complex-to-llvm",
-    "reconcile-unrealized-casts",
-]) + ")"
+_LOWER_TO_LLVM = (
+    "builtin.module("
+    + ",".join(
+        [
+            "func.func(linalg-generalize-named-ops)",
+            "func.func(linalg-fuse-elementwise-ops)",
+            "convert-shape-to-std",
+            "func.func(refback-generalize-tensor-pad)",
+            "func.func(refback-generalize-tensor-concat)",
+            "func.func(tm-tensor-bufferize)",
+            "one-shot-bufferize{copy-before-write bufferize-function-boundaries "
+            "function-boundary-type-conversion=identity-layout-map}",
+            "refback-mlprogram-bufferize",
+            "func.func(buffer-deallocation-pipeline)",
+            "inline",
+            "refback-munge-calling-conventions",
+            "func.func(tm-tensor-to-loops)",
+            "func.func(refback-munge-memref-copy)",
+            "func.func(convert-linalg-to-loops)",
+            "func.func(lower-affine)",
+            "convert-scf-to-cf",
+            "func.func(refback-expand-ops-for-llvm)",
+            "func.func(arith-expand)",
+            "func.func(convert-math-to-llvm)",
+            "convert-math-to-libm",
+            "expand-strided-metadata",
+            "finalize-memref-to-llvm",
+            "lower-affine",
+            "convert-bufferization-to-memref",
+            "finalize-memref-to-llvm",
+            "func.func(convert-arith-to-llvm)",
+            "convert-vector-to-llvm",
+            "convert-func-to-llvm",
+            "convert-cf-to-llvm",
+            "convert-complex-to-llvm",
+            "reconcile-unrealized-casts",
+        ]
+    )
+    + ")"
+)
 _RETURN_PREFIX = "refbackend_consume_func_return_"
-_MEMREF_DTYPES = {"mrf16": "float16", "mrf32": "float32", "mrf64": "float64", "mri1": "bool",
-                  "mri8": "int8", "mri32": "int32", "mri64": "int64"}  # numpy names
+_MEMREF_DTYPES = {
+    "mrf16": "float16",
+    "mrf32": "float32",
+    "mrf64": "float64",
+    "mri1": "bool",
+    "mri8": "int8",
+    "mri32": "int32",
+    "mri64": "int64",
+}  # numpy names
 
 
 class LinalgExecutable:
@@ -184,15 +258,16 @@ class LinalgExecutable:
             name = str(op.attributes["sym_name"]).strip('"')
             if not name.startswith(_RETURN_PREFIX):
                 continue
-            kinds = name[len(_RETURN_PREFIX):].split("_")
+            kinds = name[len(_RETURN_PREFIX) :].split("_")
             if not all(kind in _MEMREF_DTYPES for kind in kinds):
                 raise NotImplementedError(f"{name}: only tensor results of {', '.join(_MEMREF_DTYPES)}")
             dtypes = [np.dtype(_MEMREF_DTYPES[kind]) for kind in kinds]
 
             def consume(*memrefs: Any, dtypes: list = dtypes) -> None:
                 # Copy out: the memrefs belong to the JIT-ed code.
-                self._result = tuple(torch.from_numpy(unranked_memref_to_numpy(m, d).copy())
-                                     for m, d in zip(memrefs, dtypes))
+                self._result = tuple(
+                    torch.from_numpy(unranked_memref_to_numpy(m, d).copy()) for m, d in zip(memrefs, dtypes)
+                )
 
             callback = ctypes.CFUNCTYPE(None, *[ctypes.POINTER(UnrankedMemRefDescriptor)] * len(kinds))(consume)
             self._callbacks.append(callback)

@@ -1,5 +1,6 @@
 """kiln::paged_attention against a naive per-sequence attention: its pure-torch reference and the CPU backend's
 C-kernel paths (backends/cpu/lowering.py)."""
+
 from __future__ import annotations
 
 import pytest
@@ -45,19 +46,43 @@ def test_paged_attention_ragged_prefill_then_decode(use_c, window, softcap):
 
     def step(query_lens, context_lens):
         meta = AttentionMetadata.build(query_lens, context_lens, tables, block)
-        sl = lambda xs: torch.cat([x[c:c + n] for x, c, n in zip(xs, context_lens, query_lens)])  # noqa: E731
+        sl = lambda xs: torch.cat([x[c : c + n] for x, c, n in zip(xs, context_lens, query_lens)])  # noqa: E731
         q = torch.randn(sum(query_lens), heads, dim, generator=gen)
-        out = attend(q, sl(keys), sl(values), k_cache, v_cache, meta.slot_mapping,
-                                  meta.block_tables, meta.seq_lens, meta.query_start_loc, 0.3, window, softcap)
+        out = attend(
+            q,
+            sl(keys),
+            sl(values),
+            k_cache,
+            v_cache,
+            meta.slot_mapping,
+            meta.block_tables,
+            meta.seq_lens,
+            meta.query_start_loc,
+            0.3,
+            window,
+            softcap,
+        )
         starts = meta.query_start_loc.tolist()
         for s, (c, n) in enumerate(zip(context_lens, query_lens)):
-            expect = _naive(q[starts[s]:starts[s + 1]], keys[s][: c + n], values[s][: c + n], c, 0.3, window, softcap)
-            torch.testing.assert_close(out[starts[s]:starts[s + 1]], expect, rtol=1e-5, atol=1e-5)
+            expect = _naive(q[starts[s] : starts[s + 1]], keys[s][: c + n], values[s][: c + n], c, 0.3, window, softcap)
+            torch.testing.assert_close(out[starts[s] : starts[s + 1]], expect, rtol=1e-5, atol=1e-5)
 
     # Pre-fill the cached prefix of sequence 2 alone, then a mixed prefill, then pure decode steps.
     meta = AttentionMetadata.build([5], [0], [tables[2]], block)
-    attend(torch.randn(5, heads, dim), keys[2][:5], values[2][:5], k_cache, v_cache, meta.slot_mapping,
-                        meta.block_tables, meta.seq_lens, meta.query_start_loc, 0.3, window, softcap)
+    attend(
+        torch.randn(5, heads, dim),
+        keys[2][:5],
+        values[2][:5],
+        k_cache,
+        v_cache,
+        meta.slot_mapping,
+        meta.block_tables,
+        meta.seq_lens,
+        meta.query_start_loc,
+        0.3,
+        window,
+        softcap,
+    )
     step(prompt_lens, cached)
     done = [c + p for c, p in zip(cached, prompt_lens)]
     step(mixed, done)
@@ -76,20 +101,48 @@ def test_fresh_prompts_attend_over_their_own_keys(kv_heads):
     keys = [torch.randn(n, kv_heads, dim, generator=gen) for n in lens]
     values = [torch.randn(n, kv_heads, dim, generator=gen) for n in lens]
     first = AttentionMetadata.build([1], [0], [tables[1]], block)  # sequence 1's first token, cached before
-    lowering.paged_attention(torch.randn(1, heads, dim), keys[1][:1], values[1][:1], k_cache, v_cache,
-                        first.slot_mapping, first.block_tables, first.seq_lens, first.query_start_loc, 0.3, 0, 0.0)
+    lowering.paged_attention(
+        torch.randn(1, heads, dim),
+        keys[1][:1],
+        values[1][:1],
+        k_cache,
+        v_cache,
+        first.slot_mapping,
+        first.block_tables,
+        first.seq_lens,
+        first.query_start_loc,
+        0.3,
+        0,
+        0.0,
+    )
     for query_lens, context in [([9, 1, 14], [0, 1, 0]), ([9, 14], None)]:  # with and without a decode row
         seqs = [0, 1, 2] if context else [0, 2]
         context = context or [0, 0]
         meta = AttentionMetadata.build(query_lens, context, [tables[s] for s in seqs], block)
         q = torch.randn(sum(query_lens), heads, dim, generator=gen)
-        pick = lambda xs: torch.cat([xs[s][c:c + n] for s, c, n in zip(seqs, context, query_lens)])  # noqa: E731
-        out = lowering.paged_attention(q, pick(keys), pick(values), k_cache, v_cache, meta.slot_mapping,
-                                  meta.block_tables, meta.seq_lens, meta.query_start_loc, 0.3, 0, 0.0)
+        rows = list(zip(seqs, context, query_lens))
+
+        def pick(xs: list[torch.Tensor], rows: list = rows) -> torch.Tensor:
+            return torch.cat([xs[s][c : c + n] for s, c, n in rows])
+
+        out = lowering.paged_attention(
+            q,
+            pick(keys),
+            pick(values),
+            k_cache,
+            v_cache,
+            meta.slot_mapping,
+            meta.block_tables,
+            meta.seq_lens,
+            meta.query_start_loc,
+            0.3,
+            0,
+            0.0,
+        )
         starts = meta.query_start_loc.tolist()
         for i, (s, c, n) in enumerate(zip(seqs, context, query_lens)):
-            expect = _naive(q[starts[i]:starts[i + 1]], keys[s][:c + n], values[s][:c + n], c, 0.3, 0, 0.0)
-            torch.testing.assert_close(out[starts[i]:starts[i + 1]], expect, rtol=1e-5, atol=1e-5)
+            expect = _naive(q[starts[i] : starts[i + 1]], keys[s][: c + n], values[s][: c + n], c, 0.3, 0, 0.0)
+            torch.testing.assert_close(out[starts[i] : starts[i + 1]], expect, rtol=1e-5, atol=1e-5)
 
 
 def test_fresh_and_continued_prefill_in_one_step():
@@ -102,15 +155,39 @@ def test_fresh_and_continued_prefill_in_one_step():
     keys = [torch.randn(n, kv_heads, dim, generator=gen) for n in lens]
     values = [torch.randn(n, kv_heads, dim, generator=gen) for n in lens]
     first = AttentionMetadata.build([5], [0], [tables[1]], block)  # sequence 1's first chunk, 5 tokens
-    lowering.paged_attention(torch.randn(5, heads, dim), keys[1][:5], values[1][:5], k_cache, v_cache,
-                        first.slot_mapping, first.block_tables, first.seq_lens, first.query_start_loc, 0.3, 0, 0.0)
+    lowering.paged_attention(
+        torch.randn(5, heads, dim),
+        keys[1][:5],
+        values[1][:5],
+        k_cache,
+        v_cache,
+        first.slot_mapping,
+        first.block_tables,
+        first.seq_lens,
+        first.query_start_loc,
+        0.3,
+        0,
+        0.0,
+    )
     query_lens, context = [6, 6, 3], [0, 5, 0]
     meta = AttentionMetadata.build(query_lens, context, tables, block)
     q = torch.randn(sum(query_lens), heads, dim, generator=gen)
-    pick = lambda xs: torch.cat([x[c:c + n] for x, c, n in zip(xs, context, query_lens)])  # noqa: E731
-    out = lowering.paged_attention(q, pick(keys), pick(values), k_cache, v_cache, meta.slot_mapping, meta.block_tables,
-                              meta.seq_lens, meta.query_start_loc, 0.3, 0, 0.0)
+    pick = lambda xs: torch.cat([x[c : c + n] for x, c, n in zip(xs, context, query_lens)])  # noqa: E731
+    out = lowering.paged_attention(
+        q,
+        pick(keys),
+        pick(values),
+        k_cache,
+        v_cache,
+        meta.slot_mapping,
+        meta.block_tables,
+        meta.seq_lens,
+        meta.query_start_loc,
+        0.3,
+        0,
+        0.0,
+    )
     starts = meta.query_start_loc.tolist()
     for s, (c, n) in enumerate(zip(context, query_lens)):
-        expect = _naive(q[starts[s]:starts[s + 1]], keys[s][:c + n], values[s][:c + n], c, 0.3, 0, 0.0)
-        torch.testing.assert_close(out[starts[s]:starts[s + 1]], expect, rtol=1e-5, atol=1e-5)
+        expect = _naive(q[starts[s] : starts[s + 1]], keys[s][: c + n], values[s][: c + n], c, 0.3, 0, 0.0)
+        torch.testing.assert_close(out[starts[s] : starts[s + 1]], expect, rtol=1e-5, atol=1e-5)

@@ -1,5 +1,6 @@
 """The CPU backend's C kernels, as backend "reference" calls them (backends/cpu/lowering.py), against the ops'
 own pure-torch references (the specification)."""
+
 from __future__ import annotations
 
 import pytest
@@ -145,8 +146,9 @@ def test_float32_linear_above_the_c_rows_runs_onednn_and_follows_in_place_writes
     assert weight._kiln_onednn[1] is not None  # the blocked copy was made and kept
     torch.testing.assert_close(out, torch.nn.functional.linear(x, weight, bias), rtol=1e-5, atol=1e-5)
     weight.mul_(2.0)  # a stale blocked copy would still give the old result
-    torch.testing.assert_close(cpu_kernels.linear(x, weight, bias), torch.nn.functional.linear(x, weight, bias),
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        cpu_kernels.linear(x, weight, bias), torch.nn.functional.linear(x, weight, bias), rtol=1e-5, atol=1e-5
+    )
     strided = torch.randn(64, cpu_kernels.C_LINEAR_ROWS + 3, generator=gen).t()  # not contiguous
     torch.testing.assert_close(cpu_kernels.linear(strided, weight), strided @ weight.t(), rtol=1e-5, atol=1e-5)
 
@@ -170,9 +172,8 @@ def test_int8_tile_kernel_matches_the_dequantized_linear(rows):
 @pytest.mark.parametrize("shape", [(1, 7), (5, 1024), (300, 4099)])  # 300 x 4099 crosses the threaded size
 def test_argmax_rows_is_torch_argmax_ties_and_infinities_included(shape):
     x = torch.randn(*shape)
-    x[0, shape[1] // 2:] = x[0].max()  # a tie: the first index wins, as in torch
+    x[0, shape[1] // 2 :] = x[0].max()  # a tie: the first index wins, as in torch
     x[-1] = float("-inf")  # a row with nothing allowed
-    strided = torch.randn(shape[0], shape[1] + 3)[:, 1:shape[1] + 1]  # row stride != cols
+    strided = torch.randn(shape[0], shape[1] + 3)[:, 1 : shape[1] + 1]  # row stride != cols
     for t in (x, strided):
         assert torch.equal(cpu_kernels.argmax_rows(t), t.argmax(-1))
-

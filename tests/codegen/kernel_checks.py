@@ -1,6 +1,7 @@
 """What the codegen tests share. Importing this first runs the kernels in Triton's interpreter when there is no
 GPU: TRITON_INTERPRET must be set before a kernel is defined, and kiln's kernels are imported lazily from the
 kernel cache, so setting it here, before the test modules import kiln.codegen, is early enough."""
+
 from __future__ import annotations
 
 import json
@@ -41,8 +42,10 @@ def in_clean_processes(script: str, args: list[Any]) -> list[Any]:
     process waits on a full pipe while another is being read."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     outputs = [(tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")) for _ in args]
-    procs = [subprocess.Popen([sys.executable, "-c", script, json.dumps(arg)], env=env, text=True, stdout=out,
-                              stderr=err) for arg, (out, err) in zip(args, outputs)]
+    procs = [
+        subprocess.Popen([sys.executable, "-c", script, json.dumps(arg)], env=env, text=True, stdout=out, stderr=err)
+        for arg, (out, err) in zip(args, outputs)
+    ]
     results = []
     for proc, (out, err) in zip(procs, outputs):
         with out, err:

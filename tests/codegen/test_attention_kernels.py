@@ -1,16 +1,17 @@
 """The paged-cache write and the varlen paged attention kernel against kiln::paged_attention's reference:
 a ragged batch mixing fresh prefill, prefill over a cached prefix and decode, with GQA, sliding window,
 soft-capping and the split-KV merge; outputs NaN-poisoned, block tables interleaved across sequences."""
+
 from __future__ import annotations
 
 import pytest
 import torch
-
 from kernel_checks import DEVICE, assert_close, poisoned, randn
 
 import kiln.ops  # noqa: F401  (declares the kiln::paged_attention reference)
 from kiln.codegen.kernel_plan import Config, run
-from kiln.codegen.kernels import cache_write_plan as cache_write, paged_attention_plan as attn
+from kiln.codegen.kernels import cache_write_plan as cache_write
+from kiln.codegen.kernels import paged_attention_plan as attn
 from kiln.ops.metadata import AttentionMetadata
 
 BLOCK_SIZE, KV_HEADS, GROUP, HEAD_DIM = 8, 2, 2, 32
@@ -32,17 +33,44 @@ def _batch(query_lens: list[int], context_lens: list[int], dtype: torch.dtype):
 def _check(query_lens, context_lens, dtype, window=0, softcap=0.0, splits=1, config: Config | None = None) -> None:
     q, k, v, (k_cache, v_cache), meta = _batch(query_lens, context_lens, dtype)
     ref_k, ref_v = k_cache.clone(), v_cache.clone()
-    scale = HEAD_DIM ** -0.5
-    expected = torch.ops.kiln.paged_attention(q, k, v, ref_k, ref_v, meta.slot_mapping, meta.block_tables,
-                                              meta.seq_lens, meta.query_start_loc, scale, window, softcap)
+    scale = HEAD_DIM**-0.5
+    expected = torch.ops.kiln.paged_attention(
+        q,
+        k,
+        v,
+        ref_k,
+        ref_v,
+        meta.slot_mapping,
+        meta.block_tables,
+        meta.seq_lens,
+        meta.query_start_loc,
+        scale,
+        window,
+        softcap,
+    )
     run(cache_write.plan(k, v, k_cache, v_cache, meta.slot_mapping))
     assert torch.equal(k_cache, ref_k) and torch.equal(v_cache, ref_v)
     tokens, heads, _ = q.shape
     out = poisoned(tokens, heads, HEAD_DIM, dtype=dtype)
     partial, lse = poisoned(tokens, heads, splits, HEAD_DIM), poisoned(tokens, heads, splits)
     config = config or attn.configs(max(query_lens), GROUP, HEAD_DIM, HEAD_DIM, dtype)[0]
-    for launch in attn.plan(q, k_cache, v_cache, out, meta.block_tables, meta.seq_lens, meta.query_start_loc,
-                            scale, window, softcap, max(query_lens), config, splits, partial, lse):
+    for launch in attn.plan(
+        q,
+        k_cache,
+        v_cache,
+        out,
+        meta.block_tables,
+        meta.seq_lens,
+        meta.query_start_loc,
+        scale,
+        window,
+        softcap,
+        max(query_lens),
+        config,
+        splits,
+        partial,
+        lse,
+    ):
         run(launch)
     assert_close(out, expected)
 

@@ -1,11 +1,11 @@
 """Decode steps replayed from CUDA graphs give the eager steps' logits (GPU only: graphs cannot be captured on
 CPU or in the interpreter)."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 import transformers
-
 from kernel_checks import DEVICE
 
 import kiln

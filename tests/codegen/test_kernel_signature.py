@@ -1,6 +1,7 @@
 """Each kernel's arguments are declared once: the template's signature is rendered from the declaration, a
 launch's arguments are checked by name against it (missing, unexpected, wrong kind), each launcher declares the
 kiln op it runs, and each plan declares its launches at a model's sizes for the cross-compile check."""
+
 from __future__ import annotations
 
 import ast
@@ -8,6 +9,7 @@ import ast
 import pytest
 import torch
 import transformers
+
 from kiln.codegen import launchers
 from kiln.codegen.cross_compile import TARGETS
 from kiln.codegen.kernel_plan import Launch, run
@@ -32,8 +34,11 @@ def test_the_rendered_signature_is_the_declaration() -> None:
     assert "res_ptr" not in _params(plain.source(), "kernel")
     # A template with several kernels renders each from its own declaration; the run order is the declaration's.
     rows = quant_matmul_plan.plan_quantize_rows(x, x, x[:, 0], x[0])
-    assert _params(rows.source(), "quantize_rows") == [a.name for a in quant_matmul_plan.QUANTIZE_ROWS.arguments(
-        rows.flags)] == [name for name, _ in rows.bind()[0]] + ["BLOCK"]
+    assert (
+        _params(rows.source(), "quantize_rows")
+        == [a.name for a in quant_matmul_plan.QUANTIZE_ROWS.arguments(rows.flags)]
+        == [name for name, _ in rows.bind()[0]] + ["BLOCK"]
+    )
     assert set(declared("quant_matmul")) == {"kernel", "quantize_rows"}
 
 
@@ -41,8 +46,16 @@ def test_repeated_arguments_follow_the_list_flag() -> None:
     chain = pointwise_plan.Chain(("a", "b"), "a * b + s", ("s",))
     x = torch.empty(2, 8)
     launch = pointwise_plan.plan(chain, {"a": x, "b": x}, {"s": 1.0}, x)
-    assert [name for name, _ in launch.bind()[0]] == ["a_ptr", "a_stride", "b_ptr", "b_stride", "out_ptr",
-                                                      "out_stride", "n_cols", "s"]
+    assert [name for name, _ in launch.bind()[0]] == [
+        "a_ptr",
+        "a_stride",
+        "b_ptr",
+        "b_stride",
+        "out_ptr",
+        "out_stride",
+        "n_cols",
+        "s",
+    ]
     assert _params(launch.source(), "kernel")[:-1] == [name for name, _ in launch.bind()[0]]
 
 
@@ -71,18 +84,39 @@ def test_a_kernel_is_declared_once_and_rendered_only_when_declared() -> None:
 def test_each_launcher_declares_the_op_it_runs() -> None:
     assert launchers.LOWERINGS["kiln.rms_norm"] is launchers.rms_norm
     assert launchers.LOWERINGS["kiln.linear_int4"] is launchers.linear_int4
-    assert {"kiln.add_rms_norm", "kiln.silu_mul", "kiln.gelu_mul", "kiln.rope", "kiln.paged_attention",
-            "kiln.linear_int8", "kiln.linear_w8a8"} <= set(launchers.LOWERINGS)
+    assert {
+        "kiln.add_rms_norm",
+        "kiln.silu_mul",
+        "kiln.gelu_mul",
+        "kiln.rope",
+        "kiln.paged_attention",
+        "kiln.linear_int8",
+        "kiln.linear_w8a8",
+    } <= set(launchers.LOWERINGS)
     with pytest.raises(ValueError, match="kiln.rms_norm has two launchers"):
         launchers.lowers("kiln.rms_norm")(lambda x: x)
 
 
 def test_every_plan_declares_its_launches_at_model_size() -> None:
-    config = transformers.LlamaConfig(hidden_size=256, num_attention_heads=4, num_key_value_heads=2,
-                                      intermediate_size=512, num_hidden_layers=1, vocab_size=100)
+    config = transformers.LlamaConfig(
+        hidden_size=256,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=512,
+        num_hidden_layers=1,
+        vocab_size=100,
+    )
     step = ModelStep(ModelShapes.from_config(config), torch.bfloat16, TARGETS[90], "decode_1", 1, 1, quantized=True)
     planned = step_launches(step)
     templates = {p.launch.kernel.template for p in planned}
-    assert templates == {"cache_write", "gated_act", "matmul", "paged_attention", "pointwise", "quant_matmul",
-                         "rms_norm", "rope"}
+    assert templates == {
+        "cache_write",
+        "gated_act",
+        "matmul",
+        "paged_attention",
+        "pointwise",
+        "quant_matmul",
+        "rms_norm",
+        "rope",
+    }
     assert all(set(p.launch.bind()[1]) for p in planned)  # every launch binds against its declaration

@@ -1,17 +1,20 @@
 """rms_norm, gated activations, rope, the generic pointwise chain and the epilogue GEMM against their torch
 references, on fresh random ragged inputs with NaN-poisoned outputs (interpreter on CPU, real on a GPU)."""
+
 from __future__ import annotations
 
 import pytest
 import torch
-
 from kernel_checks import DEVICE, assert_close, poisoned, randn
 
-from kiln.codegen import launchers
 from kiln import ops  # noqa: F401  (declares the kiln:: ops and their references)
+from kiln.codegen import launchers
 from kiln.codegen.kernel_plan import run
-from kiln.codegen.kernels import gated_act_plan as gated_act, matmul_plan as matmul, pointwise_plan as pointwise
-from kiln.codegen.kernels import rms_norm_plan as rms_norm, rope_plan as rope
+from kiln.codegen.kernels import gated_act_plan as gated_act
+from kiln.codegen.kernels import matmul_plan as matmul
+from kiln.codegen.kernels import pointwise_plan as pointwise
+from kiln.codegen.kernels import rms_norm_plan as rms_norm
+from kiln.codegen.kernels import rope_plan as rope
 
 kiln = torch.ops.kiln
 DTYPES = [torch.float32, torch.float16]
@@ -38,8 +41,11 @@ def test_rms_norm_and_fused_residual(dtype: torch.dtype, weight_offset: float) -
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_gated_activations_over_column_tiles(dtype: torch.dtype) -> None:
     gate_up = randn(3, 2 * 1100, dtype=dtype)  # 1100 columns: two 1024-wide tiles, the second ragged
-    for act, expected in (("silu", kiln.silu_mul(gate_up)), ("gelu", kiln.gelu_mul(gate_up, "none")),
-                          ("gelu_tanh", kiln.gelu_mul(gate_up, "tanh"))):
+    for act, expected in (
+        ("silu", kiln.silu_mul(gate_up)),
+        ("gelu", kiln.gelu_mul(gate_up, "none")),
+        ("gelu_tanh", kiln.gelu_mul(gate_up, "tanh")),
+    ):
         out = poisoned(3, 1100, dtype=dtype)
         run(gated_act.plan(gate_up, out, act))
         assert_close(out, expected)
@@ -91,6 +97,7 @@ def test_matmul_epilogue(dtype: torch.dtype, m: int) -> None:
     for kwargs in ({}, {"bias": bias, "activation": "silu", "residual": residual}):
         out = poisoned(m, 48, dtype=dtype)
         run(matmul.plan(a, b, out, config, **kwargs))
-        expected = matmul.reference(a, b, kwargs.get("bias"), kwargs.get("activation", "none"),
-                                    kwargs.get("residual"), dtype)
+        expected = matmul.reference(
+            a, b, kwargs.get("bias"), kwargs.get("activation", "none"), kwargs.get("residual"), dtype
+        )
         assert_close(out, expected)

@@ -1,5 +1,6 @@
 """Quantized matmul kernels (codegen/kernels/quant_matmul) against the kiln:: op references, under the Triton
 interpreter on CPU; and cross-compiled for sm_90 and sm_80 at Llama-3.2-1B's MLP size."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,8 +8,8 @@ from pathlib import Path
 import kernel_checks  # noqa: F401  (sets TRITON_INTERPRET before kiln.codegen is imported)
 import pytest
 import torch
-
 from kernel_checks import DEVICE, in_clean_processes, randn
+
 from kiln.codegen import launchers
 from kiln.codegen.kernel_plan import Target, run
 from kiln.codegen.kernels import quant_matmul_plan as qm
@@ -36,8 +37,10 @@ def test_int4_dequant_matmul(group: int, zero_point: bool) -> None:
     x, w = randn(3, K), randn(N, K)
     qweight, scales, qzeros = Q.quantize_int4(w, group, zero_point)
     input_scale = torch.rand(K, device=DEVICE) + 0.5
-    close(launchers.linear_int4(x, qweight, scales, qzeros, input_scale, None, group),
-          Q.linear_int4(x, qweight, scales, qzeros, input_scale, None, group))
+    close(
+        launchers.linear_int4(x, qweight, scales, qzeros, input_scale, None, group),
+        Q.linear_int4(x, qweight, scales, qzeros, input_scale, None, group),
+    )
 
 
 def test_split_k_adds_partials_once() -> None:
@@ -82,8 +85,14 @@ for dtype in (torch.bfloat16, torch.float32):
     out += [{"problems": r.problems(), **asdict(r)} for r in records]
 print(json.dumps(out))
 """
-LLAMA_1B_MLP = {"hidden_size": 2048, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 64,
-                "intermediate_size": 8192, "max_position_embeddings": 131072}
+LLAMA_1B_MLP = {
+    "hidden_size": 2048,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 64,
+    "intermediate_size": 8192,
+    "max_position_embeddings": 131072,
+}
 
 
 def test_chosen_configs_cross_compile_for_sm90_and_sm80(tmp_path: Path) -> None:
@@ -103,8 +112,9 @@ def test_chosen_configs_cross_compile_for_sm90_and_sm80(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("spec", ["w8a8:smooth", "int4:g32:zp:awq"])
 def test_triton_backend_runs_quantized_models_like_the_reference(checkpoint, spec: str) -> None:
-    import kiln
     from hf_reference import run_prefill_then_decode
+
+    import kiln
 
     path = checkpoint("llama")
     reference, triton = (kiln.compile(path, backend=b, quantization=spec) for b in ("reference", "triton"))

@@ -1,13 +1,13 @@
 """backend="triton" end to end: a tiny Llama whose kiln ops all run as generated kernels (interpreter on CPU)
 gives the reference backend's greedy tokens and logits over a packed prefill and decode steps."""
+
 from __future__ import annotations
 
 import torch
-
+from hf_reference import run_prefill_then_decode
 from kernel_checks import DEVICE
 
 import kiln
-from hf_reference import run_prefill_then_decode
 
 
 def test_tiny_llama_triton_matches_reference_and_auto_stays_reference_on_cpu(checkpoint) -> None:
@@ -25,4 +25,3 @@ def test_tiny_llama_triton_matches_reference_and_auto_stays_reference_on_cpu(che
     assert got == want
     for a, b in zip(got_logits, want_logits):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
-

@@ -1,4 +1,5 @@
 """Ahead-of-time artifacts: save, load in a fresh process with the same tokens, and refuse anything tampered."""
+
 from __future__ import annotations
 
 import ast
@@ -49,8 +50,12 @@ def copy(saved: Path, tmp_path: Path) -> Path:
 def test_fresh_process_generates_the_same_greedy_tokens(compiled, saved: Path) -> None:
     params = kiln.SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0)
     expected = [o.outputs[0].token_ids for o in kiln.LLM(compiled).generate(PROMPTS, params, use_tqdm=False)]
-    child = subprocess.run([sys.executable, "-c", _CHILD, str(saved), str(MAX_TOKENS), json.dumps(PROMPTS)],
-                           capture_output=True, text=True, timeout=300)
+    child = subprocess.run(
+        [sys.executable, "-c", _CHILD, str(saved), str(MAX_TOKENS), json.dumps(PROMPTS)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert child.returncode == 0, child.stderr
     assert json.loads(child.stdout.strip().splitlines()[-1]) == expected
 
@@ -62,8 +67,9 @@ def test_quantized_artifact_keeps_its_tiled_weights_and_tokens(checkpoint, tmp_p
     tiled = dict(loaded.graph_module.named_buffers())["model_model_layers_0_mlp_down_proj_weight_qweight_tiled"]
     assert tiled.dtype.is_floating_point is False and tiled.dim() == 4
     params = kiln.SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0)
-    runs = [[o.outputs[0].token_ids for o in kiln.LLM(m).generate(PROMPTS, params, use_tqdm=False)]
-            for m in (quant, loaded)]
+    runs = [
+        [o.outputs[0].token_ids for o in kiln.LLM(m).generate(PROMPTS, params, use_tqdm=False)] for m in (quant, loaded)
+    ]
     assert runs[0] == runs[1]
 
 
@@ -72,8 +78,11 @@ def test_loaded_model_keeps_the_compiled_interface(compiled, saved: Path) -> Non
     assert loaded.report.to_dict() == compiled.report.to_dict()
     assert loaded.report.format() == compiled.report.format()
     assert loaded.kv_layouts == compiled.kv_layouts
-    assert (loaded.dtype, loaded.max_model_len, loaded.backend) == (compiled.dtype, compiled.max_model_len,
-                                                                   compiled.backend)
+    assert (loaded.dtype, loaded.max_model_len, loaded.backend) == (
+        compiled.dtype,
+        compiled.max_model_len,
+        compiled.backend,
+    )
     assert loaded.eos_token_ids == compiled.eos_token_ids
     assert loaded.tokenizer.encode("The kiln") == compiled.tokenizer.encode("The kiln")
     config = lambda model: {k: v for k, v in model.hf_config.to_dict().items() if k != "_name_or_path"}  # noqa: E731
@@ -84,8 +93,9 @@ def test_loaded_model_keeps_the_compiled_interface(compiled, saved: Path) -> Non
 def test_layout_is_readable_and_pickle_free(compiled, saved: Path) -> None:
     manifest = json.loads((saved / "manifest.json").read_text())
     assert set(manifest["versions"]) == {"kiln", "torch", "triton", "transformers"}
-    assert {"forward.py", "weights.safetensors", "config.json", "generation_config.json",
-            "tokenizer.json"} <= set(manifest["files"])
+    assert {"forward.py", "weights.safetensors", "config.json", "generation_config.json", "tokenizer.json"} <= set(
+        manifest["files"]
+    )
     ast.parse((saved / "forward.py").read_text())
     read = {n.target for n in compiled.graph_module.graph.nodes if n.op == "get_attr"}
     with safe_open(str(saved / "weights.safetensors"), "pt") as f:

@@ -1,4 +1,5 @@
 """Device placement: one `device` argument, weights loaded straight onto it, and a graph that names no device."""
+
 from __future__ import annotations
 
 import json
@@ -12,8 +13,8 @@ from transformers import AutoModelForCausalLM
 
 import kiln
 from kiln.compiler import capture as capture_module
-from kiln.compiler.export import artifact
 from kiln.compiler.capture import device_constants
+from kiln.compiler.export import artifact
 from kiln.models.device import resolve_device
 from kiln.models.loader import load_model
 from kiln.models.weights import load_safetensors_model
@@ -68,11 +69,14 @@ def test_capture_traces_on_meta_with_deferred_asserts(checkpoint, monkeypatch: p
 
     monkeypatch.setattr(capture_module.torch.export, "export", spy)
     gm = capture_module.capture(load_model(str(checkpoint("qwen2"))).model, 64)  # GQA, like the failing families
-    (devices, kwargs), = seen
+    ((devices, kwargs),) = seen
     assert kwargs["prefer_deferred_runtime_asserts_over_guards"] is True and kwargs["strict"] is False
     assert devices == [torch.device("meta")] * 2
-    tensors = [getattr(gm.get_submodule(".".join(n.target.split(".")[:-1])), n.target.split(".")[-1])
-               for n in gm.graph.nodes if n.op == "get_attr"]
+    tensors = [
+        getattr(gm.get_submodule(".".join(n.target.split(".")[:-1])), n.target.split(".")[-1])
+        for n in gm.graph.nodes
+        if n.op == "get_attr"
+    ]
     assert tensors and not any(t.is_meta for t in tensors if isinstance(t, torch.Tensor))
 
 

@@ -2,16 +2,16 @@
 
 The six required families, and the other architectures that compile with no new code.
 """
+
 from __future__ import annotations
 
 import pytest
 import torch
+from hf_reference import greedy_agrees, hf_last_logits, run_prefill_then_decode
 from transformers import AutoModelForCausalLM
 
 import kiln
 from kiln.models.testing import TINY_CONFIGS
-
-from hf_reference import greedy_agrees, hf_last_logits, run_prefill_then_decode
 
 REQUIRED = ["llama", "mistral", "qwen2", "phi3", "gemma", "gpt2"]
 OTHERS = sorted(set(TINY_CONFIGS) - set(REQUIRED))
@@ -45,9 +45,16 @@ def test_greedy_generate_matches_hf(checkpoint, arch):
     outputs = llm.generate(prompts, params, use_tqdm=False)
     for prompt, out in zip(prompts, outputs):
         with torch.no_grad():
-            ref = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=24, min_new_tokens=24,
-                              output_scores=True, return_dict_in_generate=True, pad_token_id=3)
-        hf_tokens = ref.sequences[0, len(prompt):].tolist()
+            ref = hf.generate(
+                torch.tensor([prompt]),
+                do_sample=False,
+                max_new_tokens=24,
+                min_new_tokens=24,
+                output_scores=True,
+                return_dict_in_generate=True,
+                pad_token_id=3,
+            )
+        hf_tokens = ref.sequences[0, len(prompt) :].tolist()
         kiln_tokens = list(out.outputs[0].token_ids)
         # min_new_tokens keeps HF from stopping at EOS; kiln stops there, so compare kiln's length.
         assert kiln_tokens == hf_tokens[: len(kiln_tokens)] or greedy_agrees(

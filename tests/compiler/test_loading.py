@@ -1,4 +1,5 @@
 """Loading refuses what kiln cannot compile, with errors that name the problem."""
+
 from __future__ import annotations
 
 import json
@@ -11,8 +12,15 @@ from kiln.models.registry import UnsupportedModelError
 
 
 def test_unsupported_architecture_is_named(tmp_path):
-    config = OPTConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, ffn_dim=64, num_attention_heads=2,
-                       max_position_embeddings=64, word_embed_proj_dim=32)
+    config = OPTConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=1,
+        ffn_dim=64,
+        num_attention_heads=2,
+        max_position_embeddings=64,
+        word_embed_proj_dim=32,
+    )
     OPTForCausalLM(config).save_pretrained(tmp_path)
     with pytest.raises(UnsupportedModelError, match="unsupported architecture: model_type 'opt'"):
         kiln.compile(tmp_path)

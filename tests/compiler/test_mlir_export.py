@@ -1,6 +1,7 @@
 """MLIR export (kiln.compiler.export.mlir_export): every tiny architecture exports in all four formats, and the
 linalg-on-tensors module, JIT-compiled by MLIR's ExecutionEngine, reproduces the reference engine's logits and
 cache writes for a packed prefill followed by decode steps."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -12,13 +13,15 @@ import torch
 import kiln
 from kiln.__main__ import main
 from kiln.compiler.export.decompositions import decompose, is_kiln_op
-from kiln.ops.metadata import AttentionMetadata
 from kiln.compiler.export.mlir_export import FORMATS, LinalgExecutable, StaticShape, export_programs, to_mlir
 from kiln.models.testing import TINY_CONFIGS
+from kiln.ops.metadata import AttentionMetadata
 from kiln.passes.base import op_name
 
-needs_torch_mlir = pytest.mark.skipif(importlib.util.find_spec("torch_mlir") is None,
-                                      reason="torch-mlir not installed (optional extra `mlir`; `make install`)")
+needs_torch_mlir = pytest.mark.skipif(
+    importlib.util.find_spec("torch_mlir") is None,
+    reason="torch-mlir not installed (optional extra `mlir`; `make install`)",
+)
 BLOCK = 4
 TABLES = [[1, 3, 5, 7], [2, 4, 6, 8]]  # interleaved, so a wrong block table shows
 # qwen2_swa: a sliding-window layer beside a full one. (gemma2 runs too but ends ~1e-4 off: MLIR's LLVM lowering
@@ -41,11 +44,21 @@ def compiled(checkpoint):
 def _steps(vocab: int) -> list[tuple[torch.Tensor, torch.Tensor, AttentionMetadata]]:
     """A packed prefill (7 and 3 tokens, past one block) and two decode steps of both sequences."""
     gen = torch.Generator().manual_seed(0)
-    steps = [(torch.randint(4, vocab, (10,), generator=gen), torch.tensor([*range(7), *range(3)]),
-              AttentionMetadata.build([7, 3], [0, 0], TABLES, BLOCK))]
+    steps = [
+        (
+            torch.randint(4, vocab, (10,), generator=gen),
+            torch.tensor([*range(7), *range(3)]),
+            AttentionMetadata.build([7, 3], [0, 0], TABLES, BLOCK),
+        )
+    ]
     for ctx in ([7, 3], [8, 4]):
-        steps.append((torch.randint(4, vocab, (2,), generator=gen), torch.tensor(ctx),
-                      AttentionMetadata.build([1, 1], ctx, TABLES, BLOCK)))
+        steps.append(
+            (
+                torch.randint(4, vocab, (2,), generator=gen),
+                torch.tensor(ctx),
+                AttentionMetadata.build([1, 1], ctx, TABLES, BLOCK),
+            )
+        )
     return steps
 
 
@@ -79,7 +92,9 @@ def test_every_format_exports(compiled, arch):
     for fmt in FORMATS:
         text = str(to_mlir(static if fmt == "tosa" else dynamic, fmt))
         if fmt == "tosa":
-            assert "func.func @prefill(%arg0: tensor<16xi64>" in text and "func.func @decode(%arg0: tensor<2xi64>" in text
+            assert (
+                "func.func @prefill(%arg0: tensor<16xi64>" in text and "func.func @decode(%arg0: tensor<2xi64>" in text
+            )
         elif fmt == "torch":
             assert "func.func @forward(%arg0: !torch.vtensor<[?],si64>" in text
         else:  # fully lowered, dynamic sizes: nothing of the torch dialect is left
@@ -105,8 +120,7 @@ def test_export_without_torch_mlir_says_how_to_get_it(monkeypatch, capsys, tmp_p
 @needs_torch_mlir
 def test_cli_writes_the_module(checkpoint, tmp_path, capsys):
     out = tmp_path / "llama.mlir"
-    assert main(["export", str(checkpoint("llama")), "--format", "stablehlo", "-o", str(out),
-                 "--block-size", "8"]) == 0
+    assert main(["export", str(checkpoint("llama")), "--format", "stablehlo", "-o", str(out), "--block-size", "8"]) == 0
     text = out.read_text()
     assert "func.func @forward(" in text and "stablehlo." in text and "x8x2x16xf32>" in text
     assert "wrote" in capsys.readouterr().out

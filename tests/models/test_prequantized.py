@@ -5,6 +5,7 @@ quantized by a small round-to-nearest reference and packed into the GPTQ and AWQ
 written from the formats' definitions, independently of kiln's packing. kiln must reproduce the reference's
 dequantized weights exactly, and HF's logits and greedy tokens on a model holding those weights.
 """
+
 from __future__ import annotations
 
 import json
@@ -14,16 +15,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hf_reference import hf_last_logits, run_prefill_then_decode
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 import kiln
-from kiln.ops import quant as Q
 from kiln.models.prequantized import convert, parse_config
+from kiln.ops import quant as Q
 from kiln.passes.base import op_counts, op_name
 from kiln.passes.fuse_common import param
-
-from hf_reference import hf_last_logits, run_prefill_then_decode
 
 PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 FUSED = {"q_k_v_proj_weight": ("q_proj", "k_proj", "v_proj"), "gate_up_proj_weight": ("gate_proj", "up_proj")}
@@ -65,8 +65,9 @@ def pack(v: np.ndarray, axis: int, order: tuple[int, ...] = tuple(range(8))) -> 
     return torch.from_numpy(np.ascontiguousarray(np.moveaxis(words, 0, axis)).view(np.int32))
 
 
-def write_quantized(base: Path, out: Path, method: str, group: int, sym: bool = False,
-                    permute_g_idx: bool = False, **config: object) -> dict[str, torch.Tensor]:
+def write_quantized(
+    base: Path, out: Path, method: str, group: int, sym: bool = False, permute_g_idx: bool = False, **config: object
+) -> dict[str, torch.Tensor]:
     """A GPTQ (v1) or AWQ (gemm) copy of `base`; returns the reference dequantized weight of each linear."""
     shutil.copytree(base, out)
     tensors = load_file(str(base / "model.safetensors"))
@@ -81,16 +82,31 @@ def write_quantized(base: Path, out: Path, method: str, group: int, sym: bool = 
             g_idx = np.arange(k) // (k if group == -1 else group)
             if permute_g_idx:  # act-order: input channels regrouped out of order
                 g_idx = np.random.default_rng(0).permutation(g_idx)
-            tensors |= {prefix + "qweight": pack(codes, 0), prefix + "qzeros": pack(zeros - 1, 1),
-                        prefix + "g_idx": torch.from_numpy(g_idx.astype(np.int32))}
+            tensors |= {
+                prefix + "qweight": pack(codes, 0),
+                prefix + "qzeros": pack(zeros - 1, 1),
+                prefix + "g_idx": torch.from_numpy(g_idx.astype(np.int32)),
+            }
         else:  # qweight [K, N/8] and qzeros [G, N/8], both along N in AWQ's interleaved order
-            tensors |= {prefix + "qweight": pack(codes, 1, AWQ_PACK_ORDER),
-                        prefix + "qzeros": pack(zeros, 1, AWQ_PACK_ORDER)}
+            tensors |= {
+                prefix + "qweight": pack(codes, 1, AWQ_PACK_ORDER),
+                prefix + "qzeros": pack(zeros, 1, AWQ_PACK_ORDER),
+            }
         tensors[prefix + "scales"] = torch.from_numpy(scales)
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    qc = ({"quant_method": "gptq", "bits": 4, "group_size": group, "sym": sym, "desc_act": permute_g_idx,
-           "damp_percent": 0.01, "true_sequential": True} if method == "gptq" else
-          {"quant_method": "awq", "bits": 4, "group_size": group, "zero_point": True, "version": "gemm"})
+    qc = (
+        {
+            "quant_method": "gptq",
+            "bits": 4,
+            "group_size": group,
+            "sym": sym,
+            "desc_act": permute_g_idx,
+            "damp_percent": 0.01,
+            "true_sequential": True,
+        }
+        if method == "gptq"
+        else {"quant_method": "awq", "bits": 4, "group_size": group, "zero_point": True, "version": "gemm"}
+    )
     cfg = json.loads((out / "config.json").read_text())
     cfg["quantization_config"] = {**qc, **config}
     (out / "config.json").write_text(json.dumps(cfg))
@@ -106,20 +122,31 @@ def hf_with(base: Path, ref: dict[str, torch.Tensor]) -> torch.nn.Module:
     return model
 
 
-CASES = [("gptq", "llama", 32, False), ("gptq", "qwen2", -1, True), ("awq", "llama", 64, False),
-         ("awq", "qwen2", 32, False)]
+CASES = [
+    ("gptq", "llama", 32, False),
+    ("gptq", "qwen2", -1, True),
+    ("awq", "llama", 64, False),
+    ("awq", "qwen2", 32, False),
+]
 
 
 @pytest.mark.parametrize("method,arch,group,sym", CASES, ids=[f"{m}-{a}-g{g}" for m, a, g, _ in CASES])
-def test_checkpoint_codes_logits_and_tokens_match_the_reference(checkpoint, tmp_path: Path, method: str,
-                                                                  arch: str, group: int, sym: bool) -> None:
+def test_checkpoint_codes_logits_and_tokens_match_the_reference(
+    checkpoint, tmp_path: Path, method: str, arch: str, group: int, sym: bool
+) -> None:
     base = checkpoint(arch)
     ref = write_quantized(base, tmp_path / "q", method, group, sym)
     llm = kiln.LLM(tmp_path / "q", num_kv_blocks=32)
     compiled = llm.model
     report = compiled.report.quantization
-    assert report["prequantized"] == {"method": method, "bits": 4, "group_size": group, "sym": sym,
-                                      "checkpoint_format": "gptq" if method == "gptq" else "gemm", "linears": 14}
+    assert report["prequantized"] == {
+        "method": method,
+        "bits": 4,
+        "group_size": group,
+        "sym": sym,
+        "checkpoint_format": "gptq" if method == "gptq" else "gemm",
+        "linears": 14,
+    }
     assert f"weights pre-quantized in the checkpoint: method={method}, bits=4" in compiled.report.format()
     gm, checked = compiled.graph_module, 0
     assert op_counts(gm)["kiln.linear_int4"] == 8  # q/k/v, o, gate/up, down per layer
@@ -131,7 +158,8 @@ def test_checkpoint_codes_logits_and_tokens_match_the_reference(checkpoint, tmp_
         if op_name(node) != "kiln.linear_int4":
             continue
         _, qweight, scales, qzeros, input_scale, _, group_size = (
-            param(gm, a) if getattr(a, "op", None) == "get_attr" else a for a in node.args)
+            param(gm, a) if getattr(a, "op", None) == "get_attr" else a for a in node.args
+        )
         dotted = node.args[1].meta["qualified_name"]  # flatten_attrs keeps the dotted path here
         owner, _, leaf = dotted.removeprefix("model.").removesuffix("_qweight").rpartition(".")
         parts = [f"{owner}.{p}.weight" for p in FUSED[leaf]] if leaf in FUSED else [f"{owner}.{leaf}"]
@@ -157,15 +185,16 @@ def test_checkpoint_codes_logits_and_tokens_match_the_reference(checkpoint, tmp_
     # (c) greedy generation equals HF's on the dequantized model
     outs = llm.generate(PROMPTS, {"max_tokens": 6, "temperature": 0.0}, use_tqdm=False)
     for prompt, out in zip(PROMPTS, outs):
-        hf_tokens = hf.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False)[0, len(prompt):]
+        hf_tokens = hf.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False)[0, len(prompt) :]
         assert out.outputs[0].token_ids == hf_tokens.tolist()
 
 
 def test_gptq_v2_zeros_and_fusing_a_symmetric_with_an_asymmetric_part() -> None:
     """gptq_v2 stores zero points without v1's -1; fused parts keep their codes, implicit 8s written out."""
     w = torch.randn(2, 48, 64, generator=torch.Generator().manual_seed(1))
-    pre = parse_config({"quant_method": "gptq", "bits": 4, "group_size": 32, "sym": False,
-                        "checkpoint_format": "gptq_v2"})
+    pre = parse_config(
+        {"quant_method": "gptq", "bits": 4, "group_size": 32, "sym": False, "checkpoint_format": "gptq_v2"}
+    )
     refs = []
     for i, sym in enumerate((False, True)):
         codes, scales, zeros = rtn(w[i], 32, sym)
@@ -191,8 +220,9 @@ REFUSED = [
 
 
 @pytest.mark.parametrize("method,override,match", REFUSED, ids=[m for _, _, m in REFUSED])
-def test_unsupported_configs_are_refused_by_name(checkpoint, tmp_path: Path, method: str, override: dict,
-                                                 match: str) -> None:
+def test_unsupported_configs_are_refused_by_name(
+    checkpoint, tmp_path: Path, method: str, override: dict, match: str
+) -> None:
     write_quantized(checkpoint("llama"), tmp_path / "q", method, 32, **override)
     with pytest.raises(ValueError, match=match):
         kiln.compile(tmp_path / "q")

@@ -1,4 +1,5 @@
 """The tiny checkpoints are what every compiler test stands on: they must reload exactly."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -48,14 +49,12 @@ def test_tokenizer_round_trips_and_matches_config(tmp_path: Path) -> None:
     path = testing.build_tiny_checkpoint("qwen2", tmp_path)
     tok = AutoTokenizer.from_pretrained(path)
     assert len(tok) == testing.tiny_config("qwen2").vocab_size
-    assert (tok.unk_token_id, tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (
-        UNK_ID, BOS_ID, EOS_ID, PAD_ID)
+    assert (tok.unk_token_id, tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (UNK_ID, BOS_ID, EOS_ID, PAD_ID)
     for text in ["The kiln was hot.", "Zebra quartz ünïcode 🙂 42\n\tend"]:
         ids = tok(text)["input_ids"]
         assert ids[0] == BOS_ID
         assert tok.decode(ids, skip_special_tokens=True) == text
-    prompt = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
-                                     add_generation_prompt=True)
+    prompt = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
     assert prompt.endswith("<s>assistant\n") and "hi" in prompt
 
 

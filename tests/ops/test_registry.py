@@ -1,5 +1,6 @@
 """The op vocabulary's one registry: every `kiln::` op has a pure-torch reference in ops/, and backend
 "reference" calls, for each op, either that reference or the CPU backend's function for it."""
+
 from __future__ import annotations
 
 import torch
@@ -22,5 +23,7 @@ def test_backend_reference_calls_the_reference_or_a_cpu_function_of_the_same_sig
         chosen = calls[op]
         if chosen is not ref:
             assert chosen.__module__ == "kiln.backends.cpu.lowering" and chosen.__name__ == ref.__name__
-            assert chosen.__code__.co_varnames[:chosen.__code__.co_argcount] == \
-                ref.__code__.co_varnames[:ref.__code__.co_argcount]
+            assert (
+                chosen.__code__.co_varnames[: chosen.__code__.co_argcount]
+                == ref.__code__.co_varnames[: ref.__code__.co_argcount]
+            )

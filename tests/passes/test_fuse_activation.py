@@ -1,18 +1,20 @@
 """fuse_activation: act(gate) * up over the fused gate/up matmul becomes kiln::silu_mul / kiln::gelu_mul."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
+from test_fuse_linears import assert_same_logits, only
 
 import kiln
 import kiln.ops  # declares the kiln:: ops the op tests call
 from kiln.passes.base import op_counts, op_name
 
-from test_fuse_linears import assert_same_logits, only
 
-
-@pytest.mark.parametrize("arch, op, act", [("llama", "kiln.silu_mul", "aten.silu"), ("gemma", "kiln.gelu_mul", "aten.gelu")])
+@pytest.mark.parametrize(
+    "arch, op, act", [("llama", "kiln.silu_mul", "aten.silu"), ("gemma", "kiln.gelu_mul", "aten.gelu")]
+)
 def test_gated_activation_is_one_op(checkpoint, arch, op, act):
     path = checkpoint(arch)
     linears = kiln.compile(path, **only("fuse_linears"))

@@ -1,12 +1,12 @@
 """fuse_linears: q/k/v and gate/up read one input and become one matmul each, with the same numbers."""
+
 from __future__ import annotations
 
 import torch
+from hf_reference import run_prefill_then_decode
 
 import kiln
 from kiln.passes.base import op_counts
-
-from hf_reference import run_prefill_then_decode
 
 FUSIONS = ("fuse_linears", "fuse_activation", "fuse_norm", "fuse_rope", "fuse_regions")
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14]]

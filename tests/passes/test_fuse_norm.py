@@ -1,8 +1,10 @@
 """fuse_norm: RMSNorm / LayerNorm with the residual add before them become one kiln op, bit-compatible with HF."""
+
 from __future__ import annotations
 
 import pytest
 import torch
+from test_fuse_linears import assert_same_logits, only
 from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
@@ -10,16 +12,17 @@ import kiln
 import kiln.ops  # declares the kiln:: ops the op tests call
 from kiln.passes.base import op_counts, op_name
 
-from test_fuse_linears import assert_same_logits, only
 
-
-@pytest.mark.parametrize("arch, counts", [
-    ("llama", {"kiln.rms_norm": 1, "kiln.add_rms_norm": 4, "aten.rsqrt": 0}),
-    ("gemma", {"kiln.rms_norm": 1, "kiln.add_rms_norm": 4, "aten.rsqrt": 0}),  # (1 + w)
-    ("qwen3", {"kiln.rms_norm": 5, "kiln.add_rms_norm": 4, "aten.rsqrt": 0}),  # q/k norms per head
-    ("gpt2", {"kiln.add_layer_norm": 5, "aten.layer_norm": 0}),
-    ("olmo", {"kiln.layer_norm": 1, "kiln.add_layer_norm": 4, "aten.layer_norm": 0}),  # no weight, no bias
-])
+@pytest.mark.parametrize(
+    "arch, counts",
+    [
+        ("llama", {"kiln.rms_norm": 1, "kiln.add_rms_norm": 4, "aten.rsqrt": 0}),
+        ("gemma", {"kiln.rms_norm": 1, "kiln.add_rms_norm": 4, "aten.rsqrt": 0}),  # (1 + w)
+        ("qwen3", {"kiln.rms_norm": 5, "kiln.add_rms_norm": 4, "aten.rsqrt": 0}),  # q/k norms per head
+        ("gpt2", {"kiln.add_layer_norm": 5, "aten.layer_norm": 0}),
+        ("olmo", {"kiln.layer_norm": 1, "kiln.add_layer_norm": 4, "aten.layer_norm": 0}),  # no weight, no bias
+    ],
+)
 def test_norms_fuse_with_their_residual_add(checkpoint, arch, counts):
     path = checkpoint(arch)
     plain, fused = kiln.compile(path, **only()), kiln.compile(path, **only("fuse_norm"))

@@ -1,10 +1,11 @@
 """All fusions together: the decode step in a handful of ops per layer, visible in the report."""
+
 from __future__ import annotations
+
+from test_fuse_linears import FUSIONS, assert_same_logits, only
 
 import kiln
 from kiln.passes.base import layer_op_counts
-
-from test_fuse_linears import FUSIONS, assert_same_logits, only
 
 
 def test_llama_layers_have_at_most_12_ops(checkpoint):

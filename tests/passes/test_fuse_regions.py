@@ -1,14 +1,14 @@
 """fuse_regions: leftover pointwise ops become one region each, without cycles and keeping shared results."""
+
 from __future__ import annotations
 
 import torch
+from test_fuse_linears import assert_same_logits, only
 from torch.fx.experimental.proxy_tensor import make_fx
 
 import kiln
 from kiln.passes.base import op_counts
 from kiln.passes.fuse_regions import FuseRegions
-
-from test_fuse_linears import assert_same_logits, only
 
 
 def test_gpt2_tanh_gelu_is_one_region_per_layer(checkpoint):
@@ -21,7 +21,8 @@ def test_gpt2_tanh_gelu_is_one_region_per_layer(checkpoint):
     described = [n.meta["kiln_region"] for n in regions if "aten.tanh" in n.meta["kiln_region"]["ops"]]
     assert len(described) == 2 and all(d["inputs"] and d["outputs"] for d in described)
     assert "torch.ops.aten.tanh" in getattr(fused.graph_module, regions[0].target).code + "".join(
-        getattr(fused.graph_module, r.target).code for r in regions)
+        getattr(fused.graph_module, r.target).code for r in regions
+    )
     assert_same_logits(plain, fused)
 
 

@@ -1,15 +1,15 @@
 """fuse_rope: the cos/sin computation and rotate-half arithmetic become kiln::rope over a compile-time table."""
+
 from __future__ import annotations
 
 import pytest
 import torch
+from test_fuse_linears import assert_same_logits, only
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 import kiln
 import kiln.ops  # declares the kiln:: ops the op tests call
 from kiln.passes.base import op_counts, op_name
-
-from test_fuse_linears import assert_same_logits, only
 
 
 @pytest.mark.parametrize("arch, rotary_dim", [("llama", 16), ("gpt_neox", 4), ("phi", 8), ("stablelm", 4)])
@@ -36,5 +36,7 @@ def test_op_matches_hf_apply_rotary_pos_emb():
     cache = torch.cat([freqs.cos(), freqs.sin()], -1)
     q_out, k_out = torch.ops.kiln.rope(q, k, torch.arange(4), cache, dim, True)
     # HF layout: [batch, heads, T, D] with cos/sin [batch, T, D].
-    q_ref, k_ref = apply_rotary_pos_emb(q.transpose(0, 1)[None], k.transpose(0, 1)[None], emb.cos()[None], emb.sin()[None])
+    q_ref, k_ref = apply_rotary_pos_emb(
+        q.transpose(0, 1)[None], k.transpose(0, 1)[None], emb.cos()[None], emb.sin()[None]
+    )
     assert torch.equal(q_out, q_ref[0].transpose(0, 1)) and torch.equal(k_out, k_ref[0].transpose(0, 1))

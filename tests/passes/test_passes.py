@@ -1,8 +1,10 @@
 """Each pass alone and in the pipeline: graph effects by op counts, numbers by comparison with HF."""
+
 from __future__ import annotations
 
 import pytest
 import torch
+from hf_reference import run_prefill_then_decode
 
 import kiln
 from kiln.compiler.capture import capture
@@ -11,8 +13,6 @@ from kiln.models.registry import layer_windows
 from kiln.passes.base import PassContext, PassReport, op_counts, op_name, run_passes
 from kiln.passes.cleanup import Cleanup
 from kiln.passes.paged_attention import PagedAttention
-
-from hf_reference import run_prefill_then_decode
 
 MASK_OPS = {"aten.diff", "aten.cumsum", "aten.arange", "aten.le", "aten.__and__", "aten.new_ones", "aten.where"}
 
@@ -62,7 +62,7 @@ def test_eager_softcap_is_detected(checkpoint):
     calls = [n for n in gm.graph.nodes if op_name(n) == "kiln.paged_attention"]
     assert [c.args[-1] for c in calls] == [5.0, 5.0]  # attn_logit_softcapping
     assert [c.args[-2] for c in calls] == [16, 0]  # gemma2 alternates sliding and full layers
-    assert calls[0].args[-3] == pytest.approx(16 ** -0.5)  # query_pre_attn_scalar
+    assert calls[0].args[-3] == pytest.approx(16**-0.5)  # query_pre_attn_scalar
 
 
 def test_prune_logits_only_last_token_reaches_lm_head(checkpoint):

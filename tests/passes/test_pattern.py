@@ -1,4 +1,5 @@
 """passes/pattern.py: patterns match through casts, in either operand order, and only over nodes they own."""
+
 from __future__ import annotations
 
 import torch
@@ -30,6 +31,7 @@ def test_matches_through_casts_and_commuted_operands():
 def test_a_node_read_outside_the_pattern_is_not_taken():
     gm = _graph(lambda x: (x.exp() * 2.0, x.exp().exp()), (4,))
     assert len(_roots(gm, SCALED_EXP)) == 1  # make_fx computes x.exp() twice: one exp is the pattern's own
+
     def both_read_exp(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         e = x.exp()
         return e * 2.0, e + 1

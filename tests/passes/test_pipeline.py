@@ -1,4 +1,5 @@
 """The pipeline is one list: what build_pipeline returns is what kiln.compile runs, in named stages."""
+
 from __future__ import annotations
 
 import pytest
@@ -21,8 +22,16 @@ def test_stages_in_order_with_one_flag_per_optional_pass():
     assert [p.name for p in stages["attention"]] == ["paged_attention", "prune_logits"]
     assert [p.name for p in stages["quantization"]] == ["quantize"]
     assert [p.name for p in stages["lowering"]] == ["final_cleanup", "lower_triton"]
-    assert set(PASS_FLAGS) == {"cleanup", "prune_logits", "fuse_linears", "fuse_activation", "fuse_norm",
-                               "fuse_rope", "fuse_regions", "quantize"}
+    assert set(PASS_FLAGS) == {
+        "cleanup",
+        "prune_logits",
+        "fuse_linears",
+        "fuse_activation",
+        "fuse_norm",
+        "fuse_rope",
+        "fuse_regions",
+        "quantize",
+    }
 
 
 def test_quantize_runs_only_when_asked():

@@ -1,9 +1,11 @@
 """quantize: linears become quantized kiln ops over packed weights (old weights gone), attention reads an int8 /
 fp8 cache, the report carries accuracy; AWQ and SmoothQuant lower the error on outlier activations."""
+
 from __future__ import annotations
 
 import pytest
 import torch
+from hf_reference import run_prefill_then_decode
 
 import kiln
 from kiln.ops import quant as Q
@@ -11,8 +13,6 @@ from kiln.passes import quant_calibrate as cal
 from kiln.passes.base import op_counts
 from kiln.passes.quant_config import QuantConfig
 from kiln.passes.quant_rewrite import int4_forward, w8a8_forward
-
-from hf_reference import run_prefill_then_decode
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14]]
 
@@ -70,7 +70,7 @@ def test_awq_and_smoothquant_lower_the_error_on_outlier_channels() -> None:
 def test_w8a8_token_result_does_not_depend_on_the_batch() -> None:
     x, w = outlier_activations(tokens=8)
     q, s = Q.quantize_int8(w)
-    alone = torch.cat([Q.linear_w8a8(x[i:i + 1], q, s, None, None) for i in range(8)])
+    alone = torch.cat([Q.linear_w8a8(x[i : i + 1], q, s, None, None) for i in range(8)])
     assert torch.equal(alone, Q.linear_w8a8(x, q, s, None, None))
 
 
@@ -115,8 +115,10 @@ def test_llm_takes_quantization_options(checkpoint) -> None:
     assert len(out.outputs[0].token_ids) == 3
 
 
-@pytest.mark.parametrize("spec,kv,match", [("int4:g48", None, "g48"), ("int8:awq", None, "awq"),
-                                           ("int3", None, "int3"), (None, "int4", "kv_cache_dtype")])
+@pytest.mark.parametrize(
+    "spec,kv,match",
+    [("int4:g48", None, "g48"), ("int8:awq", None, "awq"), ("int3", None, "int3"), (None, "int4", "kv_cache_dtype")],
+)
 def test_bad_specs_are_refused(spec: str | None, kv: str | None, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         QuantConfig.parse(spec, kv)

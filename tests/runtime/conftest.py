@@ -1,4 +1,5 @@
 """Runtime fixtures: the `overlap` fixture runs a test with async scheduling off and on."""
+
 from __future__ import annotations
 
 import pytest

@@ -4,6 +4,7 @@ FakeModel stores (token id, position) per cache slot and computes each sequence'
 context read back through its block table, so a wrong slot, a reused-while-live block or a bad prefix-cache
 hit changes the tokens (or trips an assertion) exactly like it would with a real model.
 """
+
 from __future__ import annotations
 
 import torch
@@ -29,7 +30,7 @@ def reference_greedy(prompt: list[int], max_tokens: int, vocab_size: int) -> lis
     tokens = list(prompt)
     for _ in range(max_tokens):
         tokens.append(int(logits_for(tokens, vocab_size).argmax()))
-    return tokens[len(prompt):]
+    return tokens[len(prompt) :]
 
 
 class FakeModel:
@@ -41,8 +42,13 @@ class FakeModel:
     dtype = torch.float32
     device = torch.device("cpu")
 
-    def __init__(self, vocab_size: int = 64, max_model_len: int = 1024, eos_token_ids: list[int] | None = None,
-                 tokenizer: object | None = None) -> None:
+    def __init__(
+        self,
+        vocab_size: int = 64,
+        max_model_len: int = 1024,
+        eos_token_ids: list[int] | None = None,
+        tokenizer: object | None = None,
+    ) -> None:
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
         self.eos_token_ids = list(eos_token_ids or [])
@@ -55,8 +61,9 @@ class FakeModel:
     def allocate_kv_cache(self, num_blocks: int, block_size: int) -> list[torch.Tensor]:
         return [torch.full((num_blocks, block_size, 2), -1, dtype=torch.int64)]
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
-                kv_caches: list[torch.Tensor]) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, kv_caches: list[torch.Tensor]
+    ) -> torch.Tensor:
         cache = kv_caches[0]
         block_size = cache.shape[1]
         flat = cache.view(-1, 2)
@@ -96,7 +103,7 @@ class CharTokenizer:
         ids = [1]
         i = 0
         while i < len(text):
-            two = text[i:i + 2]
+            two = text[i : i + 2]
             if two in self.index and len(two) == 2:
                 ids.append(self.index[two])
                 i += 2

@@ -1,15 +1,16 @@
 """AsyncLLMEngine: concurrent streams share one batch; a consumer that leaves aborts its request."""
+
 from __future__ import annotations
 
 import asyncio
 import contextlib
 
 import pytest
+from runtime_fakes import FakeModel, reference_greedy
 
 from kiln.runtime.async_engine import AsyncLLMEngine
 from kiln.runtime.engine import LLMEngine
 from kiln.runtime.sampling_params import SamplingParams
-from runtime_fakes import FakeModel, reference_greedy
 
 pytestmark = pytest.mark.usefixtures("overlap")  # every test with async scheduling off and on
 
@@ -21,8 +22,12 @@ def make_engine() -> AsyncLLMEngine:
 
 
 async def collect(engine: AsyncLLMEngine, prompt: list[int], max_tokens: int, rid: str) -> list:
-    return [out async for out in engine.generate(prompt, SamplingParams(temperature=0, max_tokens=max_tokens,
-                                                                        ignore_eos=True), rid)]
+    return [
+        out
+        async for out in engine.generate(
+            prompt, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True), rid
+        )
+    ]
 
 
 def test_concurrent_streams_are_correct_and_incremental() -> None:

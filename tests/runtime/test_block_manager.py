@@ -1,4 +1,5 @@
 """Block pool: reference counts, prefix-cache hits, LRU eviction, and invariants under random use."""
+
 from __future__ import annotations
 
 from hypothesis import given, settings
@@ -77,8 +78,16 @@ def test_allocate_fails_without_side_effects() -> None:
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.lists(st.tuples(st.sampled_from(["add", "grow", "free"]), st.integers(0, 7),
-                          st.lists(st.integers(0, 3), min_size=1, max_size=12)), max_size=40))
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["add", "grow", "free"]),
+            st.integers(0, 7),
+            st.lists(st.integers(0, 3), min_size=1, max_size=12),
+        ),
+        max_size=40,
+    )
+)
 def test_random_use_keeps_the_pool_consistent(ops) -> None:
     bm = BlockManager(num_blocks=10, block_size=3)
     live: dict[int, object] = {}
@@ -97,7 +106,7 @@ def test_random_use_keeps_the_pool_consistent(ops) -> None:
                 seq.num_computed_tokens = seq.num_tokens
                 bm.commit(seq)
             else:
-                del seq.token_ids[seq.num_computed_tokens:]
+                del seq.token_ids[seq.num_computed_tokens :]
         elif op == "free" and slot in live:
             bm.free(live.pop(slot))
         holders = [0] * bm.num_blocks

@@ -1,14 +1,15 @@
 """LLMEngine / LLM over the fake paged model: preemption, prefix caching, n > 1, aborts, bad requests."""
+
 from __future__ import annotations
 
 import random
 
 import pytest
+from runtime_fakes import CharTokenizer, FakeModel, check_invariants, reference_greedy
 
 from kiln.runtime.engine import LLMEngine
 from kiln.runtime.llm import LLM
 from kiln.runtime.sampling_params import SamplingParams
-from runtime_fakes import CharTokenizer, FakeModel, check_invariants, reference_greedy
 
 pytestmark = pytest.mark.usefixtures("overlap")  # every test with async scheduling off and on
 
@@ -193,13 +194,14 @@ def test_eos_and_stop_token_ids_and_min_tokens() -> None:
     first_eos = free_run.index(eos)
     llm = LLM(FakeModel(VOCAB, eos_token_ids=[eos]), num_kv_blocks=64, block_size=4)
     out = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=12))[0].outputs[0]
-    assert out.token_ids == free_run[:first_eos + 1] and out.finish_reason == "stop" and out.stop_reason is None
+    assert out.token_ids == free_run[: first_eos + 1] and out.finish_reason == "stop" and out.stop_reason is None
     out = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))[0].outputs[0]
     assert out.token_ids == free_run and out.finish_reason == "length"
     stop_tok = free_run[2]
-    out = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=12, stop_token_ids=[stop_tok],
-                                              ignore_eos=True))[0].outputs[0]
-    assert out.token_ids == free_run[:free_run.index(stop_tok) + 1] and out.stop_reason == stop_tok
+    out = llm.generate(
+        prompt, SamplingParams(temperature=0, max_tokens=12, stop_token_ids=[stop_tok], ignore_eos=True)
+    )[0].outputs[0]
+    assert out.token_ids == free_run[: free_run.index(stop_tok) + 1] and out.stop_reason == stop_tok
     out = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=12, min_tokens=8))[0].outputs[0]
     assert len(out.token_ids) >= 8 and eos not in out.token_ids[:8]
 
@@ -212,8 +214,16 @@ def test_text_prompts_and_incremental_text() -> None:
     assert out.outputs[0].text == tok.decode(out.outputs[0].token_ids)
 
 
-@pytest.mark.parametrize("option,value", [("block_size", 0), ("max_num_seqs", 0), ("num_kv_blocks", 0),
-                                          ("kv_cache_memory", 10), ("max_num_batched_tokens", 0)])
+@pytest.mark.parametrize(
+    "option,value",
+    [
+        ("block_size", 0),
+        ("max_num_seqs", 0),
+        ("num_kv_blocks", 0),
+        ("kv_cache_memory", 10),
+        ("max_num_batched_tokens", 0),
+    ],
+)
 def test_bad_engine_options_name_themselves(option: str, value: int) -> None:
     with pytest.raises(ValueError, match=option):
         LLM(FakeModel(VOCAB), **{option: value})

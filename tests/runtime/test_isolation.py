@@ -1,17 +1,18 @@
 """One request's failure is its own: the others in its batch keep the tokens they would have had alone."""
+
 from __future__ import annotations
 
 import asyncio
 
 import pytest
 import torch
+from runtime_fakes import CharTokenizer, FakeModel, reference_greedy
 
 from kiln.runtime.async_engine import AsyncLLMEngine
 from kiln.runtime.engine import LLMEngine
 from kiln.runtime.llm import LLM
 from kiln.runtime.sampler import Sampler
 from kiln.runtime.sampling_params import SamplingParams
-from runtime_fakes import CharTokenizer, FakeModel, reference_greedy
 
 pytestmark = pytest.mark.usefixtures("overlap")  # every test with async scheduling off and on
 
@@ -29,13 +30,25 @@ def _generate(llm: LLM, odd: SamplingParams) -> tuple[list, object]:
     return [o.outputs[0].token_ids for o in outs[:-1]], outs[-1]
 
 
-@pytest.mark.parametrize("odd", [
-    SamplingParams(temperature=1e-39, max_tokens=12, ignore_eos=True),
-    SamplingParams(temperature=1.0, top_p=0.9, repetition_penalty=1e-40, max_tokens=12, ignore_eos=True),
-    SamplingParams(temperature=1e-5, top_k=3, min_p=0.5, repetition_penalty=1e9, presence_penalty=2.0,
-                   frequency_penalty=-2.0, max_tokens=12, ignore_eos=True, logprobs=5),
-    SamplingParams(temperature=100.0, top_p=1e-9, max_tokens=12, ignore_eos=True, seed=3),
-])
+@pytest.mark.parametrize(
+    "odd",
+    [
+        SamplingParams(temperature=1e-39, max_tokens=12, ignore_eos=True),
+        SamplingParams(temperature=1.0, top_p=0.9, repetition_penalty=1e-40, max_tokens=12, ignore_eos=True),
+        SamplingParams(
+            temperature=1e-5,
+            top_k=3,
+            min_p=0.5,
+            repetition_penalty=1e9,
+            presence_penalty=2.0,
+            frequency_penalty=-2.0,
+            max_tokens=12,
+            ignore_eos=True,
+            logprobs=5,
+        ),
+        SamplingParams(temperature=100.0, top_p=1e-9, max_tokens=12, ignore_eos=True, seed=3),
+    ],
+)
 def test_extreme_but_valid_values_sample_sanely(odd: SamplingParams) -> None:
     llm = LLM(FakeModel(VOCAB), num_kv_blocks=64, block_size=4)
     others, out = _generate(llm, odd)

@@ -1,19 +1,26 @@
 """Sizing the KV pool: explicit counts and budgets, the GPU budget's arithmetic, the profiled worst-case step."""
+
 from __future__ import annotations
 
 import pytest
+from runtime_fakes import FakeModel
 
 import kiln
 from kiln.runtime.kv_memory import GIB, kv_budget, profile_batch, run_profile_step, size_kv_pool
-
-from runtime_fakes import FakeModel
 
 VOCAB = 64
 
 
 def _size(model: FakeModel, **overrides: object) -> object:
-    options = dict(block_size=4, max_model_len=model.max_model_len, max_num_seqs=8, max_num_batched_tokens=64,
-                   num_kv_blocks=None, kv_cache_memory=None, gpu_memory_utilization=0.9)
+    options = dict(
+        block_size=4,
+        max_model_len=model.max_model_len,
+        max_num_seqs=8,
+        max_num_batched_tokens=64,
+        num_kv_blocks=None,
+        kv_cache_memory=None,
+        gpu_memory_utilization=0.9,
+    )
     return size_kv_pool(model, **{**options, **overrides})
 
 
@@ -52,8 +59,9 @@ def test_gpu_budget_arithmetic() -> None:
 
 
 def test_profile_batch_fills_the_step() -> None:
-    lengths, tables, blocks = profile_batch(max_num_batched_tokens=2048, max_num_seqs=256, block_size=16,
-                                            max_model_len=4096)
+    lengths, tables, blocks = profile_batch(
+        max_num_batched_tokens=2048, max_num_seqs=256, block_size=16, max_model_len=4096
+    )
     assert len(lengths) == 256 and sum(lengths) == 2048 and max(lengths) - min(lengths) <= 1
     assert blocks == sum(len(t) for t in tables) == 256
     assert sorted(b for t in tables for b in t) == list(range(blocks))  # no block shared
@@ -63,8 +71,9 @@ def test_profile_batch_fills_the_step() -> None:
 
 def test_profile_step_runs_the_compiled_model(checkpoint) -> None:
     compiled = kiln.compile(str(checkpoint("llama")), device="cpu")
-    logits, cache_bytes = run_profile_step(compiled, max_num_batched_tokens=40, max_num_seqs=3, block_size=8,
-                                           max_model_len=64)
+    logits, cache_bytes = run_profile_step(
+        compiled, max_num_batched_tokens=40, max_num_seqs=3, block_size=8, max_model_len=64
+    )
     assert tuple(logits.shape) == (3, compiled.vocab_size)
     assert cache_bytes == compiled.kv_cache_bytes_per_block(8) * 6  # 14 + 13 + 13 tokens: 2 blocks each
 

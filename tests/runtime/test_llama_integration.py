@@ -1,4 +1,5 @@
 """The runtime over a really compiled tiny Llama, checked against Hugging Face `generate(do_sample=False)`."""
+
 from __future__ import annotations
 
 import random
@@ -20,9 +21,19 @@ def tiny_llama(tmp_path_factory):
     from kiln.models.testing import build_tiny_tokenizer
 
     config = transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, max_position_embeddings=512, initializer_range=0.1,
-        bos_token_id=1, eos_token_id=2, pad_token_id=3)
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=512,
+        initializer_range=0.1,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=3,
+    )
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config).to(torch.float32).eval()
     path = tmp_path_factory.mktemp("tiny-llama")
@@ -34,9 +45,14 @@ def tiny_llama(tmp_path_factory):
 
 def hf_greedy(model, prompt: list[int], max_tokens: int) -> list[int]:
     with torch.no_grad():
-        out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                             max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False)
-    return out[0, len(prompt):].tolist()
+        out = model.generate(
+            torch.tensor([prompt]),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            max_new_tokens=max_tokens,
+            min_new_tokens=max_tokens,
+            do_sample=False,
+        )
+    return out[0, len(prompt) :].tolist()
 
 
 def random_prompts(count: int, low: int, high: int, seed: int) -> list[list[int]]:

@@ -1,7 +1,9 @@
 """The model runner's incremental inputs equal the metadata built from scratch, step after step."""
+
 from __future__ import annotations
 
 import torch
+from runtime_fakes import FakeModel
 
 from kiln.ops.metadata import AttentionMetadata
 from kiln.runtime.model_runner import ModelRunner, capture_sizes
@@ -9,8 +11,6 @@ from kiln.runtime.sampler import Sampler
 from kiln.runtime.sampling_params import SamplingParams
 from kiln.runtime.scheduler import SchedulerOutput
 from kiln.runtime.sequence import Request
-
-from runtime_fakes import FakeModel
 
 BLOCK = 4
 
@@ -24,7 +24,7 @@ def _seq(prompt: list[int], blocks: list[int], computed: int = 0):
 def _expected(seqs, num_new) -> tuple[list[int], list[int], AttentionMetadata]:
     context = [s.num_computed_tokens for s in seqs]
     meta = AttentionMetadata.build(num_new, context, [s.block_table for s in seqs], BLOCK)
-    ids = [t for s, c, n in zip(seqs, context, num_new) for t in s.token_ids[c:c + n]]
+    ids = [t for s, c, n in zip(seqs, context, num_new) for t in s.token_ids[c : c + n]]
     positions = [p for c, n in zip(context, num_new) for p in range(c, c + n)]
     return ids, positions, meta
 
@@ -44,8 +44,15 @@ def _check(runner: ModelRunner, seqs, num_new) -> None:
 
 
 def test_prefill_then_decodes_with_growing_and_replaced_tables() -> None:
-    runner = ModelRunner(FakeModel(64), num_blocks=64, block_size=BLOCK, max_num_seqs=2, max_model_len=64,
-                         sampler=Sampler([]), enforce_eager=True)
+    runner = ModelRunner(
+        FakeModel(64),
+        num_blocks=64,
+        block_size=BLOCK,
+        max_num_seqs=2,
+        max_model_len=64,
+        sampler=Sampler([]),
+        enforce_eager=True,
+    )
     a, b = _seq(list(range(1, 8)), [9, 3]), _seq([20, 21, 22], [5])
     _check(runner, [a, b], [7, 3])  # mixed prefill
     for step in range(6):  # decodes: each sequence's table grows by a block every 4 tokens
@@ -60,8 +67,15 @@ def test_prefill_then_decodes_with_growing_and_replaced_tables() -> None:
 
 
 def test_rows_are_recycled_when_they_run_out() -> None:
-    runner = ModelRunner(FakeModel(64), num_blocks=64, block_size=BLOCK, max_num_seqs=1, max_model_len=32,
-                         sampler=Sampler([]), enforce_eager=True)
+    runner = ModelRunner(
+        FakeModel(64),
+        num_blocks=64,
+        block_size=BLOCK,
+        max_num_seqs=1,
+        max_model_len=32,
+        sampler=Sampler([]),
+        enforce_eager=True,
+    )
     for i in range(5):  # two rows, five sequences one after another (finished ones never released)
         _check(runner, [_seq([i + 1, 2, 3], [i])], [3])
     assert len(runner.rows) <= runner.num_rows
@@ -69,8 +83,15 @@ def test_rows_are_recycled_when_they_run_out() -> None:
 
 def test_placeholders_take_the_previous_steps_tokens_on_the_device() -> None:
     """A decode input still being sampled (async scheduling) comes from the last step's sampled ids."""
-    runner = ModelRunner(FakeModel(64), num_blocks=64, block_size=BLOCK, max_num_seqs=2, max_model_len=64,
-                         sampler=Sampler([]), enforce_eager=True)
+    runner = ModelRunner(
+        FakeModel(64),
+        num_blocks=64,
+        block_size=BLOCK,
+        max_num_seqs=2,
+        max_model_len=64,
+        sampler=Sampler([]),
+        enforce_eager=True,
+    )
     a, b = _seq([1, 2, 3], [0], computed=3), _seq([4, 5], [1], computed=2)
     a.token_ids.append(-2)  # row 1 of the previous step's samples
     b.token_ids.append(-1)  # row 0

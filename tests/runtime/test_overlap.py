@@ -3,13 +3,15 @@
 The fake model checks every context it reads back from the paged cache, so a placeholder that reached the
 model instead of its token, or a block reused while a step still writes it, changes the tokens.
 """
+
 from __future__ import annotations
 
 import random
 
+from runtime_fakes import CharTokenizer, FakeModel, check_invariants, reference_greedy
+
 from kiln.runtime.engine import LLMEngine
 from kiln.runtime.sampling_params import SamplingParams
-from runtime_fakes import CharTokenizer, FakeModel, check_invariants, reference_greedy
 
 VOCAB = 64
 
@@ -51,21 +53,37 @@ def test_mixed_traffic_matches_the_synchronous_engine() -> None:
     free_run = reference_greedy(tok.encode("the cat"), 30, tok.vocab_size)
     eos = free_run[5]
     rng = random.Random(3)
-    kinds = [dict(temperature=0), dict(temperature=0, min_tokens=8), dict(temperature=0, stop=["a", "e", "i", "o"]),
-             dict(temperature=0, stop_token_ids=[free_run[3]]), dict(temperature=0, ignore_eos=True),
-             dict(temperature=0.8, seed=5, n=2), dict(temperature=0, presence_penalty=1.5, ignore_eos=True),
-             dict(temperature=1.0, seed=1, logprobs=2, top_k=5)]
+    kinds = [
+        dict(temperature=0),
+        dict(temperature=0, min_tokens=8),
+        dict(temperature=0, stop=["a", "e", "i", "o"]),
+        dict(temperature=0, stop_token_ids=[free_run[3]]),
+        dict(temperature=0, ignore_eos=True),
+        dict(temperature=0.8, seed=5, n=2),
+        dict(temperature=0, presence_penalty=1.5, ignore_eos=True),
+        dict(temperature=1.0, seed=1, logprobs=2, top_k=5),
+    ]
     requests = []
     for i in range(24):
         prompt = "the cat" if i % 3 == 0 else "".join(rng.choice("abcdefgh ") for _ in range(rng.randint(1, 12)))
         requests.append((f"r{i}", prompt, SamplingParams(max_tokens=rng.randint(10, 20), **kinds[i % len(kinds)])))
     results = []
     for overlap in (False, True):
-        engine = LLMEngine(FakeModel(tok.vocab_size, tokenizer=tok, eos_token_ids=[eos]), num_kv_blocks=40,
-                           block_size=4, max_num_seqs=6, max_num_batched_tokens=24, async_scheduling=overlap)
+        engine = LLMEngine(
+            FakeModel(tok.vocab_size, tokenizer=tok, eos_token_ids=[eos]),
+            num_kv_blocks=40,
+            block_size=4,
+            max_num_seqs=6,
+            max_num_batched_tokens=24,
+            async_scheduling=overlap,
+        )
         done = _run(engine, requests)
-        results.append({rid: [(c.token_ids, c.text, c.finish_reason, c.stop_reason, c.logprobs)
-                              for c in out.outputs] for rid, out in done.items()})
+        results.append(
+            {
+                rid: [(c.token_ids, c.text, c.finish_reason, c.stop_reason, c.logprobs) for c in out.outputs]
+                for rid, out in done.items()
+            }
+        )
     assert results[0] == results[1]
     reasons = {(c[2], type(c[3])) for outs in results[0].values() for c in outs}
     assert reasons == {("length", type(None)), ("stop", type(None)), ("stop", int), ("stop", str)}

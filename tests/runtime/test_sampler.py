@@ -1,4 +1,5 @@
 """Sampler: greedy fast path, filters, penalties, logprobs, and seeds that ignore batch composition."""
+
 from __future__ import annotations
 
 import math
@@ -6,15 +7,14 @@ import random
 
 import pytest
 import torch
+from runtime_fakes import FakeModel
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from kiln.backends.cpu import kernels as cpu_kernels
-
 from kiln.runtime.llm import LLM
 from kiln.runtime.sampler import Sampler
 from kiln.runtime.sampling_params import SamplingParams
 from kiln.runtime.sequence import Request
-from runtime_fakes import FakeModel
 
 pytestmark = pytest.mark.usefixtures("overlap")  # every test with async scheduling off and on
 
@@ -40,10 +40,14 @@ def test_seeded_requests_ignore_what_else_is_in_the_batch() -> None:
     alone = LLM(FakeModel(VOCAB), num_kv_blocks=128, block_size=4).generate(prompt, target)[0]
     rng = random.Random(0)
     others = [[rng.randrange(VOCAB) for _ in range(rng.randint(1, 30))] for _ in range(6)]
-    other_params = [SamplingParams(temperature=0.8, max_tokens=rng.randint(1, 25), ignore_eos=True, top_k=5),
-                    SamplingParams(temperature=0, max_tokens=9), SamplingParams(temperature=2.0, seed=7),
-                    SamplingParams(temperature=1.0, max_tokens=30, presence_penalty=1.0),
-                    SamplingParams(temperature=0.5, min_p=0.2, logprobs=2), SamplingParams(n=3, max_tokens=4)]
+    other_params = [
+        SamplingParams(temperature=0.8, max_tokens=rng.randint(1, 25), ignore_eos=True, top_k=5),
+        SamplingParams(temperature=0, max_tokens=9),
+        SamplingParams(temperature=2.0, seed=7),
+        SamplingParams(temperature=1.0, max_tokens=30, presence_penalty=1.0),
+        SamplingParams(temperature=0.5, min_p=0.2, logprobs=2),
+        SamplingParams(n=3, max_tokens=4),
+    ]
     mixed = LLM(FakeModel(VOCAB), num_kv_blocks=128, block_size=4, max_num_batched_tokens=24)
     outs = mixed.generate(others[:3] + [prompt] + others[3:], other_params[:3] + [target] + other_params[3:])
     assert outs[3].outputs[0].token_ids == alone.outputs[0].token_ids
@@ -60,9 +64,14 @@ def test_all_greedy_batch_is_one_argmax() -> None:
 
 def test_degenerate_filters_equal_greedy() -> None:
     logits = torch.randn(6, VOCAB, generator=torch.Generator().manual_seed(0))
-    params = [SamplingParams(top_k=1), SamplingParams(top_p=1e-6), SamplingParams(min_p=1.0),
-              SamplingParams(temperature=1e-3, seed=1), SamplingParams(top_k=1, temperature=50.0),
-              SamplingParams(temperature=0)]
+    params = [
+        SamplingParams(top_k=1),
+        SamplingParams(top_p=1e-6),
+        SamplingParams(min_p=1.0),
+        SamplingParams(temperature=1e-3, seed=1),
+        SamplingParams(top_k=1, temperature=50.0),
+        SamplingParams(temperature=0),
+    ]
     assert Sampler([])(logits, seqs_for(params)).token_ids == logits.argmax(-1).tolist()
 
 
@@ -94,10 +103,12 @@ def test_penalties_push_away_repeated_tokens() -> None:
     logits[:, 10] = 1.0
     logits[:, 11] = 0.8
     history = [[10, 10, 10]] * 4
-    params = [SamplingParams(temperature=0, presence_penalty=0.5),
-              SamplingParams(temperature=0, frequency_penalty=0.1),
-              SamplingParams(temperature=0, repetition_penalty=2.0),
-              SamplingParams(temperature=0, frequency_penalty=0.05)]
+    params = [
+        SamplingParams(temperature=0, presence_penalty=0.5),
+        SamplingParams(temperature=0, frequency_penalty=0.1),
+        SamplingParams(temperature=0, repetition_penalty=2.0),
+        SamplingParams(temperature=0, frequency_penalty=0.05),
+    ]
     # 1 - 0.5, 1 - 3*0.1, 1 / 2 all drop below 0.8; 1 - 3*0.05 = 0.85 stays above.
     assert Sampler([])(logits, seqs_for(params, history)).token_ids == [11, 11, 11, 10]
 
@@ -115,8 +126,10 @@ def test_min_tokens_masks_eos_and_stop_ids() -> None:
     logits[:, 5] = 3.0
     logits[:, 6] = 2.0
     logits[:, 7] = 1.0
-    params = [SamplingParams(temperature=0, min_tokens=2, stop_token_ids=[6]),
-              SamplingParams(temperature=0, min_tokens=2, ignore_eos=True)]
+    params = [
+        SamplingParams(temperature=0, min_tokens=2, stop_token_ids=[6]),
+        SamplingParams(temperature=0, min_tokens=2, ignore_eos=True),
+    ]
     assert Sampler([5])(logits, seqs_for(params)).token_ids == [7, 5]
     assert Sampler([5])(logits, seqs_for(params, [[9, 9], [9, 9]])).token_ids == [5, 5]
 
@@ -131,14 +144,14 @@ def test_logprobs_are_the_model_distribution() -> None:
     assert set(top) == set(reference[0].topk(3).indices.tolist())
     assert math.isclose(chosen, float(reference[0, out.token_ids[0]]), rel_tol=1e-5)
     chosen, top = out.logprobs[1]
-    assert list(top) == [out.token_ids[1]] and math.isclose(chosen, float(reference[1, out.token_ids[1]]),
-                                                            rel_tol=1e-5)
+    assert list(top) == [out.token_ids[1]] and math.isclose(chosen, float(reference[1, out.token_ids[1]]), rel_tol=1e-5)
 
 
 def test_cumulative_logprob_sums_token_logprobs() -> None:
     llm = LLM(FakeModel(VOCAB), num_kv_blocks=64, block_size=4)
-    out = llm.generate([5, 6], SamplingParams(temperature=0.9, seed=0, max_tokens=6, logprobs=2,
-                                              ignore_eos=True))[0].outputs[0]
+    out = llm.generate([5, 6], SamplingParams(temperature=0.9, seed=0, max_tokens=6, logprobs=2, ignore_eos=True))[
+        0
+    ].outputs[0]
     assert len(out.logprobs) == 6
     total = sum(step[token] for step, token in zip(out.logprobs, out.token_ids))
     assert math.isclose(out.cumulative_logprob, total, rel_tol=1e-6)
@@ -148,9 +161,17 @@ def test_cumulative_logprob_sums_token_logprobs() -> None:
 
 # The device path: Sampler.sample -> DeviceSample, with no host sync ------------------------------------
 
-_SYNCING_OPS = {torch.ops.aten._local_scalar_dense, torch.ops.aten.is_nonzero, torch.ops.aten.equal,
-                torch.ops.aten.nonzero, torch.ops.aten.masked_select, torch.ops.aten.repeat_interleave,
-                torch.ops.aten._unique2, torch.ops.aten.unique_consecutive, torch.ops.aten.unique_dim}
+_SYNCING_OPS = {
+    torch.ops.aten._local_scalar_dense,
+    torch.ops.aten.is_nonzero,
+    torch.ops.aten.equal,
+    torch.ops.aten.nonzero,
+    torch.ops.aten.masked_select,
+    torch.ops.aten.repeat_interleave,
+    torch.ops.aten._unique2,
+    torch.ops.aten.unique_consecutive,
+    torch.ops.aten.unique_dim,
+}
 
 
 class _NoDeviceReads(TorchDispatchMode):
@@ -173,8 +194,9 @@ class _NoDeviceReads(TorchDispatchMode):
         if target is not None and torch.device(target).type == "cpu" and source.device.type != "cpu":
             raise AssertionError(f"{func} copies to the host")
         out = func(*args, **kwargs)
-        shapes = [tuple(t.shape) for t in (out if isinstance(out, (tuple, list)) else [out])
-                  if isinstance(t, torch.Tensor)]
+        shapes = [
+            tuple(t.shape) for t in (out if isinstance(out, (tuple, list)) else [out]) if isinstance(t, torch.Tensor)
+        ]
         self.calls.append((str(func), shapes))
         return out
 
@@ -200,12 +222,16 @@ def _sample_without_host_reads(monkeypatch, sampler: Sampler, logits: torch.Tens
 
 
 def _every_feature(vocab: int) -> tuple[list[SamplingParams], list[list[int]]]:
-    params = [SamplingParams(temperature=0), SamplingParams(temperature=0, repetition_penalty=1.3, logprobs=2),
-              SamplingParams(temperature=0.8, top_k=5), SamplingParams(top_p=0.7, seed=3),
-              SamplingParams(min_p=0.1, frequency_penalty=0.5, presence_penalty=0.2, logprobs=0),
-              SamplingParams(temperature=1.2, top_k=8, top_p=0.9, min_p=0.05, seed=4, logprobs=5),
-              SamplingParams(temperature=0, min_tokens=3, stop_token_ids=[7, vocab + 5]),
-              SamplingParams(temperature=0.5, min_tokens=2, ignore_eos=True, stop_token_ids=[9], seed=5)]
+    params = [
+        SamplingParams(temperature=0),
+        SamplingParams(temperature=0, repetition_penalty=1.3, logprobs=2),
+        SamplingParams(temperature=0.8, top_k=5),
+        SamplingParams(top_p=0.7, seed=3),
+        SamplingParams(min_p=0.1, frequency_penalty=0.5, presence_penalty=0.2, logprobs=0),
+        SamplingParams(temperature=1.2, top_k=8, top_p=0.9, min_p=0.05, seed=4, logprobs=5),
+        SamplingParams(temperature=0, min_tokens=3, stop_token_ids=[7, vocab + 5]),
+        SamplingParams(temperature=0.5, min_tokens=2, ignore_eos=True, stop_token_ids=[9], seed=5),
+    ]
     outputs = [[], [4, 4], [1], [2, 3], [5, 5, 5], [6], [8], []]
     return params, outputs
 
@@ -236,8 +262,9 @@ def test_sample_never_reads_the_device(monkeypatch, device: str) -> None:
 def test_all_greedy_batch_queues_only_the_argmax(monkeypatch) -> None:
     monkeypatch.setattr(cpu_kernels, "applies", lambda *t: False)  # the torch ops a GPU queues, not the C argmax
     logits = torch.randn(16, VOCAB)
-    sample, calls = _sample_without_host_reads(monkeypatch, Sampler([0]), logits,
-                                               seqs_for([SamplingParams(temperature=0)] * 16))
+    sample, calls = _sample_without_host_reads(
+        monkeypatch, Sampler([0]), logits, seqs_for([SamplingParams(temperature=0)] * 16)
+    )
     assert [name for name, _ in calls] == ["aten.argmax.default"]
     assert sample.token_ids.tolist() == logits.argmax(-1).tolist()
 
@@ -254,9 +281,14 @@ def test_sampled_batch_makes_few_full_size_tensors(monkeypatch) -> None:
 
 def test_greedy_rows_take_the_penalised_argmax_beside_sampled_rows() -> None:
     logits = torch.randn(6, VOCAB, generator=torch.Generator().manual_seed(2))
-    params = [SamplingParams(temperature=0), SamplingParams(temperature=1.5, seed=1),
-              SamplingParams(temperature=0, frequency_penalty=2.0), SamplingParams(top_k=3),
-              SamplingParams(temperature=0, min_tokens=1), SamplingParams(temperature=0, logprobs=1)]
+    params = [
+        SamplingParams(temperature=0),
+        SamplingParams(temperature=1.5, seed=1),
+        SamplingParams(temperature=0, frequency_penalty=2.0),
+        SamplingParams(top_k=3),
+        SamplingParams(temperature=0, min_tokens=1),
+        SamplingParams(temperature=0, logprobs=1),
+    ]
     first = logits.argmax(-1)
     outputs = [[], [], [int(first[2])] * 3, [], [], []]
     expected = logits.clone()
@@ -288,8 +320,13 @@ def test_seeded_rows_repeat_across_steps_whatever_shares_the_batch() -> None:
         return tokens
 
     alone = run([])
-    crowd = [SamplingParams(temperature=0), SamplingParams(seed=42), SamplingParams(top_k=4, seed=9),
-             SamplingParams(min_p=0.2, presence_penalty=1.0), SamplingParams(temperature=0.3, logprobs=2)]
+    crowd = [
+        SamplingParams(temperature=0),
+        SamplingParams(seed=42),
+        SamplingParams(top_k=4, seed=9),
+        SamplingParams(min_p=0.2, presence_penalty=1.0),
+        SamplingParams(temperature=0.3, logprobs=2),
+    ]
     assert run(crowd) == alone
     assert run(crowd[::-1]) == alone
     assert run(crowd, SamplingParams(temperature=1.0, top_p=0.95, seed=43)) != alone
@@ -298,8 +335,12 @@ def test_seeded_rows_repeat_across_steps_whatever_shares_the_batch() -> None:
 @pytest.mark.parametrize("device", _DEVICES)
 def test_all_sampled_top_k_batch_never_reads_the_device(monkeypatch, device: str) -> None:
     """The other branches: every row sampled, top-k and min-p without a top-p (topk instead of a sort)."""
-    params = [SamplingParams(top_k=3), SamplingParams(top_k=7, min_p=0.3, seed=1), SamplingParams(min_p=0.5),
-              SamplingParams(temperature=2.0)]
+    params = [
+        SamplingParams(top_k=3),
+        SamplingParams(top_k=7, min_p=0.3, seed=1),
+        SamplingParams(min_p=0.5),
+        SamplingParams(temperature=2.0),
+    ]
     logits = torch.randn(len(params), VOCAB, generator=torch.Generator().manual_seed(1))
     sample, _ = _sample_without_host_reads(monkeypatch, Sampler([0]), logits.to(device), seqs_for(params))
     tokens = sample.to_host().token_ids

@@ -5,6 +5,7 @@ probabilities computed here, in float64 Python, straight from the definitions (s
 renormalised over the kept set). The default generator is seeded, so each test is deterministic; a correct
 sampler passes with p > 1e-3, and a wrong kept set or temperature fails by many orders of magnitude.
 """
+
 from __future__ import annotations
 
 import math
@@ -23,8 +24,9 @@ N = 20_000
 
 def chi2_sf(stat: float, df: int) -> float:
     """P(X >= stat) for X ~ chi-square(df): the regularized upper incomplete gamma Q(df / 2, stat / 2)."""
-    return float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64),
-                                         torch.tensor(stat / 2, dtype=torch.float64)))
+    return float(
+        torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64), torch.tensor(stat / 2, dtype=torch.float64))
+    )
 
 
 def softmax(logits: list[float], temperature: float) -> list[float]:
@@ -52,8 +54,10 @@ def nucleus(probs: list[float], top_p: float) -> set[int]:
 def draw_counts(params: SamplingParams, n: int = N, seeded: bool = False) -> list[int]:
     """Token counts of n draws from LOGITS, in one sample() call; seeded rows get seeds 0..n-1."""
     if seeded:
-        seqs = [Request(f"r{i}", None, [1, 2, 3], SamplingParams(**{**vars_of(params), "seed": i}), 0.0).seqs[0]
-                for i in range(n)]
+        seqs = [
+            Request(f"r{i}", None, [1, 2, 3], SamplingParams(**{**vars_of(params), "seed": i}), 0.0).seqs[0]
+            for i in range(n)
+        ]
     else:
         seqs = [Request("r", None, [1, 2, 3], params, 0.0).seqs[0]] * n  # rows are independent draws
     logits = torch.tensor([LOGITS]).repeat(n, 1)
@@ -145,15 +149,21 @@ def test_filtered_tokens_never_appear() -> None:
     """A 64-token vocabulary with random logits: every draw lies in the set its filters keep."""
     rng = random.Random(0)
     logits = torch.randn(64, generator=torch.Generator().manual_seed(0)).tolist()
-    options = [dict(top_k=5), dict(top_p=0.5), dict(min_p=0.3), dict(top_k=10, top_p=0.6, min_p=0.2),
-               dict(temperature=2.5, top_k=2), dict(temperature=0.3, top_p=0.95)]
+    options = [
+        dict(top_k=5),
+        dict(top_p=0.5),
+        dict(min_p=0.3),
+        dict(top_k=10, top_p=0.6, min_p=0.2),
+        dict(temperature=2.5, top_k=2),
+        dict(temperature=0.3, top_p=0.95),
+    ]
     params = [SamplingParams(**rng.choice(options)) for _ in range(3000)]
     seqs = [Request("r", None, [1], p, 0.0).seqs[0] for p in params]
     tokens = Sampler([]).sample(torch.tensor([logits]).repeat(len(seqs), 1), seqs).token_ids.tolist()
     order = sorted(range(64), key=lambda i: -logits[i])
     for p, token in zip(params, tokens):
         probs = softmax(logits, p.temperature)
-        keep = set(order[:p.top_k]) if p.top_k > 0 else set(range(64))
+        keep = set(order[: p.top_k]) if p.top_k > 0 else set(range(64))
         keep &= nucleus(renormalised(probs, keep), p.top_p)
         keep &= {i for i, q in enumerate(probs) if q >= p.min_p * max(probs)}
         assert token in keep, (p, token, sorted(keep))

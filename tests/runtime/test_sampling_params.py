@@ -1,4 +1,5 @@
 """SamplingParams validation: every bad value is a ValueError that names the parameter."""
+
 from __future__ import annotations
 
 import pytest
@@ -6,19 +7,36 @@ import pytest
 from kiln.runtime.sampling_params import MAX_LOGPROBS, MAX_N, MAX_STOP_STRINGS, SamplingParams
 
 BAD_VALUES = [
-    ("n", 0), ("n", MAX_N + 1), ("n", 1.5),
-    ("max_tokens", 0), ("max_tokens", -3), ("max_tokens", "16"),
+    ("n", 0),
+    ("n", MAX_N + 1),
+    ("n", 1.5),
+    ("max_tokens", 0),
+    ("max_tokens", -3),
+    ("max_tokens", "16"),
     ("min_tokens", -1),
-    ("temperature", -0.1), ("temperature", 1000.0), ("temperature", float("nan")), ("temperature", "hot"),
-    ("top_p", 0.0), ("top_p", 1.5), ("top_p", -1.0),
-    ("top_k", -2), ("top_k", 2.5),
-    ("min_p", -0.1), ("min_p", 1.1),
-    ("presence_penalty", 2.5), ("presence_penalty", -3.0),
-    ("frequency_penalty", 2.1), ("frequency_penalty", -2.1),
-    ("repetition_penalty", 0.0), ("repetition_penalty", -1.0),
-    ("seed", 1.5), ("seed", "x"),
-    ("logprobs", MAX_LOGPROBS + 1), ("logprobs", -1),
-    ("stop_token_ids", [-1]), ("stop_token_ids", "eos"),
+    ("temperature", -0.1),
+    ("temperature", 1000.0),
+    ("temperature", float("nan")),
+    ("temperature", "hot"),
+    ("top_p", 0.0),
+    ("top_p", 1.5),
+    ("top_p", -1.0),
+    ("top_k", -2),
+    ("top_k", 2.5),
+    ("min_p", -0.1),
+    ("min_p", 1.1),
+    ("presence_penalty", 2.5),
+    ("presence_penalty", -3.0),
+    ("frequency_penalty", 2.1),
+    ("frequency_penalty", -2.1),
+    ("repetition_penalty", 0.0),
+    ("repetition_penalty", -1.0),
+    ("seed", 1.5),
+    ("seed", "x"),
+    ("logprobs", MAX_LOGPROBS + 1),
+    ("logprobs", -1),
+    ("stop_token_ids", [-1]),
+    ("stop_token_ids", "eos"),
     ("ignore_eos", "yes"),
 ]
 
@@ -59,6 +77,15 @@ def test_from_dict_still_validates_values() -> None:
 
 
 def test_edge_values_are_accepted() -> None:
-    params = SamplingParams(temperature=0, top_p=1, top_k=0, min_p=1, presence_penalty=-2, frequency_penalty=2,
-                            logprobs=MAX_LOGPROBS, n=MAX_N, seed=0)
+    params = SamplingParams(
+        temperature=0,
+        top_p=1,
+        top_k=0,
+        min_p=1,
+        presence_penalty=-2,
+        frequency_penalty=2,
+        logprobs=MAX_LOGPROBS,
+        n=MAX_N,
+        seed=0,
+    )
     assert params.greedy and params.has_penalties and isinstance(params.temperature, float)

@@ -1,13 +1,14 @@
 """Scheduler invariants under random traffic: budgets hold, blocks are never double-owned, nothing leaks."""
+
 from __future__ import annotations
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from runtime_fakes import FakeModel, check_invariants, reference_greedy
 
 from kiln.runtime.engine import LLMEngine
 from kiln.runtime.sampling_params import SamplingParams
-from runtime_fakes import FakeModel, check_invariants, reference_greedy
 
 pytestmark = pytest.mark.usefixtures("overlap")  # every test with async scheduling off and on
 
@@ -25,8 +26,9 @@ op_st = st.one_of(
 )
 
 
-@settings(max_examples=40, deadline=None,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
+)
 @given(
     ops=st.lists(op_st, min_size=1, max_size=30),
     num_blocks=st.integers(14, 40),
@@ -36,14 +38,21 @@ op_st = st.one_of(
     prefix_caching=st.booleans(),
     chunked=st.booleans(),
 )
-def test_random_traffic_keeps_invariants(ops, num_blocks, block_size, max_num_seqs, max_batched,
-                                         prefix_caching, chunked) -> None:
+def test_random_traffic_keeps_invariants(
+    ops, num_blocks, block_size, max_num_seqs, max_batched, prefix_caching, chunked
+) -> None:
     max_model_len = 56
     if not chunked:
         max_batched = max(max_batched, max_model_len)
-    engine = LLMEngine(FakeModel(VOCAB, max_model_len=max_model_len), num_kv_blocks=num_blocks,
-                       block_size=block_size, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_batched,
-                       enable_prefix_caching=prefix_caching, enable_chunked_prefill=chunked)
+    engine = LLMEngine(
+        FakeModel(VOCAB, max_model_len=max_model_len),
+        num_kv_blocks=num_blocks,
+        block_size=block_size,
+        max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=max_batched,
+        enable_prefix_caching=prefix_caching,
+        enable_chunked_prefill=chunked,
+    )
     schedule = engine.scheduler.schedule
 
     def checked_schedule():
@@ -70,11 +79,14 @@ def test_random_traffic_keeps_invariants(ops, num_blocks, block_size, max_num_se
             prompt, max_tokens, n = arg
             rid = f"r{len(added)}"
             try:
-                engine.add_request(rid, prompt, SamplingParams(n=n, max_tokens=max_tokens, temperature=0,
-                                                               ignore_eos=True))
+                engine.add_request(
+                    rid, prompt, SamplingParams(n=n, max_tokens=max_tokens, temperature=0, ignore_eos=True)
+                )
             except ValueError:
-                assert len(prompt) + max_tokens > max_model_len or \
-                    -(-(len(prompt) + max_tokens - 1) // block_size) > num_blocks
+                assert (
+                    len(prompt) + max_tokens > max_model_len
+                    or -(-(len(prompt) + max_tokens - 1) // block_size) > num_blocks
+                )
                 continue
             added[rid] = (prompt, max_tokens, n)
         elif op == "step":

@@ -1,4 +1,5 @@
 """The OpenAI-compatible server, live on loopback, driven by the official `openai` client and raw HTTP."""
+
 from __future__ import annotations
 
 import asyncio
@@ -79,8 +80,9 @@ def client(live) -> openai.OpenAI:
 
 def test_completion_matches_offline_generate(live, client, offline) -> None:
     prompt = "The kiln was built at the edge of the village,"
-    res = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, extra_body={"ignore_eos": True},
-                                    **GREEDY)
+    res = client.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=12, extra_body={"ignore_eos": True}, **GREEDY
+    )
     expected = offline.generate(prompt, SamplingParams(max_tokens=12, ignore_eos=True, **GREEDY))[0]
     assert res.choices[0].text == expected.outputs[0].text
     assert res.choices[0].finish_reason == "length"
@@ -91,12 +93,14 @@ def test_completion_matches_offline_generate(live, client, offline) -> None:
 
 def test_chat_completion_uses_chat_template(live, client, offline) -> None:
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is a kiln?"}]
-    res = client.chat.completions.create(model=MODEL, messages=messages, max_completion_tokens=10,
-                                         extra_body={"ignore_eos": True}, **GREEDY)
+    res = client.chat.completions.create(
+        model=MODEL, messages=messages, max_completion_tokens=10, extra_body={"ignore_eos": True}, **GREEDY
+    )
     ids = live.http.post("/tokenize", json={"messages": messages}).json()["tokens"]
     tok = offline.get_tokenizer()
-    assert ids == tok.encode(tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
-                             add_special_tokens=False)
+    assert ids == tok.encode(
+        tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), add_special_tokens=False
+    )
     expected = offline.generate(ids, SamplingParams(max_tokens=10, ignore_eos=True, **GREEDY))[0]
     assert res.choices[0].message.role == "assistant"
     assert res.choices[0].message.content == expected.outputs[0].text
@@ -127,15 +131,21 @@ def test_stream_equals_unstreamed(client, endpoint: str) -> None:
 
 
 def test_sse_wire_format_ends_with_usage_then_done(live) -> None:
-    body = {"model": MODEL, "prompt": "Hello", "max_tokens": 4, "stream": True,
-            "stream_options": {"include_usage": True}, **GREEDY}
+    body = {
+        "model": MODEL,
+        "prompt": "Hello",
+        "max_tokens": 4,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        **GREEDY,
+    }
     with live.http.stream("POST", "/v1/completions", json=body) as res:
         raw = res.read().decode()
     assert res.headers["content-type"].startswith("text/event-stream")
     events = raw.split("\n\n")
     assert events[-1] == "" and events[-2] == "data: [DONE]"
     assert all(e.startswith("data: ") for e in events[:-1])
-    last = json.loads(events[-3][len("data: "):])
+    last = json.loads(events[-3][len("data: ") :])
     assert last["choices"] == [] and last["usage"]["completion_tokens"] <= 4
 
 
@@ -144,20 +154,37 @@ def test_logprobs_seed_and_stop(client) -> None:
     lp = res.choices[0].logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 6
     assert all(1 <= len(top) <= 4 and max(top.values()) >= v for top, v in zip(lp.top_logprobs, lp.token_logprobs))
-    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=4,
-                                          logprobs=True, top_logprobs=2, **GREEDY)
+    chat = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=4, logprobs=True, top_logprobs=2, **GREEDY
+    )
     assert [len(t.top_logprobs) for t in chat.choices[0].logprobs.content] == [2] * 4
-    sampled = [client.completions.create(model=MODEL, prompt="The weather", max_tokens=8, temperature=1.0, seed=7,
-                                         top_p=0.9, extra_body={"top_k": 50, "min_p": 0.01,
-                                                                "repetition_penalty": 1.1}).choices[0].text
-               for _ in range(2)]
+    sampled = [
+        client.completions.create(
+            model=MODEL,
+            prompt="The weather",
+            max_tokens=8,
+            temperature=1.0,
+            seed=7,
+            top_p=0.9,
+            extra_body={"top_k": 50, "min_p": 0.01, "repetition_penalty": 1.1},
+        )
+        .choices[0]
+        .text
+        for _ in range(2)
+    ]
     assert sampled[0] == sampled[1]
-    full = client.completions.create(model=MODEL, prompt="The weather", max_tokens=12,
-                                     extra_body={"ignore_eos": True}, **GREEDY).choices[0].text
-    stop = full[len(full) // 2:len(full) // 2 + 2]
-    cut = client.completions.create(model=MODEL, prompt="The weather", max_tokens=12, stop=[stop],
-                                    extra_body={"ignore_eos": True}, **GREEDY).choices[0]
-    assert cut.finish_reason == "stop" and cut.text == full[:full.index(stop)]
+    full = (
+        client.completions.create(
+            model=MODEL, prompt="The weather", max_tokens=12, extra_body={"ignore_eos": True}, **GREEDY
+        )
+        .choices[0]
+        .text
+    )
+    stop = full[len(full) // 2 : len(full) // 2 + 2]
+    cut = client.completions.create(
+        model=MODEL, prompt="The weather", max_tokens=12, stop=[stop], extra_body={"ignore_eos": True}, **GREEDY
+    ).choices[0]
+    assert cut.finish_reason == "stop" and cut.text == full[: full.index(stop)]
 
 
 BAD_REQUESTS = {
@@ -169,7 +196,7 @@ BAD_REQUESTS = {
     "wrong type": ({"prompt": "hi", "n": "2"}, "n"),
     "n over the limit": ({"prompt": "hi", "n": 1000}, "n"),
     "too many stop strings": ({"prompt": "hi", "stop": [f"s{i}" for i in range(100)]}, "stop"),
-    "token id out of vocabulary": ({"prompt": [1, 2, 10 ** 6]}, "prompt"),
+    "token id out of vocabulary": ({"prompt": [1, 2, 10**6]}, "prompt"),
     "prompt too long": ({"prompt": "clay " * 600, "max_tokens": 10}, "prompt"),
 }
 
@@ -184,14 +211,18 @@ def test_bad_requests_are_400_in_openai_shape(live, case: str) -> None:
     assert set(error) == {"message", "type", "param", "code"} and error["message"]
     assert error["type"] == "invalid_request_error" and error["param"] == param
     if case == "prompt too long":
-        assert re.match(r"This model's maximum context length is 512 tokens\. However, you requested (\d+) "
-                        r"tokens \((\d+) in the messages, 10 in the completion\)\.", error["message"])
+        assert re.match(
+            r"This model's maximum context length is 512 tokens\. However, you requested (\d+) "
+            r"tokens \((\d+) in the messages, 10 in the completion\)\.",
+            error["message"],
+        )
 
 
 def test_chat_errors_through_the_client(client) -> None:
     with pytest.raises(openai.BadRequestError) as exc:
-        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x " * 300}],
-                                       max_completion_tokens=400)
+        client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "x " * 300}], max_completion_tokens=400
+        )
     assert "maximum context length is 512 tokens" in exc.value.message
     assert exc.value.body["param"] == "messages" and exc.value.body["code"] == "context_length_exceeded"
     with pytest.raises(openai.BadRequestError):
@@ -221,8 +252,13 @@ def test_operational_endpoints(live) -> None:
     text = live.http.get("/metrics").text
     names = {line.split()[2] for line in text.splitlines() if line.startswith("# TYPE")}
     assert names and all(n.startswith("kiln_") for n in names)
-    for name in ("kiln_time_to_first_token_seconds", "kiln_time_per_output_token_seconds",
-                 "kiln_kv_cache_usage_perc", "kiln_num_preemptions_total", "kiln_http_requests_total"):
+    for name in (
+        "kiln_time_to_first_token_seconds",
+        "kiln_time_per_output_token_seconds",
+        "kiln_kv_cache_usage_perc",
+        "kiln_num_preemptions_total",
+        "kiln_http_requests_total",
+    ):
         assert name in names
 
 
@@ -233,8 +269,9 @@ def test_dropped_stream_is_aborted_and_frees_its_blocks(live, client, monkeypatc
     monkeypatch.setattr(live.engine.engine, "step", lambda: time.sleep(0.005) or step())
     aborted = 'kiln_request_finished_total{finished_reason="abort"}'
     before = live.metric(aborted) if aborted in live.http.get("/metrics").text else 0.0
-    stream = client.completions.create(model=MODEL, prompt="The kiln", max_tokens=480, stream=True,
-                                       extra_body={"ignore_eos": True}, **GREEDY)
+    stream = client.completions.create(
+        model=MODEL, prompt="The kiln", max_tokens=480, stream=True, extra_body={"ignore_eos": True}, **GREEDY
+    )
     chunks = iter(stream)
     assert all(next(chunks).choices for _ in range(3))
     assert live.metric("kiln_kv_blocks_in_use") > 0
@@ -255,9 +292,15 @@ def test_200_concurrent_streams(live) -> None:
     async def one(client: openai.AsyncOpenAI, i: int) -> tuple[float, float, int]:
         start = time.perf_counter()
         first, finish, tokens = None, None, 0
-        stream = await client.completions.create(model=MODEL, prompt=f"Request {i}: the potter", max_tokens=8,
-                                                 stream=True, stream_options={"include_usage": True},
-                                                 extra_body={"ignore_eos": True}, **GREEDY)
+        stream = await client.completions.create(
+            model=MODEL,
+            prompt=f"Request {i}: the potter",
+            max_tokens=8,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
+            **GREEDY,
+        )
         async for chunk in stream:
             first = first or time.perf_counter()
             if chunk.choices:
@@ -269,8 +312,13 @@ def test_200_concurrent_streams(live) -> None:
 
     async def run() -> list[tuple[float, float, int]]:
         limits = httpx.Limits(max_connections=256, max_keepalive_connections=256)
-        async with openai.AsyncOpenAI(base_url=f"{live.url}/v1", api_key=KEY, max_retries=0, timeout=120,
-                                      http_client=httpx.AsyncClient(limits=limits, timeout=120)) as client:
+        async with openai.AsyncOpenAI(
+            base_url=f"{live.url}/v1",
+            api_key=KEY,
+            max_retries=0,
+            timeout=120,
+            http_client=httpx.AsyncClient(limits=limits, timeout=120),
+        ) as client:
             return await asyncio.gather(*(one(client, i) for i in range(200)))
 
     started = time.perf_counter()
@@ -279,8 +327,10 @@ def test_200_concurrent_streams(live) -> None:
     assert [tokens for _, _, tokens in results] == [8] * 200
     live.wait_idle()
     ttft, e2e = sorted(r[0] for r in results), sorted(r[1] for r in results)
-    print(f"\n200 streams x 8 tokens in {wall:.2f} s; TTFT p50/p90/p99 {_percentiles(ttft)} s; "
-          f"latency p50/p90/p99 {_percentiles(e2e)} s")
+    print(
+        f"\n200 streams x 8 tokens in {wall:.2f} s; TTFT p50/p90/p99 {_percentiles(ttft)} s; "
+        f"latency p50/p90/p99 {_percentiles(e2e)} s"
+    )
 
 
 def _percentiles(values: list[float]) -> str:
