@@ -172,7 +172,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--api-key",
         default=None,
         metavar="KEY",
-        help="require `Authorization: Bearer KEY` on /v1 routes (default: $KILN_API_KEY, else none)",
+        help="require `Authorization: Bearer KEY` on every route but /health (default: $KILN_API_KEY, else none)",
+    )
+    serve.add_argument(
+        "--open-metrics", action="store_true", help="let /metrics answer without the API key (for a scraper)"
+    )
+    serve.add_argument(
+        "--allowed-hosts",
+        nargs="+",
+        default=None,
+        metavar="HOST",
+        help="Host header names to answer besides the loopback ones (bound to loopback, no others are answered)",
     )
     serve.add_argument(
         "--served-model-name",

@@ -222,6 +222,8 @@ def serve(args: argparse.Namespace) -> int:
             args.port,
             args.api_key or os.environ.get("KILN_API_KEY"),
             served_model_name=args.served_model_name or args.model,
+            open_metrics=args.open_metrics,
+            allowed_hosts=args.allowed_hosts,
             max_num_seqs=args.max_num_seqs,
             num_kv_blocks=args.num_kv_blocks,
             block_size=args.block_size,

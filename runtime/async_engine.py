@@ -48,12 +48,14 @@ class AsyncLLMEngine:
         prompt: str | list[int],
         sampling_params: SamplingParams | dict | None = None,
         request_id: str | None = None,
+        cache_salt: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        """Yield the request's output after each step that changes it; the last one has finished=True."""
+        """Yield the request's output after each step that changes it; the last one has finished=True.
+        cache_salt: see LLMEngine.make_request."""
         request_id = request_id if request_id is not None else f"async-{next(self._ids)}"
         if request_id in self._queues:
             raise ValueError(f"request_id {request_id!r} is already in use")
-        request = self.engine.make_request(request_id, prompt, sampling_params)
+        request = self.engine.make_request(request_id, prompt, sampling_params, cache_salt=cache_salt)
         queue = Mailbox()
         self._queues[request_id] = queue
         self.engine.enqueue(request)

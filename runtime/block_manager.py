@@ -17,6 +17,14 @@ from .sequence import Sequence
 _ROOT_HASH = b"kiln-prefix-root"
 
 
+def cache_root(cache_salt: str | None) -> bytes:
+    """The first parent of a request's hash chain: requests with different salts never share a cached block,
+    so one tenant cannot learn, from cache hits, what another's prompts begin with."""
+    if cache_salt is None:
+        return _ROOT_HASH
+    return hashlib.sha256(_ROOT_HASH + b"salt:" + cache_salt.encode("utf-8")).digest()
+
+
 def hash_block(parent: bytes, token_ids: list[int]) -> bytes:
     """Content key of a full block: stable across processes (unlike Python's `hash`) and collision-safe."""
     return hashlib.sha256(parent + array("q", token_ids).tobytes()).digest()
@@ -71,7 +79,8 @@ class BlockManager:
         bs = self.block_size
         hashes = seq.block_hashes
         for i in range(len(hashes), upto // bs):
-            hashes.append(hash_block(hashes[-1] if hashes else _ROOT_HASH, seq.token_ids[i * bs : (i + 1) * bs]))
+            parent = hashes[-1] if hashes else cache_root(seq.request.cache_salt)
+            hashes.append(hash_block(parent, seq.token_ids[i * bs : (i + 1) * bs]))
 
     # Allocation ----------------------------------------------------------------------------------------
 

@@ -108,11 +108,13 @@ class LLMEngine:
         params: SamplingParams | dict | None = None,
         arrival_time: float | None = None,
         stream: bool = True,
+        cache_salt: str | None = None,
     ) -> Request:
         """Validate and tokenize a request without touching engine state (raises ValueError when bad).
 
         stream: report the request after every step that gives it tokens; False reports it once, finished
         (what `LLM.generate` needs, and much less host work per step for a large batch).
+        cache_salt: prefix-cache hits only among requests with the same salt (vLLM's; one per tenant).
         """
         if not isinstance(request_id, str) or not request_id:
             raise ValueError(f"request_id must be a non-empty string, got {request_id!r}")
@@ -139,7 +141,9 @@ class LLMEngine:
                 f"prompt + max_tokens needs {needed} KV blocks but the pool has only "
                 f"{self.block_manager.num_blocks} (raise num_kv_blocks or kv_cache_memory)"
             )
-        request = Request(request_id, text, token_ids, params, arrival_time or time.time(), stream)
+        if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt):
+            raise ValueError(f"cache_salt must be a non-empty string, got {cache_salt!r}")
+        request = Request(request_id, text, token_ids, params, arrival_time or time.time(), stream, cache_salt)
         for seq in request.seqs:
             self.detokenizer.start(seq)
         return request

@@ -49,6 +49,7 @@ class _SamplingFields(_Strict):
     min_tokens: int | None = None
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool | None = None
+    cache_salt: str | None = Field(default=None, min_length=1, max_length=256)  # vLLM's: a tenant's own prefix cache
 
     def sampling_options(self) -> dict[str, Any]:
         """The fields SamplingParams takes, leaving out those not given (so its defaults apply)."""

@@ -114,9 +114,11 @@ class Request:
         params: SamplingParams,
         arrival_time: float,
         stream: bool = True,
+        cache_salt: str | None = None,
     ) -> None:
         self.request_id = request_id
         self.stream = stream  # report after every step, or only when finished
+        self.cache_salt = cache_salt  # prefix-cache hits only among requests with the same salt
         self.prompt = prompt
         self.prompt_token_ids = prompt_token_ids
         self.params = params

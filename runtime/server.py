@@ -33,12 +33,47 @@ ROUTES = (
 )
 
 
-class _Guard:
-    """ASGI middleware: API-key check on /v1 routes and per-route request counts for /metrics."""
+LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
 
-    def __init__(self, app: Any, api_key: str | None, metrics: ServerMetrics) -> None:
+
+class _Guard:
+    """ASGI middleware in front of every route: the Host check, the API key, JSON-only POSTs, and per-route
+    request counts for /metrics.
+
+    With an API key every route but /health needs it (/metrics too, unless `open_metrics`: its prefix-cache
+    counters reveal what other clients' prompts share). `allowed_hosts` (the loopback names when the server is
+    bound to loopback) refuses requests whose Host header names another host, so that a web page cannot drive a
+    local server through DNS rebinding; and a POST must say `application/json`, which a cross-site form cannot.
+    """
+
+    def __init__(
+        self,
+        app: Any,
+        api_key: str | None,
+        metrics: ServerMetrics,
+        open_metrics: bool = False,
+        allowed_hosts: frozenset[str] | None = None,
+    ) -> None:
         self.app, self.metrics = app, metrics
         self.expected = f"Bearer {api_key}".encode() if api_key else None
+        self.open = {"/health", "/metrics"} if open_metrics else {"/health"}
+        self.allowed_hosts = allowed_hosts
+
+    def _refusal(self, scope: dict) -> JSONResponse | None:
+        headers = dict(scope["headers"])
+        if self.allowed_hosts is not None and _hostname(headers.get(b"host", b"")) not in self.allowed_hosts:
+            body = proto.error_body("The Host header names a host this server does not serve.", code="bad_host")
+            return JSONResponse(body, status_code=400)
+        if self.expected is not None and scope["path"] not in self.open:
+            if not hmac.compare_digest(headers.get(b"authorization", b""), self.expected):
+                body = proto.error_body("Incorrect API key provided.", code="invalid_api_key")
+                return JSONResponse(body, status_code=401)
+        if scope["method"] == "POST":
+            media_type = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
+            if media_type != b"application/json":
+                body = proto.error_body("Request bodies must be JSON (Content-Type: application/json).")
+                return JSONResponse(body, status_code=415)
+        return None
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
@@ -50,18 +85,31 @@ class _Guard:
                 self.metrics.count_http(path, message["status"])
             await send(message)
 
-        if self.expected is not None and scope["path"].startswith("/v1"):
-            given = dict(scope["headers"]).get(b"authorization", b"")
-            if not hmac.compare_digest(given, self.expected):
-                body = proto.error_body("Incorrect API key provided.", code="invalid_api_key")
-                return await JSONResponse(body, status_code=401)(scope, receive, counting_send)
+        refusal = self._refusal(scope)
+        if refusal is not None:
+            return await refusal(scope, receive, counting_send)
         await self.app(scope, receive, counting_send)
 
 
+def _hostname(host: bytes) -> str:
+    """The host name of a Host header value: without the port, without IPv6 brackets, lower case."""
+    text = host.decode("latin-1").strip().lower()
+    if text.startswith("["):
+        return text[1 : text.find("]")] if "]" in text else text
+    return text.rsplit(":", 1)[0] if text.count(":") == 1 else text
+
+
 def build_app(
-    engine: AsyncLLMEngine, model_name: str, api_key: str | None = None, limits: ServerLimits | None = None
+    engine: AsyncLLMEngine,
+    model_name: str,
+    api_key: str | None = None,
+    limits: ServerLimits | None = None,
+    *,
+    open_metrics: bool = False,
+    allowed_hosts: frozenset[str] | None = None,
 ) -> FastAPI:
-    """The FastAPI app serving `engine` as `model_name`; /v1 routes need `Bearer api_key` when one is set."""
+    """The FastAPI app serving `engine` as `model_name`; every route but /health needs `Bearer api_key` when one
+    is set (/metrics too unless open_metrics); allowed_hosts, when given, are the only Host names answered."""
     metrics = ServerMetrics()
     serving = OpenAIServing(engine, model_name, limits or ServerLimits(), metrics)
 
@@ -71,7 +119,7 @@ def build_app(
         await engine.shutdown()
 
     app = FastAPI(title="kiln", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_middleware(_Guard, api_key=api_key, metrics=metrics)
+    app.add_middleware(_Guard, api_key=api_key, metrics=metrics, open_metrics=open_metrics, allowed_hosts=allowed_hosts)
 
     @app.exception_handler(APIError)
     async def api_error(_: Request, err: APIError) -> JSONResponse:
@@ -103,12 +151,21 @@ def serve(
     served_model_name: str | None = None,
     limits: ServerLimits | None = None,
     log_level: str = "info",
+    open_metrics: bool = False,
+    allowed_hosts: list[str] | None = None,
     **engine_options: Any,
 ) -> None:
-    """Compile `model` (a checkpoint directory or a CompiledModel) and serve it until interrupted."""
+    """Compile `model` (a checkpoint directory or a CompiledModel) and serve it until interrupted. Bound to a
+    loopback address, only loopback Host names (plus `allowed_hosts`) are answered; elsewhere, `allowed_hosts`
+    restricts the Host names when given."""
     import uvicorn
 
     engine = AsyncLLMEngine.from_model(str(model) if isinstance(model, Path) else model, **engine_options)
     name = served_model_name or (str(model) if isinstance(model, (str, Path)) else "kiln-model")
-    app = build_app(engine, name, api_key, limits)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    hosts: frozenset[str] | None = frozenset(h.lower() for h in allowed_hosts) if allowed_hosts else None
+    if host in LOOPBACK_HOSTS:
+        hosts = LOOPBACK_HOSTS | (hosts or frozenset())
+    app = build_app(engine, name, api_key, limits, open_metrics=open_metrics, allowed_hosts=hosts)
+    # Slow clients: idle keep-alive connections close after 5 s; a request whose body stalls is cut off by
+    # ServerLimits.body_timeout.
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5, timeout_keep_alive=5)

@@ -3,6 +3,7 @@ streamed."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -165,10 +166,8 @@ async def _respond(
     logprobs: int | None,
 ) -> Response:
     renames = CHAT_RENAMES if chat else {}
-    if len(prompts) > serving.limits.max_prompts:
-        raise APIError(400, f"At most {serving.limits.max_prompts} prompts per request, got {len(prompts)}.", "prompt")
     params = serving.sampling_params(req, prompts, max_tokens, logprobs, renames)
-    first, merged = await serving.start(request, prompts, params, renames)
+    first, merged = await serving.start(request, prompts, params, renames, req.cache_salt)
     writer = _Writer(serving, chat, req.n, logprobs)
     if req.stream:
         include_usage = req.stream_options is not None and req.stream_options.include_usage
@@ -186,7 +185,8 @@ def register(app: FastAPI, serving: OpenAIServing) -> None:
         raw = req.prompt
         if isinstance(raw, str) or (raw and isinstance(raw[0], int)) or raw == []:
             raw = [raw]
-        prompts = [serving.encode(p) if isinstance(p, str) else list(p) for p in raw]
+        serving.check_fanout(len(raw), req.n)
+        prompts = [await serving.encode(p) if isinstance(p, str) else list(p) for p in raw]
         return await _respond(serving, request, req, prompts, False, req.max_tokens, req.logprobs)
 
     @app.post("/v1/chat/completions")
@@ -196,7 +196,9 @@ def register(app: FastAPI, serving: OpenAIServing) -> None:
             raise APIError(400, "top_logprobs requires logprobs to be true.", "top_logprobs")
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        return await _respond(serving, request, req, [serving.chat_prompt(req.messages)], True, max_tokens, logprobs)
+        serving.check_fanout(1, req.n)
+        prompt = await serving.chat_prompt(req.messages)
+        return await _respond(serving, request, req, [prompt], True, max_tokens, logprobs)
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -225,9 +227,9 @@ def register(app: FastAPI, serving: OpenAIServing) -> None:
         if (req.prompt is None) == (req.messages is None):
             raise APIError(400, "Give exactly one of 'prompt' and 'messages'.", "prompt")
         if req.messages is not None:
-            tokens = serving.chat_prompt(req.messages, req.add_generation_prompt)
+            tokens = await serving.chat_prompt(req.messages, req.add_generation_prompt)
         else:
-            tokens = serving.encode(req.prompt, req.add_special_tokens)
+            tokens = await serving.encode(req.prompt, req.add_special_tokens)
         return {"tokens": tokens, "count": len(tokens), "max_model_len": serving.max_model_len}
 
     @app.post("/detokenize")
@@ -237,7 +239,9 @@ def register(app: FastAPI, serving: OpenAIServing) -> None:
             raise APIError(400, "This model has no tokenizer.", "tokens")
         if not all(0 <= t < engine.vocab_size for t in req.tokens):
             raise APIError(400, f"tokens must be integers in [0, {engine.vocab_size}).", "tokens")
-        return {"prompt": serving.tokenizer.decode(req.tokens)}
+        if len(req.tokens) > serving.max_model_len:
+            raise APIError(400, f"At most {serving.max_model_len} tokens (max_model_len).", "tokens")
+        return {"prompt": await asyncio.to_thread(serving.tokenizer.decode, req.tokens)}
 
     @app.get("/metrics")
     async def metrics() -> PlainTextResponse:

@@ -33,6 +33,9 @@ class ServerLimits:
     max_n: int = 16
     max_stop: int = 16
     max_prompts: int = 32
+    max_seqs: int = 64  # prompts x n: the sequences one request may put in the engine
+    body_timeout: float = 30.0  # seconds to receive a whole body (slow-body clients are cut off)
+    chars_per_token: int = 64  # a text over max_model_len * this cannot fit the context: refused untokenized
 
 
 class APIError(Exception):
@@ -132,10 +135,17 @@ class OpenAIServing:
         if declared.isdigit() and int(declared) > self.limits.max_body_bytes:
             raise too_big
         body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > self.limits.max_body_bytes:
-                raise too_big
+
+        async def read() -> None:
+            async for chunk in request.stream():
+                body.extend(chunk)
+                if len(body) > self.limits.max_body_bytes:
+                    raise too_big
+
+        try:
+            await asyncio.wait_for(read(), self.limits.body_timeout)
+        except asyncio.TimeoutError:
+            raise APIError(408, f"The request body did not arrive within {self.limits.body_timeout:g} s.") from None
         try:
             req = model_cls.model_validate_json(bytes(body))
         except ValidationError as err:
@@ -146,22 +156,38 @@ class OpenAIServing:
             raise APIError(404, f"The model `{model}` does not exist.", "model", "model_not_found")
         return req
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+    async def encode(self, text: str, add_special_tokens: bool = True, param: str = "prompt") -> list[int]:
+        """Tokenize off the event loop (a large text must not stall other clients' streams), after refusing a
+        text too long to fit the context whatever its tokens."""
         if self.tokenizer is None:
-            raise APIError(400, "This model has no tokenizer; send token ids.", "prompt")
-        return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+            raise APIError(400, "This model has no tokenizer; send token ids.", param)
+        limit = self.max_model_len * self.limits.chars_per_token
+        if len(text) > limit:
+            raise APIError(400, f"The text has {len(text)} characters; at most {limit} can fit the context.", param)
+        tokens = await asyncio.to_thread(self.tokenizer.encode, text, add_special_tokens=add_special_tokens)
+        return list(tokens)
 
-    def chat_prompt(self, messages: list[proto.ChatMessage], add_generation_prompt: bool = True) -> list[int]:
+    def check_fanout(self, num_prompts: int, n: int) -> None:
+        """Refuse, before any tokenizing, a request that would put too many sequences in the engine."""
+        if num_prompts > self.limits.max_prompts:
+            raise APIError(400, f"At most {self.limits.max_prompts} prompts per request, got {num_prompts}.", "prompt")
+        if num_prompts * n > self.limits.max_seqs:
+            message = f"prompts x n must be at most {self.limits.max_seqs}, got {num_prompts} x {n}."
+            raise APIError(400, message, "n")
+
+    async def chat_prompt(self, messages: list[proto.ChatMessage], add_generation_prompt: bool = True) -> list[int]:
         if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
             raise APIError(400, "This model has no chat template; use /v1/completions.", "messages")
         plain = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})} for m in messages]
+        if sum(len(m["content"]) for m in plain) > self.max_model_len * self.limits.chars_per_token:
+            raise APIError(400, "The messages are too long to fit the context.", "messages")
         try:
-            text = self.tokenizer.apply_chat_template(
-                plain, tokenize=False, add_generation_prompt=add_generation_prompt
+            text = await asyncio.to_thread(
+                self.tokenizer.apply_chat_template, plain, tokenize=False, add_generation_prompt=add_generation_prompt
             )
         except Exception as err:  # the template's own refusals (e.g. roles out of order) are the client's
             raise APIError(400, f"The chat template rejected the messages: {err}", "messages") from None
-        return self.encode(text, add_special_tokens=False)  # the template already holds the BOS
+        return await self.encode(text, add_special_tokens=False, param="messages")  # the template holds the BOS
 
     def sampling_params(
         self, req: Any, prompts: list[list[int]], max_tokens: int | None, logprobs: int | None, renames: dict[str, str]
@@ -187,11 +213,16 @@ class OpenAIServing:
         return dataclasses.replace(params, max_tokens=max_tokens)
 
     async def start(
-        self, request: Request, prompts: list[list[int]], params: SamplingParams, renames: dict[str, str]
+        self,
+        request: Request,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        renames: dict[str, str],
+        salt: str | None = None,
     ) -> tuple[tuple[int, RequestOutput], Merged]:
         """Submit one engine request per prompt and wait for the first output (or the first refusal)."""
         rid = uuid.uuid4().hex
-        merged = Merged([self.engine.generate(p, params, f"{rid}-{i}") for i, p in enumerate(prompts)])
+        merged = Merged([self.engine.generate(p, params, f"{rid}-{i}", salt) for i, p in enumerate(prompts)])
         try:
             first = await _unless_disconnected(request, merged.__anext__())
         except ValueError as err:

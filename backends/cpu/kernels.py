@@ -94,6 +94,10 @@ def _rows(x: Tensor) -> tuple[Tensor, int, int]:
 
 SMALL_LINEAR_ROWS = 16  # int8 weights: up to here the C loops beat dequantize + GEMM
 C_LINEAR_ROWS = 4  # float32: above this oneDNN over its own weight layout is faster than the C loop
+# oneDNN builds and keeps a primitive per input shape, so every new row count (each batch's token count) grew
+# memory for good. Row counts are padded up to a multiple of this: a few dozen shapes at most, for < 64
+# wasted rows per call.
+ONEDNN_ROW_BUCKET = 64
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -110,9 +114,11 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         and x.dtype is torch.float32
         and (bias is None or bias.dtype is x.dtype)
     ):
-        return torch.ops.mkldnn._linear_pointwise(
-            x if x.is_contiguous() else x.contiguous(), blocked, bias, "none", [], ""
-        )
+        x2 = x.reshape(rows, x.shape[-1])
+        padded = -(-rows // ONEDNN_ROW_BUCKET) * ONEDNN_ROW_BUCKET
+        x2 = torch.nn.functional.pad(x2, (0, 0, 0, padded - rows)) if padded != rows else x2.contiguous()
+        out = torch.ops.mkldnn._linear_pointwise(x2, blocked, bias, "none", [], "")
+        return out[:rows].reshape(*x.shape[:-1], weight.shape[0])
     return torch.nn.functional.linear(x, weight, bias)
 
 

@@ -177,3 +177,24 @@ def test_argmax_rows_is_torch_argmax_ties_and_infinities_included(shape):
     strided = torch.randn(shape[0], shape[1] + 3)[:, 1 : shape[1] + 1]  # row stride != cols
     for t in (x, strided):
         assert torch.equal(cpu_kernels.argmax_rows(t), t.argmax(-1))
+
+
+@pytest.mark.skipif(not cpu_kernels._onednn_enabled(), reason="no oneDNN in this torch build")
+def test_memory_stays_flat_as_row_counts_vary() -> None:
+    """oneDNN keeps a primitive per input shape: a sweep over 495 row counts (as a server meets batches of every
+    size) must stop growing memory once the padded shapes have all been seen."""
+
+    def rss_mib() -> float:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * 4096 / 2**20
+
+    weights = [torch.randn(512, 512) for _ in range(2)]
+    samples = []
+    for rows in range(17, 512):
+        x = torch.randn(rows, 512)
+        for w in weights:
+            cpu_kernels.linear(x, w)
+        samples.append(rss_mib())
+    torch.testing.assert_close(cpu_kernels.linear(x, weights[0]), x @ weights[0].T, atol=1e-4, rtol=1e-4)
+    middle = samples[len(samples) // 2]
+    assert samples[-1] - middle < 0.05 * middle, f"RSS grew {samples[-1] - middle:.1f} MiB in the second half"

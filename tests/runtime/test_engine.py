@@ -256,3 +256,22 @@ def test_a_request_with_many_sequences_does_not_starve_a_later_one() -> None:
     assert finished["A"].outputs[0].token_ids == reference_greedy([1, 2, 3], 20, VOCAB)
     assert first_token_step is not None and first_token_step <= 3, "B waited behind A's siblings"
     assert engine.stats()["kv_blocks_in_use"] == 0
+
+
+def test_cache_salt_keeps_tenants_prefix_caches_apart() -> None:
+    llm = LLM(FakeModel(VOCAB), num_kv_blocks=128, block_size=4)
+    engine, prompt = llm.engine, random_prompts(1, 40, 40)[0]
+
+    def hits(rid: str, salt: str | None) -> int:
+        before = engine.stats()["prefix_cache_hit_tokens"]
+        engine.enqueue(engine.make_request(rid, prompt, SamplingParams(max_tokens=2, **GREEDY), cache_salt=salt))
+        while engine.has_unfinished_requests():
+            engine.step()
+        return engine.stats()["prefix_cache_hit_tokens"] - before
+
+    assert hits("a1", "tenant-a") == 0
+    assert hits("b1", "tenant-b") == 0, "another tenant's prompt must not hit"
+    assert hits("n1", None) == 0
+    assert hits("a2", "tenant-a") == 36 and hits("n2", None) == 36  # full blocks of the same tenant's prompt
+    with pytest.raises(ValueError, match="cache_salt"):
+        engine.make_request("bad", prompt, None, cache_salt="")

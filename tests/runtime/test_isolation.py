@@ -60,7 +60,9 @@ def test_extreme_but_valid_values_sample_sanely(odd: SamplingParams) -> None:
     assert llm.stats()["kv_blocks_in_use"] == 0
 
 
-def test_a_row_that_cannot_be_sampled_fails_its_request_alone(monkeypatch) -> None:
+@pytest.fixture
+def seed_666_breaks_sampling(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sampling raises for any batch holding a request with seed 666 (a stand-in for a math error)."""
     draw = Sampler._draw
 
     def fragile(x: torch.Tensor, seqs: list) -> torch.Tensor:
@@ -69,6 +71,10 @@ def test_a_row_that_cannot_be_sampled_fails_its_request_alone(monkeypatch) -> No
         return draw(x, seqs)
 
     monkeypatch.setattr(Sampler, "_draw", staticmethod(fragile))
+
+
+@pytest.mark.usefixtures("seed_666_breaks_sampling")
+def test_a_row_that_cannot_be_sampled_fails_its_request_alone() -> None:
     llm = LLM(FakeModel(VOCAB), num_kv_blocks=64, block_size=4)
     others, out = _generate(llm, SamplingParams(temperature=0.7, seed=666, max_tokens=12, n=2))
     assert others == _alone()
@@ -119,15 +125,8 @@ def test_a_failed_forward_fails_its_batch_and_the_queue_goes_on() -> None:
     assert engine.stats()["kv_blocks_in_use"] == 0 and not engine.scheduler.has_unfinished()
 
 
-def test_async_engine_raises_only_to_the_failed_request(monkeypatch) -> None:
-    draw = Sampler._draw
-
-    def fragile(x: torch.Tensor, seqs: list) -> torch.Tensor:
-        if any(s.params.seed == 666 for s in seqs):
-            raise FloatingPointError("bad row")
-        return draw(x, seqs)
-
-    monkeypatch.setattr(Sampler, "_draw", staticmethod(fragile))
+@pytest.mark.usefixtures("seed_666_breaks_sampling")
+def test_async_engine_raises_only_to_the_failed_request() -> None:
     engine = AsyncLLMEngine(LLMEngine(FakeModel(VOCAB), num_kv_blocks=64, block_size=4))
 
     async def consume(rid: str, prompt: list[int], params: SamplingParams) -> list[int] | str:

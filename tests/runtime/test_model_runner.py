@@ -29,6 +29,10 @@ def _expected(seqs, num_new) -> tuple[list[int], list[int], AttentionMetadata]:
     return ids, positions, meta
 
 
+def _runner(max_num_seqs: int, max_model_len: int) -> ModelRunner:
+    return ModelRunner(FakeModel(64), 64, BLOCK, max_num_seqs, max_model_len, Sampler([]), enforce_eager=True)
+
+
 def _step(seqs, num_new) -> SchedulerOutput:
     return SchedulerOutput(seqs, list(num_new), [s.num_computed_tokens for s in seqs])
 
@@ -44,15 +48,7 @@ def _check(runner: ModelRunner, seqs, num_new) -> None:
 
 
 def test_prefill_then_decodes_with_growing_and_replaced_tables() -> None:
-    runner = ModelRunner(
-        FakeModel(64),
-        num_blocks=64,
-        block_size=BLOCK,
-        max_num_seqs=2,
-        max_model_len=64,
-        sampler=Sampler([]),
-        enforce_eager=True,
-    )
+    runner = _runner(max_num_seqs=2, max_model_len=64)
     a, b = _seq(list(range(1, 8)), [9, 3]), _seq([20, 21, 22], [5])
     _check(runner, [a, b], [7, 3])  # mixed prefill
     for step in range(6):  # decodes: each sequence's table grows by a block every 4 tokens
@@ -67,15 +63,7 @@ def test_prefill_then_decodes_with_growing_and_replaced_tables() -> None:
 
 
 def test_rows_are_recycled_when_they_run_out() -> None:
-    runner = ModelRunner(
-        FakeModel(64),
-        num_blocks=64,
-        block_size=BLOCK,
-        max_num_seqs=1,
-        max_model_len=32,
-        sampler=Sampler([]),
-        enforce_eager=True,
-    )
+    runner = _runner(max_num_seqs=1, max_model_len=32)
     for i in range(5):  # two rows, five sequences one after another (finished ones never released)
         _check(runner, [_seq([i + 1, 2, 3], [i])], [3])
     assert len(runner.rows) <= runner.num_rows
@@ -83,15 +71,7 @@ def test_rows_are_recycled_when_they_run_out() -> None:
 
 def test_placeholders_take_the_previous_steps_tokens_on_the_device() -> None:
     """A decode input still being sampled (async scheduling) comes from the last step's sampled ids."""
-    runner = ModelRunner(
-        FakeModel(64),
-        num_blocks=64,
-        block_size=BLOCK,
-        max_num_seqs=2,
-        max_model_len=64,
-        sampler=Sampler([]),
-        enforce_eager=True,
-    )
+    runner = _runner(max_num_seqs=2, max_model_len=64)
     a, b = _seq([1, 2, 3], [0], computed=3), _seq([4, 5], [1], computed=2)
     a.token_ids.append(-2)  # row 1 of the previous step's samples
     b.token_ids.append(-1)  # row 0

@@ -1,0 +1,144 @@
+"""The server refuses what could hurt other clients: keys on every route, JSON only, foreign Host names,
+oversized fan-out, and sampling values that once broke a whole batch."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+from test_server import LiveServer
+
+from kiln.runtime.async_engine import AsyncLLMEngine
+from kiln.runtime.llm import LLM
+from kiln.runtime.server import LOOPBACK_HOSTS, build_app
+from kiln.runtime.serving import ServerLimits
+
+MODEL = "tiny-llama"
+KEY = "sk-kiln-test"
+
+
+@pytest.fixture(scope="module")
+def engine(checkpoint) -> AsyncLLMEngine:
+    return AsyncLLMEngine.from_model(str(checkpoint("llama")), num_kv_blocks=256, block_size=16)
+
+
+def _client(engine: AsyncLLMEngine, host: str = "localhost", **options) -> TestClient:
+    return TestClient(build_app(engine, MODEL, KEY, **options), base_url=f"http://{host}")
+
+
+def test_with_a_key_every_route_but_health_needs_it(engine) -> None:
+    http = _client(engine)
+    for method, path in [
+        ("GET", "/metrics"),
+        ("GET", "/version"),
+        ("GET", "/v1/models"),
+        ("POST", "/tokenize"),
+        ("POST", "/detokenize"),
+        ("POST", "/v1/completions"),
+    ]:
+        response = http.request(method, path, json={"prompt": "a"})
+        assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key", path
+    assert http.get("/health").status_code == 200
+    auth = {"Authorization": f"Bearer {KEY}"}
+    assert http.post("/tokenize", json={"prompt": "the kiln"}, headers=auth).json()["count"] > 0
+    assert _client(engine, open_metrics=True).get("/metrics").status_code == 200
+
+
+def test_posts_must_be_json_and_hosts_must_be_ours(engine) -> None:
+    auth = {"Authorization": f"Bearer {KEY}"}
+    http = _client(engine, allowed_hosts=LOOPBACK_HOSTS)
+    plain = http.post("/tokenize", content=b'{"prompt": "a"}', headers={**auth, "Content-Type": "text/plain"})
+    assert plain.status_code == 415 and "application/json" in plain.json()["error"]["message"]
+    form = http.post("/v1/completions", data={"prompt": "a"}, headers=auth)  # what a cross-site form sends
+    assert form.status_code == 415
+    assert http.get("/health").status_code == 200
+    assert http.get("/health", headers={"Host": "localhost:8000"}).status_code == 200
+    assert http.get("/health", headers={"Host": "[::1]:8000"}).status_code == 200
+    foreign = http.get("/health", headers={"Host": "attacker.example:8000"})
+    assert foreign.status_code == 400 and foreign.json()["error"]["code"] == "bad_host"
+
+
+def test_fan_out_and_text_size_are_refused_before_tokenizing(engine, monkeypatch) -> None:
+    auth = {"Authorization": f"Bearer {KEY}"}
+    http = _client(engine, limits=ServerLimits(max_seqs=8))
+    tokenizer = engine.engine.tokenizer
+    monkeypatch.setattr(tokenizer, "encode", lambda *a, **k: pytest.fail("tokenized a refused request"))
+    wide = http.post("/v1/completions", json={"model": MODEL, "prompt": ["a", "b", "c"], "n": 3}, headers=auth)
+    assert wide.status_code == 400 and wide.json()["error"]["param"] == "n"
+    huge = "x" * (engine.engine.max_model_len * ServerLimits().chars_per_token + 1)
+    big = http.post("/tokenize", json={"prompt": huge}, headers=auth)
+    assert big.status_code == 400 and "characters" in big.json()["error"]["message"]
+
+
+@pytest.fixture(scope="module")
+def live(engine):
+    server = LiveServer(build_app(engine, MODEL, KEY), engine)
+    yield server
+    server.stop()
+
+
+def test_extreme_sampling_values_never_hurt_running_streams(live, engine) -> None:
+    """While 4 greedy streams run, requests with values that pass validation get 200 or 400, never 500, and
+    the streams' texts are what they are alone."""
+    prompts = ["The kiln", "Once upon", "A quick", "Fire and"]
+    offline = LLM(engine.engine.model, num_kv_blocks=64, block_size=16)
+    alone = [
+        o.outputs[0].text
+        for o in offline.generate(prompts, {"temperature": 0, "max_tokens": 24, "ignore_eos": True}, use_tqdm=False)
+    ]
+    odd = [
+        {"temperature": 1e-39},
+        {"temperature": 1.0, "repetition_penalty": 1e-40},
+        {"temperature": 1e-5, "top_p": 1e-9, "presence_penalty": 2.0, "frequency_penalty": -2.0},
+        {"temperature": 100.0, "top_k": 1, "min_p": 1.0, "logprobs": 5},
+        {"temperature": -1.0},
+    ]
+
+    async def main() -> tuple[list[str], list[int], float]:
+        headers = {"Authorization": f"Bearer {KEY}"}
+        async with httpx.AsyncClient(base_url=live.url, headers=headers, timeout=120) as http:
+            gaps: list[float] = []
+
+            async def stream(prompt: str) -> str:
+                body = {
+                    "model": MODEL,
+                    "prompt": prompt,
+                    "max_tokens": 24,
+                    "temperature": 0,
+                    "stream": True,
+                    "ignore_eos": True,
+                }
+                text, last = "", None
+                async with http.stream("POST", "/v1/completions", json=body) as response:
+                    async for line in response.aiter_lines():
+                        now = time.monotonic()
+                        if last is not None:
+                            gaps.append(now - last)
+                        last = now
+                        if line.startswith("data: {"):
+                            text += json.loads(line[6:])["choices"][0]["text"]
+                return text
+
+            async def probe(options: dict) -> int:
+                body = {"model": MODEL, "prompt": "x", "max_tokens": 8, **options}
+                return (await http.post("/v1/completions", json=body)).status_code
+
+            async def big_tokenize() -> int:  # ~1 MB of text: refused by size, or tokenized off the event loop
+                await asyncio.sleep(0.05)
+                return (await http.post("/tokenize", json={"prompt": "the kiln " * 110_000})).status_code
+
+            streams = [asyncio.create_task(stream(p)) for p in prompts]
+            statuses = await asyncio.gather(*(probe(o) for o in odd), big_tokenize())
+            texts = await asyncio.gather(*streams)
+            return texts, statuses, max(gaps, default=0.0)
+
+    texts, statuses, largest_gap = asyncio.run(main())
+    assert texts == alone
+    assert statuses[-1] in (200, 400) and largest_gap < 0.1, f"a stream stalled {largest_gap:.3f} s"
+    statuses = statuses[:-1]
+    assert statuses[:-1] == [200, 200, 200, 200] and statuses[-1] == 400
+    live.wait_idle()
