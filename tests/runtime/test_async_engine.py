@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 
 import pytest
 from runtime_fakes import FakeModel, reference_greedy
@@ -111,10 +112,18 @@ def test_engine_survives_a_new_event_loop() -> None:
     assert first[-1].outputs[0].token_ids == second[-1].outputs[0].token_ids == reference_greedy([1, 2, 3], 4, VOCAB)
 
 
+class SlowModel(FakeModel):
+    """A forward of at least 2 ms, so that a long request outlives a short stall timeout on any machine."""
+
+    def forward(self, *args):
+        time.sleep(0.002)
+        return super().forward(*args)
+
+
 def test_a_client_that_stops_reading_holds_one_output_and_is_aborted_after_the_stall_timeout() -> None:
     async def main():
-        engine = AsyncLLMEngine(LLMEngine(FakeModel(VOCAB), num_kv_blocks=300, block_size=4), stall_timeout=0.3)
-        params = SamplingParams(temperature=0, max_tokens=1000, ignore_eos=True)  # still running at 0.3 s
+        engine = AsyncLLMEngine(LLMEngine(SlowModel(VOCAB), num_kv_blocks=300, block_size=4), stall_timeout=0.3)
+        params = SamplingParams(temperature=0, max_tokens=1000, ignore_eos=True)  # > 2 s: still running at 0.3 s
         stalled = engine.generate([1, 2, 3], params, "stalled")
         first = await stalled.__anext__()  # reads once, then stops reading
         reader = asyncio.create_task(collect(engine, [4, 5], 8, "reader"))
