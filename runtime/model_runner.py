@@ -115,22 +115,20 @@ class ModelRunner:
         upd_rows: list[int] = []
         upd_cols: list[int] = []
         upd_vals: list[int] = []
-        width = 1
+        rows, append = self.rows, row_index.append
         for seq in seqs:  # one pass: each sequence's row, and the block ids its row does not hold yet
-            row = self.rows.get(seq.seq_id) or self._new_row(seq, seqs)
+            row = rows.get(seq.seq_id) or self._new_row(seq, seqs)
             table = seq.block_table
-            length = len(table)
-            if row.table is not table:
-                row.table, row.written = table, 0
-            if length > row.written:
+            if row.table is not table or len(table) > row.written:  # a new block (one step in block_size)
+                if row.table is not table:
+                    row.table, row.written = table, 0
                 new = table[row.written :]
-                self.host_table[row.index, row.written : length] = new
+                self.host_table[row.index, row.written : len(table)] = new
                 upd_rows.extend([row.index] * len(new))
-                upd_cols.extend(range(row.written, length))
+                upd_cols.extend(range(row.written, len(table)))
                 upd_vals.extend(new)
-                row.written = length
-            row_index.append(row.index)
-            width = max(width, length)
+                row.written = len(table)
+            append(row.index)
         updates = len(upd_vals)
         # Layout (int64 slots): ids, positions, slots [T] | logits_indices, row index [S] | seq_lens [S] and
         # query starts [S + 1] as int32, two to a slot | block-table updates (row, column, block id) [3U].
@@ -160,6 +158,7 @@ class ModelRunner:
             pos[:] = np.arange(tokens) - (starts[:-1] - context)[seq_index]
             seq_lens[:] = context + query
         logits_idx[:] = starts[1:] - 1
+        width = -(-int(seq_lens.max()) // bs)  # the blocks the longest context reads
         slots[:] = self.host_table[row_idx[seq_index], pos // bs].astype(np.int64) * bs + pos % bs
         if updates:
             upd[:updates], upd[updates : 2 * updates], upd[2 * updates :] = upd_rows, upd_cols, upd_vals

@@ -79,7 +79,10 @@ class Scheduler:
         self.eos_token_ids = frozenset(eos_token_ids or ())
 
     def add_request(self, request: Request) -> None:
+        p = request.params
+        stop_ids = frozenset(p.stop_token_ids or ()) | (frozenset() if p.ignore_eos else self.eos_token_ids)
         for seq in request.seqs:  # after every waiting sequence of lower or equal rank
+            seq.stop_ids = stop_ids
             self.waiting.insert(bisect.bisect_right(self.waiting, seq.admission_rank, key=_RANK), seq)
 
     def has_unfinished(self) -> bool:
@@ -234,11 +237,12 @@ class Scheduler:
         sequences that got a token (a sequence finished meanwhile, by an abort or by the step before when
         steps overlap, gets none) or failed: a row the sampler could not sample, or whose text cannot be
         decoded, fails its request alone."""
-        eos, seqs, got = self.eos_token_ids, out.seqs, []
+        seqs, got, finished = out.seqs, [], SequenceStatus.FINISHED
         logprobs, errors = sampled.logprobs, sampled.errors
+        update = detokenizer.update if detokenizer.tokenizer is not None else None  # no tokenizer: no text
         for i, (row, token) in enumerate(zip(out.sample_rows, sampled.token_ids)):
             seq = seqs[row]
-            if seq.status is SequenceStatus.FINISHED:
+            if seq.status is finished:
                 continue
             if errors and i in errors:
                 got.append(self._fail(seq, errors[i]))
@@ -254,27 +258,27 @@ class Scheduler:
                 seq.logprobs.append(top)
             p = seq.params
             num_outputs = index + 1 - seq.num_prompt_tokens
-            can_stop = num_outputs >= p.min_tokens
-            if can_stop and p.stop_token_ids and token in p.stop_token_ids:
-                seq.finish_reason, seq.stop_reason = "stop", token
-            elif can_stop and not p.ignore_eos and token in eos:
+            if token in seq.stop_ids and num_outputs >= p.min_tokens:  # a stop token names itself; EOS does not
                 seq.finish_reason = "stop"
+                if p.stop_token_ids and token in p.stop_token_ids:
+                    seq.stop_reason = token
             else:
-                try:
-                    stop = detokenizer.update(seq, can_stop)
-                except Exception as exc:  # noqa: BLE001 - e.g. a token id the tokenizer cannot decode
-                    self._fail(seq, f"detokenizing failed: {type(exc).__name__}: {exc}")
-                    continue
-                if stop is not None:
-                    seq.finish_reason, seq.stop_reason = "stop", stop
-                elif num_outputs >= p.max_tokens:
+                if update is not None:
+                    try:
+                        stop = update(seq, num_outputs >= p.min_tokens)
+                    except Exception as exc:  # noqa: BLE001 - e.g. a token id the tokenizer cannot decode
+                        self._fail(seq, f"detokenizing failed: {type(exc).__name__}: {exc}")
+                        continue
+                    if stop is not None:
+                        seq.finish_reason, seq.stop_reason = "stop", stop
+                if seq.finish_reason is None and num_outputs >= p.max_tokens:
                     seq.finish_reason = "length"
             if seq.finish_reason is not None:
                 seq.drop_pending()
                 self.block_manager.commit(seq)
                 self.finish(seq)
         for seq in out.filling:
-            if seq.status is not SequenceStatus.FINISHED:
+            if seq.status is not finished:
                 self.block_manager.commit(seq)
         return got
 

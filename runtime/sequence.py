@@ -44,6 +44,7 @@ class Sequence:
         self.num_computed_tokens = 0
         self.num_pending = 0  # trailing placeholders: tokens sampled on the device, not yet on the host
         self.status = SequenceStatus.WAITING
+        self.stop_ids: frozenset[int] = frozenset()  # tokens that end it: stop_token_ids, and EOS unless ignored
         self.admission_rank = index  # the scheduler admits lower ranks first (-1 once preempted)
         self.block_table: list[int] = []
         self.block_hashes: list[bytes] = []  # hash chain of the full blocks of token_ids seen so far
