@@ -42,7 +42,7 @@ def setup_logging() -> None:
 
 
 def _is_artifact(path: str | Path) -> bool:
-    """Mirrors kiln.compiler.export.artifact.is_artifact without importing torch (usage errors stay instant)."""
+    """Mirrors kiln.compiler.export.manifest.is_artifact without importing torch (usage errors stay instant)."""
     return (Path(path) / "manifest.json").is_file() or (Path(path) / "forward.py").is_file()
 
 

@@ -11,6 +11,7 @@ import kiln.ops  # noqa: F401  (declares the kiln:: ops)
 
 from .compiled import CompiledModel, KVLayout
 from .export import artifact
+from .export.manifest import is_artifact
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -48,7 +49,7 @@ def compile(
     kv_cache_dtype: "int8" or "fp8_e4m3". See `kiln.passes.quant_config`.
     options: one flag per optional pass (e.g. `prune_logits=False`); see `kiln.compiler.pipeline.PASS_FLAGS`.
     """
-    if isinstance(model, (str, Path)) and artifact.is_artifact(model):  # compiled ahead of time: nothing to capture
+    if isinstance(model, (str, Path)) and is_artifact(model):  # compiled ahead of time: nothing to capture
         fixed: dict[str, Any] = {
             k: v for k, v in (("quantization", quantization), ("kv_cache_dtype", kv_cache_dtype)) if v
         }
