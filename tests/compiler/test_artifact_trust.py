@@ -189,3 +189,19 @@ def test_missing_cryptography_is_a_clear_error(saved: Path, tmp_path: Path, monk
     monkeypatch.setitem(sys.modules, "cryptography.hazmat.primitives", None)
     with pytest.raises(ArtifactError, match=r"pip install 'kiln\[sign\]'"):
         kiln.load(saved, trusted_key=tmp_path / "key.pem")
+
+
+def test_cli_signs_on_compile_and_checks_on_load(checkpoint, tmp_path: Path, capsys) -> None:
+    from kiln.__main__ import main
+
+    key, public = _keypair(tmp_path, "ours")
+    _, other = _keypair(tmp_path, "other")
+    art = tmp_path / "art"
+    assert main(["compile", str(checkpoint("llama")), "-o", str(art), "--sign-key", str(key)]) == 0
+    assert (art / "manifest.sig").is_file()
+    generate = ["generate", str(art), "The kiln", "--max-tokens", "2", "--trusted-key"]
+    assert main([*generate, str(other)]) == 2
+    assert "not a valid signature" in capsys.readouterr().err
+    assert main([*generate, str(public)]) == 0
+    assert main(["generate", str(checkpoint("llama")), "The kiln", "--trusted-key", str(public)]) == 2
+    assert "only artifacts carry signatures" in capsys.readouterr().err
