@@ -157,6 +157,9 @@ def _graph(nodes: Any, path: str, paths: set[str]) -> fx.Graph:
             raise GraphDataError(f"module {path!r}: bad or repeated node name {name!r}")
         args = _decode({"tuple": data["args"]}, env)
         kwargs = _decode({"dict": data["kwargs"]}, env)
+        bad = [k for k in kwargs if not _NAME.match(k) or keyword.iskeyword(k)]
+        if bad:  # FX writes keyword names into the code it generates as they are
+            raise GraphDataError(f"node {name!r}: {bad[0]!r} is not a keyword argument name")
         node = graph.create_node(op, _target(op, data["target"], path, paths), args, kwargs, name=name)
         if node.name != name:
             raise GraphDataError(f"module {path!r}: node name {name!r} is not usable in a graph")

@@ -99,6 +99,7 @@ def test_allowlist_resolves_only_what_kiln_graphs_call() -> None:
         {"name": "x", "op": "get_attr", "target": "__class__.__init__", "args": [], "kwargs": []},
         {"name": "x", "op": "call_module", "target": "region_9", "args": [], "kwargs": []},
         {"name": "x", "op": "placeholder", "target": "x", "args": [{"pickle": "..."}], "kwargs": []},
+        {"name": "x", "op": "output", "target": "output", "args": [], "kwargs": [["a=print(1), b", 0]]},
     ],
 )
 def test_malformed_graph_descriptions_are_refused(node: dict) -> None:
