@@ -138,7 +138,7 @@ def _write(
         graph = describe(graph_modules(gm))
     except (SourceError, GraphDataError, TargetError) as err:
         raise ArtifactError(str(err)) from err
-    _rebuilt(graph, source, submodules, Path(FORWARD))  # what load will check, checked now
+    _rebuilt(graph, source, submodules, root / FORWARD)  # what load will check, checked now
     (root / FORWARD).write_text(source)
     (root / GRAPH).write_text(json.dumps(graph, indent=1) + "\n")
     say(f"writing {WEIGHTS}")
