@@ -38,6 +38,16 @@ def _add_compile_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_trust_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--trusted-key",
+        default=None,
+        metavar="FILE",
+        help="PEM ed25519 public key: refuse an artifact that it did not sign (`kiln compile --sign-key`; "
+        "needs the `sign` extra)",
+    )
+
+
 def _add_memory_option(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--gpu-memory-utilization",
@@ -125,6 +135,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="also cross-compile the generated kernels for TARGET (e.g. cuda:90) into the "
         "artifact's kernels/ dir; no GPU needed (requires -o)",
     )
+    comp.add_argument(
+        "--sign-key",
+        default=None,
+        metavar="FILE",
+        help="PEM ed25519 private key: write manifest.sig, a detached signature of the artifact's manifest "
+        "(requires -o and the `sign` extra)",
+    )
     _add_compile_options(comp)
 
     gen = sub.add_parser(
@@ -138,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_options(gen, max_tokens=64)
     _add_compile_options(gen)
     _add_memory_option(gen)
+    _add_trust_option(gen)
 
     bench = sub.add_parser(
         "bench",
@@ -158,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--seed", type=int, default=0, metavar="S", help="seed of the random prompts")
     _add_compile_options(bench)
     _add_memory_option(bench)
+    _add_trust_option(bench)
 
     serve = sub.add_parser(
         "serve",
@@ -203,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--block-size", type=int, default=16, metavar="N", help="tokens per KV block (default: 16)")
     _add_compile_options(serve)
     _add_memory_option(serve)
+    _add_trust_option(serve)
 
     export = sub.add_parser(
         "export",

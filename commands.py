@@ -42,7 +42,7 @@ def setup_logging() -> None:
 
 
 def _is_artifact(path: str | Path) -> bool:
-    """Mirrors kiln.compiler.export.artifact.is_artifact without importing torch (usage errors stay instant)."""
+    """Mirrors kiln.compiler.export.manifest.is_artifact without importing torch (usage errors stay instant)."""
     return (Path(path) / "manifest.json").is_file() or (Path(path) / "forward.py").is_file()
 
 
@@ -85,12 +85,15 @@ def _compile(args: argparse.Namespace, model_dir: str | Path) -> Any:
 def _load(args: argparse.Namespace, model: str) -> Any:
     """MODEL as an artifact (verified, no tracing) or an HF directory (compiled now)."""
     if not _is_artifact(model):
+        if getattr(args, "trusted_key", None) is not None:
+            raise ValueError(f"--trusted-key: {model} is not a kiln artifact; only artifacts carry signatures")
         return _compile(args, model)
     from kiln.compiler.export import artifact
 
     started = time.perf_counter()
     _progress(f"loading artifact {model}")
-    compiled = artifact.load(model, progress=_progress, **_compile_kwargs(args))
+    trusted_key = getattr(args, "trusted_key", None)
+    compiled = artifact.load(model, progress=_progress, trusted_key=trusted_key, **_compile_kwargs(args))
     _progress(f"loaded in {time.perf_counter() - started:.2f} s")
     return compiled
 
@@ -111,6 +114,8 @@ def _unavailable_feature(args: argparse.Namespace) -> str | None:
         return "compile --target: not available in this kiln build (no kernel cross-compiler); run without it"
     if args.target is not None and args.output is None:
         return "compile --target: the kernels go into the artifact; give -o ART too"
+    if args.sign_key is not None and args.output is None:
+        return "compile --sign-key: the signature goes into the artifact; give -o ART too"
     return None
 
 
@@ -134,7 +139,9 @@ def compile_cmd(args: argparse.Namespace) -> int:
 
         options = {"quantization": args.quantize} if args.quantize is not None else {}
         try:
-            artifact.save(compiled, output, options=options, progress=_progress, target=args.target)
+            artifact.save(
+                compiled, output, options=options, progress=_progress, target=args.target, sign_key=args.sign_key
+            )
         except ValueError as err:
             return _fail(str(err))
         print(f"saved {output}")

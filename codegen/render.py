@@ -4,7 +4,7 @@ A template's `@triton.jit` signatures come from its kernels' declarations (signa
 `kernel_signature(name)` hook. Triton's real compiler reads a kernel's source from its file
 (`inspect.getsource`), so a kernel made with `exec()` runs in the interpreter but is rejected on a GPU: every
 rendered source is a real file, named by the hash of its content so that identical renders share one file and
-one import.
+one import; a cached file whose content no longer has that hash is rendered again before it is imported.
 """
 
 from __future__ import annotations
@@ -56,6 +56,15 @@ def render(template: str, flags: dict[str, Any]) -> str:
     return _ENV.get_template(f"{template}.py.jinja").render(**flags, kernel_signature=kernel_signature)
 
 
+def _verified(path: Path, digest: str) -> bool:
+    """Whether the cached file `path` exists and its content still has the hash its name carries: the cache
+    is outside kiln's control, so a file there is imported only once it proves to be what kiln rendered."""
+    try:
+        return not path.is_symlink() and hashlib.sha256(path.read_bytes()).hexdigest()[:16] == digest
+    except OSError:
+        return False
+
+
 @cache
 def _load(template: str, frozen: tuple, interpret: bool) -> ModuleType:
     """`interpret` is part of the key: `@triton.jit` makes interpreted functions when it is set, and
@@ -65,7 +74,7 @@ def _load(template: str, frozen: tuple, interpret: bool) -> ModuleType:
     directory = cache_dir()
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{template}_{digest}.py"
-    if not path.exists():
+    if not _verified(path, digest):  # absent, or changed since it was written: render it again
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(source)
         tmp.replace(path)  # atomic: a concurrent reader sees the whole file or none

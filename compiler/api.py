@@ -11,6 +11,7 @@ import kiln.ops  # noqa: F401  (declares the kiln:: ops)
 
 from .compiled import CompiledModel, KVLayout
 from .export import artifact
+from .export.manifest import is_artifact
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -36,6 +37,7 @@ def compile(
     quantization: str | None = None,
     kv_cache_dtype: str | None = None,
     device: str | torch.device | None = "auto",
+    trusted_key: str | Path | None = None,
     **options: bool,
 ) -> CompiledModel:
     """Capture `model` (a local HF directory or a PreTrainedModel), run the pass pipeline, return the engine.
@@ -47,8 +49,9 @@ def compile(
     quantization: "int8", "w8a8[:smooth]" or "int4[:g32|g64|g128][:zp][:awq]" (each may add ":head");
     kv_cache_dtype: "int8" or "fp8_e4m3". See `kiln.passes.quant_config`.
     options: one flag per optional pass (e.g. `prune_logits=False`); see `kiln.compiler.pipeline.PASS_FLAGS`.
+    trusted_key: for an artifact, a PEM ed25519 public key that must have signed it (`kiln compile --sign-key`).
     """
-    if isinstance(model, (str, Path)) and artifact.is_artifact(model):  # compiled ahead of time: nothing to capture
+    if isinstance(model, (str, Path)) and is_artifact(model):  # compiled ahead of time: nothing to capture
         fixed: dict[str, Any] = {
             k: v for k, v in (("quantization", quantization), ("kv_cache_dtype", kv_cache_dtype)) if v
         }
@@ -60,8 +63,11 @@ def compile(
             max_model_len=max_model_len,
             trust_remote_code=trust_remote_code,
             device=device,
+            trusted_key=trusted_key,
             **fixed,
         )
+    if trusted_key is not None:
+        raise ValueError(f"trusted_key: {model} is not a kiln artifact; only artifacts carry signatures")
     # Imported only now: starting from an artifact needs none of this (the model stack, export, passes,
     # codegen), and importing it is most of an artifact's cold start.
     from kiln.models.loader import load_model

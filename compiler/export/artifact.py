@@ -1,20 +1,19 @@
 """Ahead-of-time artifacts: a compiled model saved as a directory that loads without tracing or passes.
 
-Layout: `manifest.json` (versions, options, the pass report, the SHA-256 of every other file), `forward.py`
-(the final FX graph as plain Python), `weights.safetensors` (exactly the tensors that forward reads, after
-fusion/quantization), `kernels/` (whatever the backend generated), and the HF config, generation config and
-tokenizer files. Nothing is pickled, so loading an artifact never runs code other than `forward.py`, which
-is checked against its hash first.
+Layout: `manifest.json` (versions, options, the pass report, the SHA-256 of every other file), `graph.json`
+(the final FX graphs as data, graph_json.py), `forward.py` (the same graphs as plain Python, for people),
+`weights.safetensors` (exactly the tensors that forward reads, after fusion/quantization), `kernels/` (whatever
+the backend generated), the HF config, generation config and tokenizer files, and optionally `manifest.sig`.
+Loading executes nothing from the artifact: nothing is pickled, the graphs are rebuilt from graph.json with
+targets resolved through an allowlist (graph_targets.py), and forward.py must be exactly the source those
+graphs generate, or the artifact is refused.
 """
 
 from __future__ import annotations
 
-import hashlib
-import importlib.metadata
 import importlib.util
 import json
 import shutil
-import types
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
@@ -27,47 +26,30 @@ from kiln.compiler.compiled import CompiledModel, KVLayout
 from kiln.passes.base import PassReport
 
 from .forward_source import SourceError, forward_source, graph_modules
+from .graph_json import GraphDataError, describe, rebuild
+from .graph_json import graph_modules as rebuilt_modules
+from .graph_targets import TargetError
+from .manifest import (
+    FORMAT,
+    FORWARD,
+    GRAPH,
+    KERNELS,
+    MANIFEST,
+    WEIGHTS,
+    ArtifactError,
+    check_versions,
+    inside,
+    read_manifest,
+    sha256,
+    verify,
+    versions,
+)
+from .signing import check_signature, sign
 
-FORMAT = 1
-MANIFEST = "manifest.json"
-FORWARD = "forward.py"
-WEIGHTS = "weights.safetensors"
-KERNELS = "kernels"
 # A backend that generates kernels attaches {relative name: source text or binary bytes} under this name.
 KERNELS_ATTR = "kernels"
-_MANIFEST_KEYS = ("versions", "options", "model", "submodules", "weights", "kernels", "report", "files")
 
 Progress = Callable[[str], None]
-
-
-class ArtifactError(ValueError):
-    """An artifact that must not be loaded (changed, incomplete, incompatible versions) or cannot be saved."""
-
-
-def is_artifact(path: object) -> bool:
-    """Whether `path` is meant as a kiln artifact (rather than an HF checkpoint directory)."""
-    if not isinstance(path, (str, Path)):
-        return False
-    root = Path(path)
-    return (root / MANIFEST).is_file() or (root / FORWARD).is_file()
-
-
-def versions() -> dict[str, str | None]:
-    """The versions that decide whether an artifact's forward and weights still mean the same thing."""
-    from kiln.version import __version__
-
-    def installed(package: str) -> str | None:  # from package metadata: importing triton just to ask is slow
-        try:
-            return importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            return None
-
-    return {
-        "kiln": __version__,
-        "torch": torch.__version__,
-        "triton": installed("triton"),
-        "transformers": installed("transformers"),
-    }
 
 
 # Saving ------------------------------------------------------------------------------------------------
@@ -109,25 +91,19 @@ def _get(root: torch.nn.Module, path: str) -> Any:
     return obj
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()  # hashlib.file_digest needs Python 3.11
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def save(
     compiled: CompiledModel,
     path: str | Path,
     options: dict[str, Any] | None = None,
     progress: Progress | None = None,
     target: str | None = None,
+    sign_key: str | Path | None = None,
 ) -> Path:
     """Write `compiled` as an artifact directory at `path` (which must not exist or be empty).
 
     target (e.g. "cuda:90"): also cross-compile every generated kernel for it (sources, cubins, records) into
-    kernels/, with no GPU needed. `options` are recorded in the manifest as given.
+    kernels/, with no GPU needed. `options` are recorded in the manifest as given. sign_key: a PEM ed25519
+    private key; manifest.sig then signs the manifest (needs the `sign` extra).
     """
     say = progress or (lambda _msg: None)
     gm = compiled.graph_module
@@ -139,6 +115,9 @@ def save(
     root.mkdir(parents=True, exist_ok=True)
     try:
         count = _write(compiled, gm, root, options or {}, say, target)
+        if sign_key is not None:
+            say(f"signing {MANIFEST}")
+            sign(root, sign_key)
     except BaseException:
         shutil.rmtree(root, ignore_errors=True)  # it was empty or absent: leave no half-written artifact
         raise
@@ -153,12 +132,15 @@ def _write(
     from safetensors.torch import save_file
     from transformers import GenerationConfig
 
-    say(f"writing {FORWARD}")
+    say(f"writing {FORWARD} and {GRAPH}")
     try:
         source, submodules = forward_source(gm)
-    except SourceError as err:
+        graph = describe(graph_modules(gm))
+    except (SourceError, GraphDataError, TargetError) as err:
         raise ArtifactError(str(err)) from err
+    _rebuilt(graph, source, submodules, root / FORWARD)  # what load will check, checked now
     (root / FORWARD).write_text(source)
+    (root / GRAPH).write_text(json.dumps(graph, indent=1) + "\n")
     say(f"writing {WEIGHTS}")
     tensors, params, aliases = _weights(gm)
     save_file({k: v.cpu() for k, v in tensors.items()}, str(root / WEIGHTS), metadata={"format": "pt"})
@@ -219,60 +201,17 @@ def _cross_compile(compiled: CompiledModel, target: str, out_dir: Path) -> None:
 # Loading -----------------------------------------------------------------------------------------------
 
 
-def _read_manifest(root: Path) -> dict[str, Any]:
-    if not (root / MANIFEST).is_file():
-        raise ArtifactError(f"{root}: {MANIFEST} is missing; this is not a complete kiln artifact")
+def _rebuilt(graph: Any, source: str, submodules: Any, where: Path) -> dict[str, Callable[..., Any]]:
+    """{dotted path: forward function} generated by FX from the described graphs, after checking that those
+    graphs generate exactly `source` (the artifact's forward.py) with the same submodules."""
     try:
-        manifest = json.loads((root / MANIFEST).read_text())
-    except json.JSONDecodeError as err:
-        raise ArtifactError(f"{root / MANIFEST}: not valid JSON ({err})") from err
-    if manifest.get("format") != FORMAT:
-        raise ArtifactError(
-            f"{root}: version mismatch: artifact format {manifest.get('format')!r}, this kiln reads format {FORMAT}"
-        )
-    missing = [key for key in _MANIFEST_KEYS if key not in manifest]
-    if missing:
-        raise ArtifactError(f"{root}: {MANIFEST} lacks {', '.join(missing)}; recompile with `kiln compile -o`")
-    return manifest
-
-
-def check_versions(root: Path, built: dict[str, Any]) -> None:
-    """Refuse artifacts from another kiln or torch major.minor: op semantics and kernels may differ."""
-    here = versions()
-    for name in ("kiln", "torch"):
-        theirs, ours = str(built.get(name)), str(here[name])
-        if theirs.split(".")[:2] != ours.split(".")[:2]:
-            raise ArtifactError(
-                f"{root}: version mismatch: compiled with {name} {theirs}, running {name} {ours} "
-                f"(major.minor must match); recompile the model with `kiln compile`"
-            )
-
-
-def verify(root: Path, files: dict[str, str]) -> None:
-    """Every listed file present with its hash, and nothing else: the error names the offending file."""
-    present = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()} - {MANIFEST}
-    missing, extra = sorted(set(files) - present), sorted(present - set(files))
-    if missing:
-        raise ArtifactError(f"{root}: checksum mismatch: missing file(s) {', '.join(missing)}")
-    if extra:
-        raise ArtifactError(f"{root}: checksum mismatch: extra file(s) {', '.join(extra)} not listed in {MANIFEST}")
-    changed = [name for name, digest in sorted(files.items()) if sha256(root / name) != digest]
-    if changed:
-        raise ArtifactError(f"{root}: checksum mismatch: {', '.join(changed)} changed since it was compiled")
-
-
-def _import_forward(root: Path) -> types.ModuleType:
-    """Import forward.py by file location; bytecode caching is skipped so the directory stays as hashed."""
-    path = root / FORWARD
-    name = f"kiln_artifact_{hashlib.sha1(str(path).encode()).hexdigest()[:12]}"
-    spec = importlib.util.spec_from_file_location(name, path)
-    if spec is None:
-        raise ArtifactError(f"{path}: cannot be imported")
-    module = importlib.util.module_from_spec(spec)
-    source = path.read_text()
-    exec(compile(source, str(path), "exec"), module.__dict__)
-    module.SOURCE = source  # type: ignore[attr-defined]
-    return module
+        modules = rebuilt_modules(rebuild(graph))
+        regenerated, paths = forward_source(modules[""])
+    except (GraphDataError, TargetError, SourceError) as err:
+        raise ArtifactError(f"{where.parent}: {GRAPH}: {err}") from err
+    if regenerated != source or paths != submodules:
+        raise ArtifactError(f"{where}: forward.py does not match the graph it describes ({GRAPH})")
+    return {path: type(module).forward for path, module in modules.items()}
 
 
 def _child(owner: torch.nn.Module, path: list[str]) -> torch.nn.Module:
@@ -285,13 +224,15 @@ def _child(owner: torch.nn.Module, path: list[str]) -> torch.nn.Module:
 
 
 def _module_tree(
-    forward: types.ModuleType, submodules: dict[str, str], tensors: dict[str, torch.Tensor], params: set[str]
+    functions: dict[str, Callable[..., Any]], source: str, tensors: dict[str, torch.Tensor], params: set[str]
 ) -> torch.nn.Module:
-    """Modules running forward.py's functions, with the tensors at the dotted paths the source reads."""
-    root = type("KilnForward", (torch.nn.Module,), {"forward": forward.forward, "code": forward.SOURCE})()
-    for path, function in sorted(submodules.items(), key=lambda item: item[0].count(".")):
+    """Modules running the rebuilt graphs' forward functions, with the tensors at the dotted paths they read."""
+    root = type("KilnForward", (torch.nn.Module,), {"forward": functions[""], "code": source})()
+    for path, function in sorted(functions.items(), key=lambda item: item[0].count(".")):
+        if not path:
+            continue
         *parents, leaf = path.split(".")
-        module = type(leaf, (torch.nn.Module,), {"forward": getattr(forward, function)})()
+        module = type(leaf, (torch.nn.Module,), {"forward": function})()
         _child(root, parents).add_module(leaf, module)
     for name, tensor in tensors.items():
         *parents, leaf = name.split(".")
@@ -312,12 +253,15 @@ def load(
     trust_remote_code: bool = False,
     progress: Progress | None = None,
     device: str | torch.device | None = "auto",
+    trusted_key: str | Path | None = None,
     **options: bool,
 ) -> CompiledModel:
-    """Start serving from an artifact: verify it, read the weights, import the forward. No tracing, no passes.
+    """Start serving from an artifact: verify it, read the weights, rebuild the graphs. No tracing, no passes,
+    no code from the artifact (trust_remote_code=True aside, which lets transformers run the config's code).
 
     An artifact records no device: its weights load straight onto `device` ("auto": the first CUDA GPU when
-    there is one, else the CPU), wherever it was compiled."""
+    there is one, else the CPU), wherever it was compiled. trusted_key: a PEM ed25519 public key; the artifact
+    must then carry a valid manifest.sig by it (needs the `sign` extra)."""
     from kiln.models.device import resolve_device
 
     device = resolve_device(device)
@@ -327,7 +271,10 @@ def load(
 
     say = progress or (lambda _msg: None)
     root = Path(path)
-    manifest = _read_manifest(root)
+    manifest = read_manifest(root)
+    if trusted_key is not None:
+        say(f"checking the signature of {MANIFEST}")
+        check_signature(root, trusted_key)
     check_versions(root, manifest["versions"])
     saved = manifest["options"]
     if dtype is not None:
@@ -348,21 +295,27 @@ def load(
         )
     say(f"verifying {len(manifest['files'])} files")
     verify(root, manifest["files"])
+    if not isinstance(getattr(torch, str(saved["dtype"]), None), torch.dtype):
+        raise ArtifactError(f"{root}: {MANIFEST}: dtype {saved['dtype']!r} is not a torch dtype")
     model = manifest["model"]
+    say(f"rebuilding the graphs from {GRAPH}")
+    try:
+        graph = json.loads(inside(root, GRAPH).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ArtifactError(f"{root}: {GRAPH}: cannot be read ({err})") from err
+    source = inside(root, FORWARD).read_text()
+    functions = _rebuilt(graph, source, manifest["submodules"], root / FORWARD)
     say(f"loading {WEIGHTS}")
-    tensors = load_file(str(root / WEIGHTS), device=str(device))
+    tensors = load_file(str(inside(root, WEIGHTS)), device=str(device))
     for alias, name in manifest["weights"]["aliases"].items():
         tensors[alias] = tensors[name]
-    say(f"importing {FORWARD}")
-    module = _module_tree(
-        _import_forward(root), manifest["submodules"], tensors, set(manifest["weights"]["parameters"])
-    )
+    module = _module_tree(functions, source, tensors, set(manifest["weights"]["parameters"]))
     say("loading config and tokenizer")
     config = AutoConfig.from_pretrained(root, trust_remote_code=trust_remote_code)
     has_tokenizer = (root / "tokenizer_config.json").is_file()
     tokenizer = AutoTokenizer.from_pretrained(root, trust_remote_code=trust_remote_code) if has_tokenizer else None
     compiled = CompiledModel(
-        graph_module=module,  # type: ignore[arg-type]  # a plain Module running forward.py, .code is that file
+        graph_module=module,  # type: ignore[arg-type]  # a plain Module running the rebuilt graphs, .code forward.py
         report=PassReport.from_dict(manifest["report"]),
         hf_config=config,
         kv_layouts=[KVLayout(**layout) for layout in model["kv_layouts"]],
@@ -379,7 +332,9 @@ def load(
         compiled,
         KERNELS_ATTR,
         {
-            name: (root / KERNELS / name).read_bytes() if kind == "binary" else (root / KERNELS / name).read_text()
+            name: inside(root, f"{KERNELS}/{name}").read_bytes()
+            if kind == "binary"
+            else inside(root, f"{KERNELS}/{name}").read_text()
             for name, kind in manifest["kernels"].items()
         },
     )

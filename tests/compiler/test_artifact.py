@@ -14,7 +14,7 @@ from safetensors import safe_open
 
 import kiln
 from kiln.compiler.export import artifact
-from kiln.compiler.export.artifact import ArtifactError
+from kiln.compiler.export.manifest import ArtifactError
 
 PROMPTS = [[1, 5, 9, 33, 7], [1, 100, 200], [1, 42]]
 MAX_TOKENS = 8

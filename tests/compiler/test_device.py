@@ -15,6 +15,7 @@ import kiln
 from kiln.compiler import capture as capture_module
 from kiln.compiler.capture import device_constants
 from kiln.compiler.export import artifact
+from kiln.compiler.export.manifest import FORWARD, MANIFEST
 from kiln.models.device import resolve_device
 from kiln.models.loader import load_model
 from kiln.models.weights import load_safetensors_model
@@ -83,9 +84,9 @@ def test_capture_traces_on_meta_with_deferred_asserts(checkpoint, monkeypatch: p
 def test_compiled_graph_and_artifact_name_no_device(compiled, tmp_path: Path) -> None:
     assert device_constants(compiled.graph_module) == []
     root = artifact.save(compiled, tmp_path / "art")
-    manifest = json.loads((root / artifact.MANIFEST).read_text())
+    manifest = json.loads((root / MANIFEST).read_text())
     assert "device" not in manifest["model"]
-    source = (root / artifact.FORWARD).read_text()
+    source = (root / FORWARD).read_text()
     assert "device(" not in source and "'cpu'" not in source
     for device in ("cpu", "auto"):
         loaded = kiln.load(root, device=device)
