@@ -113,8 +113,10 @@ def _rows(x: Tensor) -> tuple[Tensor, int, int]:
 SMALL_LINEAR_ROWS = 16  # int8 weights: up to here the C loops beat dequantize + GEMM
 C_LINEAR_ROWS = 4  # float32: above this oneDNN over its own weight layout is faster than the C loop
 # oneDNN builds and keeps a primitive per input shape, so every new row count (each batch's token count) grew
-# memory for good. Row counts are padded up to a multiple of this: a few dozen shapes at most, for < 64
-# wasted rows per call.
+# memory for good. Decode batches (up to ONEDNN_EXACT_ROWS rows, one per sequence) keep their exact shape, since
+# padding them would cost up to 2x their GEMM time; larger row counts (prefill chunks) are padded up to a
+# multiple of ONEDNN_ROW_BUCKET, < 64 wasted rows among hundreds. At most ~300 shapes in all.
+ONEDNN_EXACT_ROWS = 256
 ONEDNN_ROW_BUCKET = 64
 
 
@@ -133,7 +135,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         and (bias is None or bias.dtype is x.dtype)
     ):
         x2 = x.reshape(rows, x.shape[-1])
-        padded = -(-rows // ONEDNN_ROW_BUCKET) * ONEDNN_ROW_BUCKET
+        padded = rows if rows <= ONEDNN_EXACT_ROWS else -(-rows // ONEDNN_ROW_BUCKET) * ONEDNN_ROW_BUCKET
         x2 = torch.nn.functional.pad(x2, (0, 0, 0, padded - rows)) if padded != rows else x2.contiguous()
         out = torch.ops.mkldnn._linear_pointwise(x2, blocked, bias, "none", [], "")
         return out[:rows].reshape(*x.shape[:-1], weight.shape[0])

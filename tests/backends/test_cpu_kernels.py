@@ -182,7 +182,8 @@ def test_argmax_rows_is_torch_argmax_ties_and_infinities_included(shape):
 @pytest.mark.skipif(not cpu_kernels._onednn_enabled(), reason="no oneDNN in this torch build")
 def test_memory_stays_flat_as_row_counts_vary() -> None:
     """oneDNN keeps a primitive per input shape: a sweep over 495 row counts (as a server meets batches of every
-    size) must stop growing memory once the padded shapes have all been seen."""
+    size) must stop growing memory once the padded shapes have all been seen (decode sizes up to
+    ONEDNN_EXACT_ROWS keep their own, in the first half)."""
 
     def rss_mib() -> float:
         with open("/proc/self/statm") as f:
