@@ -28,7 +28,7 @@ SHAPES = {"full": (16384, 2048, 8192, 32, 8, 64, 64, 2048), "tiny": (16, 64, 128
 
 def bandwidth(args: argparse.Namespace, rec: Recorder) -> None:
     """Each kernel guarded on its own: one that fails to compile costs only its own figure."""
-    from kiln.codegen import launchers
+    from kiln.codegen.kernels import gated_act_plan, paged_attention_plan, rms_norm_plan, rope_plan
     from kiln.ops.metadata import AttentionMetadata
 
     dev, dtype = args.device, args.torch_dtype
@@ -54,11 +54,11 @@ def bandwidth(args: argparse.Namespace, rec: Recorder) -> None:
 
     def rms() -> tuple[int, Callable[[], Any]]:
         x, w = torch.randn(rows, hidden, dtype=dtype, device=dev), torch.randn(hidden, dtype=dtype, device=dev)
-        return 2 * x.nbytes + w.nbytes, lambda: launchers.rms_norm(x, w, 1e-5, 0.0)
+        return 2 * x.nbytes + w.nbytes, lambda: rms_norm_plan.rms_norm(x, w, 1e-5, 0.0)
 
     def silu() -> tuple[int, Callable[[], Any]]:
         gate_up = torch.randn(rows // 2, 2 * inter, dtype=dtype, device=dev)
-        return gate_up.nbytes * 3 // 2, lambda: launchers.silu_mul(gate_up)
+        return gate_up.nbytes * 3 // 2, lambda: gated_act_plan.silu_mul(gate_up)
 
     def rope() -> tuple[int, Callable[[], Any]]:
         q = torch.randn(rows, heads, hd, dtype=dtype, device=dev)
@@ -66,7 +66,7 @@ def bandwidth(args: argparse.Namespace, rec: Recorder) -> None:
         positions = torch.randint(0, context, (rows,), device=dev)
         cos_sin = torch.randn(context, hd, device=dev)
         nbytes = 2 * (q.nbytes + k.nbytes) + positions.nbytes + rows * hd * 4
-        return nbytes, lambda: launchers.rope(q, k, positions, cos_sin, hd, True)
+        return nbytes, lambda: rope_plan.rope(q, k, positions, cos_sin, hd, True)
 
     def decode_attention() -> tuple[int, Callable[[], Any]]:
         per_seq = context // BLOCK_SIZE + 1
@@ -76,7 +76,7 @@ def bandwidth(args: argparse.Namespace, rec: Recorder) -> None:
         q = torch.randn(seqs, heads, hd, dtype=dtype, device=dev)
         kv = torch.randn(seqs, kv_heads, hd, dtype=dtype, device=dev)
         nbytes = 2 * seqs * context * kv_heads * hd * caches[0].element_size() + 2 * q.nbytes
-        return nbytes, lambda: launchers.paged_attention(
+        return nbytes, lambda: paged_attention_plan.paged_attention(
             q,
             kv,
             kv,

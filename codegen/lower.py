@@ -70,14 +70,16 @@ class LowerToTriton(GraphPass):
     name = "lower_triton"
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> dict[str, int]:
-        from .launchers import LOWERINGS  # the launchers declare the ops they run; only this backend needs them
+        from .lowerings import lowerings  # the launchers declare the ops they run; only this backend needs them
+
+        table = lowerings()
 
         lowered = kept = 0
         for node in gm.graph.nodes:
             if node.op != "call_function":
                 continue
             name = op_name(node)
-            launcher = LOWERINGS.get(name)
+            launcher = table.get(name)
             if launcher is not None:
                 node.target = launcher
                 lowered += 1

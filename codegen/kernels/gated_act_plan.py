@@ -4,8 +4,10 @@ fused gate/up projection [T, 2I] -> [T, I]; a 2-D grid of rows × column tiles k
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
-from ..kernel_plan import Config, Launch, cdiv, next_pow2
+from ..kernel_plan import Config, Launch, cdiv, next_pow2, run
+from ..lowerings import as_rows, lowers
 from ..model_step import ModelStep, Planned, at_model_size
 from ..signature import Kernel, const, ptr, scalar
 
@@ -54,3 +56,25 @@ def model_step_launches(step: ModelStep) -> list[Planned]:
             f"{s.act}_mul", step.name, plan(step.tensor(t, 2 * s.intermediate), step.tensor(t, s.intermediate), s.act)
         )
     ]
+
+
+# The launcher: the op's exact contract, called by backend "triton" in place of the op ---------------
+
+
+def _gated(gate_up: Tensor, act: str) -> Tensor:
+    cols = gate_up.shape[-1] // 2
+    out = torch.empty(*gate_up.shape[:-1], cols, dtype=gate_up.dtype, device=gate_up.device)
+    run(plan(as_rows(gate_up), out.view(-1, cols), act))
+    return out
+
+
+@lowers("kiln.silu_mul")
+def silu_mul(gate_up: Tensor) -> Tensor:
+    """kiln::silu_mul."""
+    return _gated(gate_up, "silu")
+
+
+@lowers("kiln.gelu_mul")
+def gelu_mul(gate_up: Tensor, approximate: str) -> Tensor:
+    """kiln::gelu_mul."""
+    return _gated(gate_up, "gelu_tanh" if approximate == "tanh" else "gelu")

@@ -9,11 +9,16 @@ tiles pack up to 128 rows. Split-KV (flash-decoding) is chosen when the decode g
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
-from ..kernel_plan import Config, Launch, Target, cdiv, ieee_dots, next_pow2, pick
+from kiln.ops.metadata import current_max_query_len
+
+from ..kernel_plan import Config, Launch, Target, cdiv, device_target, ieee_dots, next_pow2, pick, run
+from ..lowerings import lowers, unit_last
 from ..model_step import MAX_BLOCKS_PER_SEQ, ModelStep, Planned, at_model_size
 from ..render import interpreting
 from ..signature import Kernel, const, ptr, scalar
+from . import cache_write_plan
 
 KERNEL = Kernel(
     "paged_attention",
@@ -230,3 +235,64 @@ def model_step_launches(step: ModelStep) -> list[Planned]:
     return [Planned("attention", step.name, attention, config.shared_bytes)] + [
         Planned("attention_merge", step.name, launch) for launch in merge
     ]
+
+
+# The launcher: the op's exact contract, called by backend "triton" in place of the op ---------------
+
+
+@lowers("kiln.paged_attention")
+def paged_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    slot_mapping: Tensor,
+    block_tables: Tensor,
+    seq_lens: Tensor,
+    query_start_loc: Tensor,
+    scale: float,
+    window: int,
+    softcap: float,
+    num_splits: int | None = None,
+) -> Tensor:
+    """kiln::paged_attention: write the step's K/V into the cache, then attend. `num_splits` overrides the
+    split-KV choice (tests exercise the merge under the interpreter with it)."""
+    q, k, v = unit_last(q), unit_last(k), unit_last(v)
+    run(cache_write_plan.plan(k, v, k_cache, v_cache, slot_mapping))
+    tokens, heads, _ = q.shape
+    num_seqs = seq_lens.shape[0]
+    # A decode step (one token per sequence) needs no host sync: that keeps it capturable in a CUDA graph.
+    # The runner passes the longest query as a host integer; reading it back from the device (a sync) is the
+    # fallback for callers that build metadata by hand. A decode step is 1 either way (CUDA graphs rely on it).
+    max_q = (
+        1 if tokens == num_seqs else current_max_query_len() or int((query_start_loc[1:] - query_start_loc[:-1]).max())
+    )
+    kv_heads, v_dim = k_cache.shape[2], v_cache.shape[-1]
+    target = device_target(q.device)
+    config, splits = choose(num_seqs, max_q, heads, kv_heads, q.shape[-1], v_dim, q.dtype, target)
+    splits = num_splits or splits
+    out = torch.empty(tokens, heads, v_dim, dtype=q.dtype, device=q.device)
+    partial = lse = None
+    if splits > 1:
+        partial = torch.empty(tokens, heads, splits, v_dim, dtype=torch.float32, device=q.device)
+        lse = torch.empty(tokens, heads, splits, dtype=torch.float32, device=q.device)
+    for launch in plan(
+        q,
+        k_cache,
+        v_cache,
+        out,
+        block_tables,
+        seq_lens,
+        query_start_loc,
+        scale,
+        window,
+        softcap,
+        max_q,
+        config,
+        splits,
+        partial,
+        lse,
+    ):
+        run(launch)
+    return out

@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..kernel_plan import Config, Launch, Target, cdiv, ieee_dots, next_pow2, pick
+from ..kernel_plan import Config, Launch, Target, cdiv, device_target, ieee_dots, next_pow2, pick, run
+from ..lowerings import as_rows, lowers
 from ..model_step import ModelStep, Planned, at_model_size
 from ..signature import Kernel, const, ptr, scalar
 
@@ -206,3 +207,72 @@ def model_step_launches(step: ModelStep) -> list[Planned]:
         out.append(Planned(f"quant_{name}", step.name, launch, config.shared_bytes))
     quantize = plan_quantize_rows(x, step.tensor(m, k, dtype=torch.int8), step.tensor(m, dtype=torch.float32))
     return out + [Planned("quantize_rows", step.name, quantize)]
+
+
+# The launcher: the op's exact contract, called by backend "triton" in place of the op ---------------
+
+
+def _quant_matmul(
+    x: Tensor,
+    weight: Tensor,
+    scales: Tensor,
+    mode: str,
+    n: int,
+    bias: Tensor | None = None,
+    qzeros: Tensor | None = None,
+    input_scale: Tensor | None = None,
+    group_size: int = 128,
+) -> Tensor:
+    """Plan and run one quantized matmul over x [..., K] (rows flattened); returns [..., N] in x's dtype."""
+    x2 = as_rows(x)
+    m = x2.shape[0]
+    config, split = choose(m, n, x2.shape[1], mode, x.dtype, qzeros is not None, device_target(x.device))
+    a, a_scale = x2, None
+    if mode == "w8a8":  # the activations' own int8 codes; input_scale is applied while quantizing them
+        a = torch.empty(x2.shape, dtype=torch.int8, device=x.device)
+        a_scale = torch.empty(m, dtype=torch.float32, device=x.device)
+        run(plan_quantize_rows(x2, a, a_scale, input_scale))
+        input_scale = None
+    c = (
+        torch.zeros(m, n, dtype=torch.float32, device=x.device)
+        if split > 1
+        else torch.empty(m, n, dtype=x.dtype, device=x.device)
+    )
+    run(plan(a, weight, scales, c, mode, config, split, a_scale, qzeros, input_scale, bias, group_size))
+    return c.to(x.dtype).reshape(*x.shape[:-1], n)
+
+
+@lowers("kiln.linear_int8")
+def linear_int8(x: Tensor, weight: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:
+    """kiln::linear_int8."""
+    return _quant_matmul(x, weight, scale, "int8", weight.shape[0], bias=bias)
+
+
+@lowers("kiln.linear_w8a8")
+def linear_w8a8(x: Tensor, weight: Tensor, scale: Tensor, input_scale: Tensor | None, bias: Tensor | None) -> Tensor:
+    """kiln::linear_w8a8."""
+    return _quant_matmul(x, weight, scale, "w8a8", weight.shape[0], input_scale=input_scale, bias=bias)
+
+
+@lowers("kiln.linear_int4")
+def linear_int4(
+    x: Tensor,
+    qweight: Tensor,
+    scales: Tensor,
+    qzeros: Tensor | None,
+    input_scale: Tensor | None,
+    bias: Tensor | None,
+    group_size: int,
+) -> Tensor:
+    """kiln::linear_int4."""
+    return _quant_matmul(
+        x,
+        qweight,
+        scales,
+        "int4",
+        qweight.shape[1],
+        qzeros=qzeros,
+        input_scale=input_scale,
+        bias=bias,
+        group_size=group_size,
+    )

@@ -4,8 +4,10 @@ whole row in one tile of the next power of two, so one read and one write per el
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
-from ..kernel_plan import Config, Launch, next_pow2
+from ..kernel_plan import Config, Launch, next_pow2, run
+from ..lowerings import as_rows, lowers
 from ..model_step import ModelStep, Planned, at_model_size
 from ..signature import Kernel, const, ptr, scalar
 
@@ -76,3 +78,27 @@ def model_step_launches(step: ModelStep) -> list[Planned]:
         Planned("rms_norm", step.name, plan(x, w, x, 1e-5, offset)),
         Planned("add_rms_norm", step.name, plan(x, w, x, 1e-5, offset, x, x)),
     ]
+
+
+# The launcher: the op's exact contract, called by backend "triton" in place of the op ---------------
+
+
+@lowers("kiln.rms_norm")
+def rms_norm(x: Tensor, weight: Tensor, eps: float, weight_offset: float) -> Tensor:
+    """kiln::rms_norm."""
+    x2 = as_rows(x)
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    run(plan(x2, weight, out.view(-1, x.shape[-1]), eps, weight_offset))
+    return out
+
+
+@lowers("kiln.add_rms_norm")
+def add_rms_norm(
+    x: Tensor, residual: Tensor, weight: Tensor, eps: float, weight_offset: float
+) -> tuple[Tensor, Tensor]:
+    """kiln::add_rms_norm: (rms_norm(x + residual), x + residual)."""
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    res_out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    cols = x.shape[-1]
+    run(plan(as_rows(x), weight, out.view(-1, cols), eps, weight_offset, as_rows(residual), res_out.view(-1, cols)))
+    return out, res_out

@@ -5,8 +5,10 @@ interleaved) and copy_rest (partial rotary written to new tensors: the unrotated
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
-from ..kernel_plan import Launch, next_pow2
+from ..kernel_plan import Launch, next_pow2, run
+from ..lowerings import lowers, unit_last
 from ..model_step import ModelStep, Planned, at_model_size
 from ..signature import Kernel, const, ptr, scalar
 
@@ -95,3 +97,17 @@ def model_step_launches(step: ModelStep) -> list[Planned]:
     return [
         Planned("rope", step.name, plan(q, k, q, k, step.tensor(t, dtype=torch.int64), cos_sin, s.rotary_dim, True))
     ]
+
+
+# The launcher: the op's exact contract, called by backend "triton" in place of the op ---------------
+
+
+@lowers("kiln.rope")
+def rope(
+    q: Tensor, k: Tensor, positions: Tensor, cos_sin_cache: Tensor, rotary_dim: int, neox_style: bool
+) -> tuple[Tensor, Tensor]:
+    """kiln::rope: new rotated (q, k); the kernel itself can also rotate in place."""
+    q, k = unit_last(q), unit_last(k)
+    q_out, k_out = torch.empty_like(q), torch.empty_like(k)
+    run(plan(q, k, q_out, k_out, positions, cos_sin_cache, rotary_dim, neox_style))
+    return q_out, k_out

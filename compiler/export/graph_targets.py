@@ -3,7 +3,7 @@
 Loading resolves every `call_function` target through `resolve` alone: never `import` of a module the
 artifact names, never `getattr` on an arbitrary object. What kiln's own graphs call (found by compiling every
 tiny family with both backends and each quantization mode) is: aten/prims/kiln op overloads, a few `operator`
-functions, the launchers of backend "triton" (`kiln.codegen.launchers.LOWERINGS`) and the functions backend
+functions, the launchers of backend "triton" (`kiln.codegen.lowerings.lowerings()`) and the functions backend
 "reference" calls in place of ops (`kiln.backends.cpu.lowering.reference_calls`). Anything else is refused.
 """
 
@@ -30,10 +30,10 @@ class TargetError(ValueError):
 def _registered(module: str) -> list[Callable[..., Any]]:
     """The kiln functions the lowerings can put into a graph, from the registry that owns `module` (imported
     only when a graph names it: a reference artifact never imports the Triton launchers)."""
-    if module == "kiln.codegen.launchers":
-        from kiln.codegen.launchers import LOWERINGS
+    if module.startswith("kiln.codegen.kernels."):
+        from kiln.codegen.lowerings import lowerings
 
-        return list(LOWERINGS.values())
+        return list(lowerings().values())
     if module.startswith(("kiln.backends.cpu.", "kiln.ops.")):
         from kiln.backends.cpu.lowering import reference_calls
 

@@ -13,8 +13,7 @@ import transformers
 from kernel_checks import in_clean_processes
 
 from kiln.codegen import cross_compile as xc
-from kiln.codegen import launchers
-from kiln.codegen.kernels import matmul_plan, quant_matmul_plan
+from kiln.codegen.kernels import matmul_plan, paged_attention_plan, quant_matmul_plan
 from kiln.codegen.model_step import MAX_BLOCKS_PER_SEQ, ModelShapes, ModelStep, step_launches
 
 LLAMA_1B = transformers.LlamaConfig(
@@ -126,7 +125,7 @@ def test_cross_compile_plans_what_the_attention_launcher_launches(
     monkeypatch, capability: int, dtype: torch.dtype
 ) -> None:
     target, shapes = xc.TARGETS[capability], ModelShapes.from_config(HEAD_DIM_128)
-    launched = _capture(monkeypatch, launchers, target)
+    launched = _capture(monkeypatch, paged_attention_plan, target)
     for step, seqs, query_len in xc.STEPS:
         t = seqs * query_len
         q = torch.empty(t, shapes.heads, shapes.head_dim, dtype=dtype)
@@ -136,7 +135,7 @@ def test_cross_compile_plans_what_the_attention_launcher_launches(
         tables = torch.empty(seqs, MAX_BLOCKS_PER_SEQ, dtype=torch.int32)
         query_start_loc = torch.arange(seqs + 1, dtype=torch.int32) * query_len
         seq_lens, slots = torch.empty(seqs, dtype=torch.int32), torch.empty(t, dtype=torch.int64)
-        launchers.paged_attention(
+        paged_attention_plan.paged_attention(
             q, k, k, cache, cache, slots, tables, seq_lens, query_start_loc, shapes.head_dim**-0.5, 0, 0.0
         )
         planned = [
@@ -152,7 +151,7 @@ def test_cross_compile_plans_what_the_attention_launcher_launches(
 def test_cross_compile_plans_what_the_quant_launchers_launch(monkeypatch, capability: int, dtype: torch.dtype) -> None:
     target, group = xc.TARGETS[capability], quant_matmul_plan.MODEL_GROUP_SIZE
     n, k = LLAMA_1B.hidden_size, LLAMA_1B.intermediate_size
-    launched = _capture(monkeypatch, launchers, target)
+    launched = _capture(monkeypatch, quant_matmul_plan, target)
     planned = {
         (p.kernel, p.step): p.launch
         for p in xc.model_launches(ModelShapes.from_config(LLAMA_1B), dtype, target, quantized=True)
@@ -163,9 +162,9 @@ def test_cross_compile_plans_what_the_quant_launchers_launch(monkeypatch, capabi
         q4, s4 = torch.empty(k // 8, n, dtype=torch.int32), torch.empty(k // group, n)
         zeros = torch.empty(k // group, n // 8, dtype=torch.int32)
         for kernel, launcher, args in (
-            ("quant_int8", launchers.linear_int8, (x, q8, s8, None)),
-            ("quant_int4_zp", launchers.linear_int4, (x, q4, s4, zeros, None, None, group)),
-            ("quant_w8a8", launchers.linear_w8a8, (x, q8, s8, None, None)),
+            ("quant_int8", quant_matmul_plan.linear_int8, (x, q8, s8, None)),
+            ("quant_int4_zp", quant_matmul_plan.linear_int4, (x, q4, s4, zeros, None, None, group)),
+            ("quant_w8a8", quant_matmul_plan.linear_w8a8, (x, q8, s8, None, None)),
         ):
             launched.clear()
             launcher(*args)

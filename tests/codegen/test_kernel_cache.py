@@ -9,13 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from kiln.codegen import launchers, render
+from kiln.codegen import render
+from kiln.codegen.kernels import gated_act_plan
 
 
 def _silu_mul() -> torch.Tensor:
     render._load.cache_clear()  # forget this process's imports: the next launch goes through the cache directory
     gate_up = torch.arange(16, dtype=torch.float32).reshape(2, 8) / 8
-    return launchers.silu_mul(gate_up)
+    return gated_act_plan.silu_mul(gate_up)
 
 
 def test_a_changed_cached_kernel_is_rendered_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

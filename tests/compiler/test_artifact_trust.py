@@ -84,8 +84,15 @@ def test_allowlist_resolves_only_what_kiln_graphs_call() -> None:
     assert resolve("operator.getitem") is operator.getitem
     assert resolve("torch.ops.aten.linear.default") is torch.ops.aten.linear.default
     assert resolve("torch.ops.kiln.rms_norm.default") is torch.ops.kiln.rms_norm.default
-    assert resolve("kiln.codegen.launchers.rms_norm").__module__ == "kiln.codegen.launchers"
-    for name in ("operator.attrgetter", "kiln.codegen.launchers.lowers", "torch.ops.aten.__init__.default", "eval"):
+    assert resolve("kiln.codegen.kernels.rms_norm_plan.rms_norm").__module__ == "kiln.codegen.kernels.rms_norm_plan"
+    refused = (
+        "operator.attrgetter",
+        "kiln.codegen.lowerings.lowers",
+        "kiln.codegen.kernels.rms_norm_plan.plan",
+        "torch.ops.aten.__init__.default",
+        "eval",
+    )
+    for name in refused:
         with pytest.raises(TargetError, match="not allowed"):
             resolve(name)
 
