@@ -166,6 +166,16 @@ def serve(
     if host in LOOPBACK_HOSTS:
         hosts = LOOPBACK_HOSTS | (hosts or frozenset())
     app = build_app(engine, name, api_key, limits, open_metrics=open_metrics, allowed_hosts=hosts)
-    # Slow clients: idle keep-alive connections close after 5 s; a request whose body stalls is cut off by
-    # ServerLimits.body_timeout.
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5, timeout_keep_alive=5)
+    from .http_protocol import header_timeout_protocol
+
+    # Slow clients: headers must arrive within 10 s, idle keep-alive connections close after 5 s, and a body
+    # that stalls is cut off by ServerLimits.body_timeout.
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        timeout_graceful_shutdown=5,
+        timeout_keep_alive=5,
+        http=header_timeout_protocol(10.0),
+    )

@@ -173,3 +173,36 @@ def test_a_large_tokenize_does_not_stall_a_running_stream(live) -> None:
     assert status in (200, 400)
     assert max(gaps, default=0.0) < 0.1, f"a stream stalled {max(gaps):.3f} s"
     live.wait_idle()
+
+
+def test_a_slowloris_connection_is_closed_after_the_header_timeout(engine) -> None:
+    """A client that sends half a request line and then nothing is disconnected; a prompt one is served."""
+    import socket
+    import threading
+
+    import uvicorn
+
+    from kiln.runtime.http_protocol import header_timeout_protocol
+
+    config = uvicorn.Config(
+        build_app(engine, MODEL), host="127.0.0.1", port=0, log_level="warning", http=header_timeout_protocol(0.5)
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    for _ in range(600):  # bounded: 30 s
+        if server.started:
+            break
+        time.sleep(0.05)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        slow = socket.create_connection(("127.0.0.1", port), timeout=10)
+        slow.sendall(b"GET /health HTTP/1.1\r\nHost: local")  # and never the rest
+        start = time.monotonic()
+        assert slow.recv(1024) == b"", "the server should close the connection"
+        assert time.monotonic() - start < 5
+        slow.close()
+        assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).status_code == 200
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
