@@ -206,3 +206,30 @@ def test_a_slowloris_connection_is_closed_after_the_header_timeout(engine) -> No
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+def test_a_small_request_behind_a_32_prompt_n16_request_starts_within_2_seconds(engine) -> None:
+    """Fairness at the server: 32 prompts x n=16 (512 sequences, allowed here) do not keep a 4-token request
+    waiting; its first token arrives within 2 s on this CPU."""
+    server = LiveServer(build_app(engine, MODEL, KEY, ServerLimits(max_seqs=512, max_n=16)), engine)
+
+    async def main() -> tuple[float, int]:
+        headers = {"Authorization": f"Bearer {KEY}"}
+        async with httpx.AsyncClient(base_url=server.url, headers=headers, timeout=300) as http:
+            prompts = [f"story {i} about" for i in range(32)]
+            body = {"model": MODEL, "prompt": prompts, "n": 16, "max_tokens": 32, "temperature": 0.8}
+            big = asyncio.create_task(http.post("/v1/completions", json=body))
+            await asyncio.sleep(0.3)  # the big request is in the engine
+            start, first = time.monotonic(), None
+            small = {"model": MODEL, "prompt": "hi", "max_tokens": 4, "stream": True}
+            async with http.stream("POST", "/v1/completions", json=small) as response:
+                async for line in response.aiter_lines():
+                    if line.startswith("data: {") and first is None:
+                        first = time.monotonic() - start
+            return first if first is not None else float("inf"), (await big).status_code
+
+    try:
+        first, big_status = asyncio.run(main())
+    finally:
+        server.stop()
+    assert big_status == 200 and first < 2.0, f"first token after {first:.2f} s"
