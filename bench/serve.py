@@ -46,8 +46,8 @@ def free_port() -> int:
 
 
 @contextmanager
-def local_server(model: str, name: str, engine_args: dict[str, int]) -> Iterator[str]:
-    """`kiln.runtime.server.serve` in a subprocess on a free loopback port; yields its base URL."""
+def local_server(model: str, name: str, engine_args: dict[str, int]) -> Iterator[tuple[str, int]]:
+    """`kiln.runtime.server.serve` in a subprocess on a free loopback port; yields its base URL and pid."""
     port = free_port()
     options = ", ".join(f"{k}={v!r}" for k, v in engine_args.items() if v is not None)
     code = (
@@ -69,7 +69,7 @@ def local_server(model: str, name: str, engine_args: dict[str, int]) -> Iterator
             if time.time() > deadline:
                 raise TimeoutError("server did not become healthy in 600 s")
             time.sleep(0.25)
-        yield url
+        yield url, proc.pid
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.base_url:
         results, duration = go(args.base_url, args.served_model_name)
     else:
-        with local_server(args.model, args.served_model_name, engine_args) as url:
+        with local_server(args.model, args.served_model_name, engine_args) as (url, _):
             results, duration = go(url, args.served_model_name)
     summary = summarize(results, duration, args.input_len, args.output_len)
     print(report(summary, args))
