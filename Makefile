@@ -3,31 +3,43 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: install demo test lint clean
+.PHONY: install install-test demo test lint clean
 
+# What the demo (and serving) needs: the CPU build of torch first, pinned, so nothing later pulls a CUDA build;
+# then kiln.
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	# The CPU build of torch first, pinned, so nothing later pulls a CUDA build.
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -e .
+	touch $(STAMP)
+
+# What the tests add: the dev tools and the third-party clients tested against `kiln serve` (extras dev, clients).
+install-test: $(TEST_STAMP)
+
+$(TEST_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[dev,clients]'
 	# Optional: torch-mlir for `kiln export` (extra `mlir`); --no-deps so it cannot replace the pinned torch.
 	$(BIN)/python -m pip install -q --no-deps torch-mlir==20261001 && $(BIN)/python -m pip install -q numpy packaging \
 		|| echo "WARNING: torch-mlir not installed; 'kiln export' (MLIR) is unavailable, everything else works"
-	touch $(STAMP)
+	touch $(TEST_STAMP)
 
 demo: install
 	$(BIN)/python -m kiln demo
 
-test: install lint
-	$(BIN)/python -m pytest -q tests
+# Two pytest workers, one test file each at a time (module fixtures are built once); the few tests that time
+# a stream against the wall clock run afterwards, alone.
+test: install-test lint
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not serial" tests
+	$(BIN)/python -m pytest -q -m serial tests
 
 # ruff (lint + format check) and mypy over the package (tests and bench excluded). mypy needs the repository
 # under the name `kiln`, so it runs on a link in a scratch directory.
-lint: install
+lint: install-test
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	d=$$(mktemp -d) && ln -s "$(CURDIR)" "$$d/kiln" && cd "$$d" && \

@@ -210,6 +210,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="the model name clients must send (default: MODEL as given)",
     )
     serve.add_argument(
+        "--stall-timeout",
+        type=float,
+        default=60.0,
+        metavar="S",
+        help="abort a streaming request whose client has read nothing for S seconds (default: 60)",
+    )
+    serve.add_argument(
+        "--max-request-seqs",
+        type=int,
+        default=64,
+        metavar="N",
+        help="most sequences (prompts x n) one request may start (default: 64)",
+    )
+    serve.add_argument(
         "--max-num-seqs", type=int, default=256, metavar="N", help="sequences batched per step (default: 256)"
     )
     serve.add_argument(

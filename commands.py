@@ -219,6 +219,7 @@ def serve(args: argparse.Namespace) -> int:
     if problem:
         return _fail(problem)
     from kiln.runtime.server import serve as run_server
+    from kiln.runtime.serving import ServerLimits
 
     try:
         compiled = _load(args, args.model)
@@ -231,6 +232,8 @@ def serve(args: argparse.Namespace) -> int:
             served_model_name=args.served_model_name or args.model,
             open_metrics=args.open_metrics,
             allowed_hosts=args.allowed_hosts,
+            stall_timeout=args.stall_timeout,
+            limits=ServerLimits(max_seqs=args.max_request_seqs),
             max_num_seqs=args.max_num_seqs,
             num_kv_blocks=args.num_kv_blocks,
             block_size=args.block_size,

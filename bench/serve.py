@@ -46,7 +46,7 @@ def free_port() -> int:
 
 
 @contextmanager
-def local_server(model: str, name: str, engine_args: dict[str, int]) -> Iterator[tuple[str, int]]:
+def local_server(model: str, name: str, engine_args: dict[str, float]) -> Iterator[tuple[str, int]]:
     """`kiln.runtime.server.serve` in a subprocess on a free loopback port; yields its base URL and pid."""
     port = free_port()
     options = ", ".join(f"{k}={v!r}" for k, v in engine_args.items() if v is not None)

@@ -37,11 +37,11 @@ class AsyncLLMEngine:
         self._ids = itertools.count()
 
     @classmethod
-    def from_model(cls, model: Any, **options: Any) -> AsyncLLMEngine:
+    def from_model(cls, model: Any, stall_timeout: float = 60.0, **options: Any) -> AsyncLLMEngine:
         """Compile (unless already compiled) and build the engine, as `LLM` does."""
         from .llm import LLM
 
-        return cls(LLM(model, **options).engine)
+        return cls(LLM(model, **options).engine, stall_timeout)
 
     async def generate(
         self,

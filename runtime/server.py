@@ -153,14 +153,18 @@ def serve(
     log_level: str = "info",
     open_metrics: bool = False,
     allowed_hosts: list[str] | None = None,
+    stall_timeout: float = 60.0,
     **engine_options: Any,
 ) -> None:
     """Compile `model` (a checkpoint directory or a CompiledModel) and serve it until interrupted. Bound to a
     loopback address, only loopback Host names (plus `allowed_hosts`) are answered; elsewhere, `allowed_hosts`
-    restricts the Host names when given."""
+    restricts the Host names when given. A streaming client that reads nothing for `stall_timeout` seconds is
+    aborted and its KV blocks freed."""
     import uvicorn
 
-    engine = AsyncLLMEngine.from_model(str(model) if isinstance(model, Path) else model, **engine_options)
+    engine = AsyncLLMEngine.from_model(
+        str(model) if isinstance(model, Path) else model, stall_timeout, **engine_options
+    )
     name = served_model_name or (str(model) if isinstance(model, (str, Path)) else "kiln-model")
     hosts: frozenset[str] | None = frozenset(h.lower() for h in allowed_hosts) if allowed_hosts else None
     if host in LOOPBACK_HOSTS:

@@ -37,6 +37,11 @@ class ServerLimits:
     body_timeout: float = 30.0  # seconds to receive a whole body (slow-body clients are cut off)
     chars_per_token: int = 64  # a text over max_model_len * this cannot fit the context: refused untokenized
 
+    def __post_init__(self) -> None:
+        for name, value in vars(self).items():
+            if not value > 0:
+                raise ValueError(f"{name} must be positive, got {value!r}")
+
 
 class APIError(Exception):
     def __init__(
@@ -83,23 +88,25 @@ async def _unless_disconnected(request: Request, awaitable: Any) -> Any:
 
 
 class Merged:
-    """One generate() stream per prompt, interleaved. close() cancels their tasks, which aborts the engine
-    requests at once: asyncio's Task.cancel always lands, unlike a cancel scope's, which an engine loop that
-    feeds the queue every step can starve (a dropped client would then keep generating)."""
+    """One generate() stream per prompt, interleaved. The queue holds at most one output per stream, so a consumer
+    that stops reading (a stalled client) stops the pumps and leaves the engine's mailboxes unread, which the
+    engine's stall timeout then aborts; nothing piles up here. close() cancels the pumps, which aborts the engine
+    requests at once: asyncio's Task.cancel always lands, unlike a cancel scope's, which an engine loop that feeds
+    the queue every step can starve (a dropped client would then keep generating)."""
 
     def __init__(self, streams: list[AsyncIterator[RequestOutput]]) -> None:
-        self.queue: asyncio.Queue = asyncio.Queue()
+        self.queue: asyncio.Queue = asyncio.Queue(maxsize=max(1, len(streams)))
         self.tasks = [asyncio.ensure_future(self._pump(i, s)) for i, s in enumerate(streams)]
         self.remaining = len(self.tasks)
 
     async def _pump(self, i: int, stream: AsyncIterator[RequestOutput]) -> None:
         try:
             async for out in stream:
-                self.queue.put_nowait((i, out))
+                await self.queue.put((i, out))
         except Exception as exc:  # handed to the consumer, which owns error reporting
-            self.queue.put_nowait((i, exc))
-        finally:
-            self.queue.put_nowait((i, None))
+            await self.queue.put((i, exc))
+            return
+        await self.queue.put((i, None))
 
     def __aiter__(self) -> Merged:
         return self

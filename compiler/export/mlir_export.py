@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 FORMATS = {"torch": "torch", "linalg": "linalg-on-tensors", "stablehlo": "stablehlo", "tosa": "tosa"}
 STATIC_ONLY = {"tosa"}
 INSTALL_HINT = (
-    "MLIR export needs torch-mlir: `make install` tries to install it, or run "
+    "MLIR export needs torch-mlir: `make install-test` tries to install it, or run "
     "`pip install --no-deps torch-mlir==20261001 && pip install numpy packaging` "
     "(or `pip install 'kiln[mlir]'`)"
 )

@@ -20,7 +20,7 @@ from kiln.passes.base import op_name
 
 needs_torch_mlir = pytest.mark.skipif(
     importlib.util.find_spec("torch_mlir") is None,
-    reason="torch-mlir not installed (optional extra `mlir`; `make install`)",
+    reason="torch-mlir not installed (optional extra `mlir`; `make install-test`)",
 )
 BLOCK = 4
 TABLES = [[1, 3, 5, 7], [2, 4, 6, 8]]  # interleaved, so a wrong block table shows

@@ -132,6 +132,7 @@ def test_extreme_sampling_values_never_hurt_running_streams(live, engine) -> Non
     live.wait_idle()
 
 
+@pytest.mark.serial
 def test_a_large_tokenize_does_not_stall_a_running_stream(live) -> None:
     """~1 MB of text to /tokenize (refused by its size, or tokenized off the event loop) while a stream runs:
     no gap between the stream's chunks while the tokenize is in flight exceeds 100 ms."""
@@ -208,6 +209,7 @@ def test_a_slowloris_connection_is_closed_after_the_header_timeout(engine) -> No
         thread.join(timeout=30)
 
 
+@pytest.mark.serial
 def test_a_small_request_behind_a_32_prompt_n16_request_starts_within_2_seconds(engine) -> None:
     """Fairness at the server: 32 prompts x n=16 (512 sequences, allowed here) do not keep a 4-token request
     waiting; its first token arrives within 2 s on this CPU."""
