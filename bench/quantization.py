@@ -10,6 +10,9 @@ agreement (tokens equal to HF's free-running greedy output), and KV blocks in a 
 top-1 margins are printed beside them: agreement measures how far a mode's error reaches past them.
 
     python -m kiln.bench.quantization --threads 1 --rounds 3 --steps 16 [--weights random]
+
+The C kernels' instruction-set path (AVX-512 VNNI / AVX2 / scalar, backends/cpu/build.py) is printed with every
+figure; `KILN_CPU_ISA=avx2` (or `scalar`) forces a lower one.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ import torch
 import transformers
 
 import kiln
+from kiln.backends.cpu import build as cpu_build
+from kiln.backends.cpu import kernels as cpu_kernels
 from kiln.bench import toy_language
 from kiln.models.testing import build_tiny_checkpoint
 from kiln.ops.metadata import AttentionMetadata
@@ -147,9 +152,13 @@ def main() -> None:
     )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    level = cpu_kernels.isa()
+    path = "torch only" if level is None else level
     print(
         f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, "
-        f"load average {os.getloadavg()[0]:.2f}; torch {torch.__version__}, transformers {transformers.__version__}"
+        f"load average {os.getloadavg()[0]:.2f}; torch {torch.__version__}, transformers {transformers.__version__}\n"
+        f"CPU: {cpu_build.cpu_description()}; C kernels: "
+        f"{'none (torch references)' if level is None else cpu_build.ISA_NAMES[level]}"
     )
     with tempfile.TemporaryDirectory() as tmp:
         if args.weights == "trained":
@@ -185,7 +194,7 @@ def main() -> None:
     base = statistics.median(times[next(iter(engines))])
     print(
         f"\n{'engine':<14}{'weights MiB':>12}{'tok/s':>8}{'vs first':>9}{'vs HF':>7}{'teacher-forced':>16}"
-        f"{'logit err':>10}{'greedy':>8}{'KV blocks':>11}"
+        f"{'logit err':>10}{'greedy':>8}{'KV blocks':>11}  path"
     )
     budget = args.kv_budget_mib * 2**20
     for name, e in engines.items():
@@ -199,7 +208,7 @@ def main() -> None:
             f"{name:<14}{weight_bytes(e) / 2**20:>12.0f}{1 / step:>8.1f}{base / step:>8.2f}x{hf_step / step:>6.2f}x"
             "{:>16.1%}{:>10.4f}".format(*teacher_forced(e, prompt + target, target, reference))
             + f"{same:>8.1%}"
-            f"{budget // e.kv_cache_bytes_per_block(BLOCK):>11}"
+            f"{budget // e.kv_cache_bytes_per_block(BLOCK):>11}  {path}"
         )
     print(f"load average at the end {os.getloadavg()[0]:.2f}")
 

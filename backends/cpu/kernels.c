@@ -2,7 +2,9 @@
  * bindings at the end take data pointers and sizes; a call costs well under a microsecond, where ctypes
  * costs several). Built on first use by backends/cpu/kernels.py and chosen by backends/cpu/lowering.py; the
  * torch references in ops/attention.py and ops/fused.py are the specification, and every function here is tested
- * against them.
+ * against them. backends/cpu/build.py compiles this file once per instruction-set level (AVX-512 VNNI, AVX2 + FMA,
+ * the x86-64 baseline): the loops below are written for the compiler to vectorise at each of them, with
+ * `omp simd` where it needs to be told that a reduction may be reordered.
  *
  * paged_decode_f32: one query token per sequence, read straight from the cache blocks, so no per-step
  * gather of the whole context. Each sequence is one task that reads every cached token's K (all KV heads,
@@ -255,7 +257,7 @@ static void argmax_rows_f32(const float *x, int64_t *out, int64_t rows, int64_t 
     }
 }
 
-/* The int8 linears (weight tiles, AVX-512 where the CPU has it) are in quant.c, built into the same module. */
+/* The int8 linears (weight tiles; AVX-512 VNNI, AVX2 and portable paths) are in quant.c, in the same module. */
 void linear_w8a8_packed(const float *x, const float *in_scale, const int8_t *w, const float *scale,
                         const float *bias, float *out, int64_t rows, int64_t n, int64_t k, int64_t x_stride,
                         int64_t threads);
@@ -403,4 +405,35 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "kiln_cpu", NULL, -1, methods};
 
-PyMODINIT_FUNC PyInit_kiln_cpu(void) { return PyModule_Create(&module); }
+/* The level this library was compiled for (backends/cpu/build.py builds one per level), from the compiler's own
+ * macros: what runs is what was built, whatever the flags said. */
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define KILN_ISA "avx512_vnni"
+#define KILN_ISA_OK (__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw"))
+#elif defined(__AVX2__) && defined(__FMA__)
+#define KILN_ISA "avx2"
+#define KILN_ISA_OK (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+#elif defined(__x86_64__)
+#define KILN_ISA "scalar"
+#define KILN_ISA_OK 1
+#else
+#define KILN_ISA "native"
+#define KILN_ISA_OK 1
+#endif
+
+PyMODINIT_FUNC PyInit_kiln_cpu(void)
+{
+#if defined(__x86_64__)
+    __builtin_cpu_init();
+#endif
+    if (!(KILN_ISA_OK)) { /* a second guard behind build.py's choice: never run into an illegal instruction */
+        PyErr_SetString(PyExc_ImportError, "kiln_cpu was built for " KILN_ISA ", which this CPU lacks");
+        return NULL;
+    }
+    PyObject *m = PyModule_Create(&module);
+    if (m != NULL && PyModule_AddStringConstant(m, "isa", KILN_ISA) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

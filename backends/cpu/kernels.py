@@ -4,84 +4,40 @@ Decode reads each sequence's whole context every step; the torch formulation has
 tensor first, which costs more than the attention itself, so the C loop reads the cache blocks in place. The
 fused ops (RMSNorm with its residual add, gated SiLU, rotary embedding, the cache write) are each one pass over
 memory in C where torch needs several ops and temporaries: that is what makes fusion pay on the reference
-backend. `kernels.c` (with `quant.c`) is built once with the system C compiler, as a CPython extension module,
-into kiln's cache directory: a folder named by the hash of the sources and flags, holding a library whose name
-carries the hash of its content, checked before every load (a library that fails it is rebuilt). When no
+backend. `kernels.c` (with `quant.c`) is built once per instruction-set level with the system C compiler, as a
+CPython extension module, into kiln's cache directory; `build.py` picks the level from the CPU's features
+(`KILN_CPU_ISA` forces a lower one) and checks each library's hash before it loads it. When no
 compiler or Python headers are found (or KILN_DISABLE_CPU_KERNELS=1), or a call is outside a kernel (not
 float32 on CPU, not contiguous in its last dim), the torch reference runs instead.
 """
 
 from __future__ import annotations
 
-import hashlib
-import importlib.machinery
-import importlib.util
 import os
-import shutil
-import subprocess
-import sysconfig
-import tempfile
 from functools import lru_cache
-from pathlib import Path
 from types import ModuleType
 
 import torch
 from torch import Tensor
 
-_SOURCES = [Path(__file__).with_name(name) for name in ("kernels.c", "quant.c")]
+from . import build
+
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
-
-
-def _cache_dir() -> Path:
-    root = os.environ.get("KILN_CACHE_DIR")
-    return (Path(root) if root else Path.home() / ".cache" / "kiln") / "cpu"
-
-
-def _digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-
-
-def _verified(library: Path, suffix: str) -> bool:
-    """Whether a cached `kiln_cpu-<hash><suffix>` still has the content hash its name carries (the cache is
-    outside kiln's control: a library that changed there is rebuilt, never loaded)."""
-    try:
-        return not library.is_symlink() and _digest(library) == library.name.removeprefix("kiln_cpu-")[: -len(suffix)]
-    except OSError:
-        return False
 
 
 @lru_cache(maxsize=1)
 def _library() -> ModuleType | None:
-    """The compiled extension module, building it on first use; None when it cannot be had."""
+    """The compiled extension module for this process's instruction-set level (build.py), built on first use;
+    None when it cannot be had or KILN_DISABLE_CPU_KERNELS=1. A bad KILN_CPU_ISA is a ValueError."""
     if os.environ.get("KILN_DISABLE_CPU_KERNELS") == "1":
         return None
-    compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
-    include = sysconfig.get_paths()["include"]
-    if compiler is None or not (Path(include) / "Python.h").exists():
-        return None
-    flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", f"-I{include}"]
-    digest = hashlib.sha256(b"".join(src.read_bytes() for src in _SOURCES) + " ".join(flags).encode()).hexdigest()[:16]
-    directory = _cache_dir() / digest
-    suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
-    target = next((p for p in sorted(directory.glob(f"kiln_cpu-*{suffix}")) if _verified(p, suffix)), None)
-    if target is None:
-        directory.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=directory) as tmp:
-            built = Path(tmp) / f"kiln_cpu{suffix}"
-            result = subprocess.run(
-                [compiler, *flags, *map(str, _SOURCES), "-o", str(built), "-lm"], capture_output=True
-            )
-            if result.returncode != 0:
-                return None
-            target = directory / f"kiln_cpu-{_digest(built)}{suffix}"
-            os.replace(built, target)  # atomic: concurrent builders never see half a library
-    loader = importlib.machinery.ExtensionFileLoader("kiln_cpu", str(target))
-    spec = importlib.util.spec_from_file_location("kiln_cpu", target, loader=loader)
-    if spec is None:
-        return None
-    module = importlib.util.module_from_spec(spec)
-    loader.exec_module(module)
-    return module
+    return build.load(build.selected_level())
+
+
+def isa() -> str | None:
+    """The level the kernels run at ("avx512_vnni", "avx2", "scalar"; "native" off x86), None without them."""
+    library = _library()
+    return None if library is None else str(library.isa)
 
 
 def _built() -> ModuleType:
