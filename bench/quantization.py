@@ -153,7 +153,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     level = cpu_kernels.isa()
-    path = "torch only" if level is None else level
+    kernels_path = "torch only" if level is None else level
     print(
         f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, "
         f"load average {os.getloadavg()[0]:.2f}; torch {torch.__version__}, transformers {transformers.__version__}\n"
@@ -208,7 +208,7 @@ def main() -> None:
             f"{name:<14}{weight_bytes(e) / 2**20:>12.0f}{1 / step:>8.1f}{base / step:>8.2f}x{hf_step / step:>6.2f}x"
             "{:>16.1%}{:>10.4f}".format(*teacher_forced(e, prompt + target, target, reference))
             + f"{same:>8.1%}"
-            f"{budget // e.kv_cache_bytes_per_block(BLOCK):>11}  {path}"
+            f"{budget // e.kv_cache_bytes_per_block(BLOCK):>11}  {kernels_path}"
         )
     print(f"load average at the end {os.getloadavg()[0]:.2f}")
 

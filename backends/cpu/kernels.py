@@ -148,8 +148,9 @@ def small_linear(x: Tensor, weight: Tensor, scale: Tensor | None, bias: Tensor |
 def linear_w8a8_packed(
     x: Tensor, packed: Tensor, scale: Tensor, input_scale: Tensor | None, bias: Tensor | None
 ) -> Tensor:
-    """kiln::linear_w8a8_packed through the C loop (VNNI where the CPU has it), bit for bit: x float32 [..., K],
-    packed int8 weight tiles [N/4, K/64, 4, 64] contiguous, float32 scale [N]. The caller checks all three."""
+    """kiln::linear_w8a8_packed through the C loop (VNNI, AVX2 or portable: see build.py), bit for bit: x float32
+    [..., K], packed int8 weight tiles [N/4, K/64, 4, 64] contiguous, float32 scale [N]. The caller checks all
+    three."""
     x2, rows, stride = _rows(x)
     n, k = packed.shape[0] * packed.shape[2], packed.shape[1] * packed.shape[3]
     shape = list(x.shape)

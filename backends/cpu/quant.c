@@ -20,10 +20,10 @@
  * then read front to back, which streams at about twice the speed of four interleaved rows of HF's layout on
  * this kind of CPU. Each block stays in L1 while every row of x passes over it.
  * AVX-512 VNNI multiplies u8 x s8 only, so there x is stored offset by 128 as uint8 and the offset is taken back
- * out with each weight row's sum (a dot with a vector of ones, in the same pass). AVX2 has no such instruction:
- * vpmaddubsw (u8 x s8 -> pairs summed to a saturating s16) gets |w| and x * sign(w), so both factors are at most
- * 127 in magnitude and a pair sums to at most 2 * 127 * 127 = 32258, which cannot saturate; vpmaddwd against
- * ones then widens the pairs to int32. There, and in the portable loop, x is stored as plain int8. */
+ * out with each weight row's sum (a dot with a vector of ones, in the same pass). AVX2 has no 4-way dot into
+ * int32: vpmaddubsw (u8 x s8 -> pairs summed to a saturating s16) gets |w| (read as unsigned, so even -128 is
+ * exact) and x * sign(w), with |x| <= 127, so a pair sums to at most 2 * 128 * 127 = 32512 and cannot saturate;
+ * vpmaddwd against ones then widens the pairs to int32. There, and in the portable loop, x is plain int8. */
 #define W8A8_ROWS 4
 #define W8A8_COLS 64
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
