@@ -14,6 +14,8 @@ float32 on CPU, not contiguous in its last dim), the torch reference runs instea
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import lru_cache
 from types import ModuleType
 
@@ -25,13 +27,37 @@ from . import build
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
-@lru_cache(maxsize=1)
+_scoped: list[ModuleType] = []  # libraries that `at_level` blocks put in force, innermost last
+
+
 def _library() -> ModuleType | None:
-    """The compiled extension module for this process's instruction-set level (build.py), built on first use;
-    None when it cannot be had or KILN_DISABLE_CPU_KERNELS=1. A bad KILN_CPU_ISA is a ValueError."""
+    """The compiled extension module: the one an `at_level` block chose, else this process's level (build.py),
+    built on first use; None when it cannot be had or KILN_DISABLE_CPU_KERNELS=1. A bad KILN_CPU_ISA is a
+    ValueError."""
+    return _scoped[-1] if _scoped else _process_library()
+
+
+@lru_cache(maxsize=1)
+def _process_library() -> ModuleType | None:
     if os.environ.get("KILN_DISABLE_CPU_KERNELS") == "1":
         return None
     return build.load(build.selected_level())
+
+
+@contextmanager
+def at_level(level: str) -> Iterator[None]:
+    """Run the kernels at `level` (one `build.supported_levels()` lists) inside the block, so a benchmark can
+    alternate levels in one process and one load; ValueError for a level this CPU lacks."""
+    if level not in build.supported_levels():
+        raise ValueError(f"level={level!r}: this CPU runs {build.supported_levels()}")
+    library = build.load(level)
+    if library is None:
+        raise RuntimeError(f"kiln's CPU kernels could not be built for {level}")
+    _scoped.append(library)
+    try:
+        yield
+    finally:
+        _scoped.pop()
 
 
 def isa() -> str | None:

@@ -28,12 +28,11 @@ X86 = platform.machine().lower() in ("x86_64", "amd64")
 
 
 @pytest.fixture(params=LEVELS)
-def level(request, monkeypatch) -> str:
+def level(request):
     """Runs the test with kernels.py calling the library of one level."""
-    library = build.load(request.param)
-    assert library is not None and library.isa == request.param  # the compiler targeted exactly this level
-    monkeypatch.setattr(cpu_kernels, "_library", lambda: library)
-    return request.param
+    with cpu_kernels.at_level(request.param):
+        assert cpu_kernels.isa() == request.param  # the compiler targeted exactly this level
+        yield request.param
 
 
 def _close(a, b, tol=2e-6):
@@ -90,13 +89,11 @@ def _w8a8_cases():
 
 
 def test_w8a8_is_bit_identical_on_every_level() -> None:
-    libraries = [build.load(lv) for lv in LEVELS]
     for x, weight, scale, input_scale, bias in _w8a8_cases():
         expect = quant.linear_w8a8(x, weight, scale, input_scale, bias)  # torch._int_mm over the HF layout
         packed = quant.pack_w8a8(weight)
-        for lv, library in zip(LEVELS, libraries):
-            with pytest.MonkeyPatch.context() as m:
-                m.setattr(cpu_kernels, "_library", lambda library=library: library)
+        for lv in LEVELS:
+            with cpu_kernels.at_level(lv):
                 out = cpu_kernels.linear_w8a8_packed(x, packed, scale, input_scale, bias)
             assert torch.equal(out, expect), f"w8a8 at level {lv} is not the reference bit for bit"
 
@@ -110,8 +107,7 @@ def test_int8_agrees_across_levels_within_float_rounding() -> None:
         expect = torch.nn.functional.linear(x, weight.float() * scale[:, None], bias)
         outs = []
         for lv in LEVELS:
-            with pytest.MonkeyPatch.context() as m:
-                m.setattr(cpu_kernels, "_library", lambda lv=lv: build.load(lv))
+            with cpu_kernels.at_level(lv):
                 outs.append(cpu_kernels.linear_int8_packed(x, packed, scale, bias))
         for lv, out in zip(LEVELS, outs):
             torch.testing.assert_close(out, expect, rtol=1e-5, atol=1e-4, msg=f"int8 at level {lv}")
@@ -132,6 +128,8 @@ def test_levels_and_the_forcing_variable(monkeypatch) -> None:
     monkeypatch.setenv("KILN_CPU_ISA", "avx512_vnni")
     with pytest.raises(ValueError, match="this CPU lacks its instructions"):
         build.selected_level()
+    with pytest.raises(ValueError, match="this CPU runs"), cpu_kernels.at_level("avx512_vnni"):
+        pass
 
 
 _CHILD = """
