@@ -114,6 +114,25 @@ def test_int8_agrees_across_levels_within_float_rounding() -> None:
             torch.testing.assert_close(out, outs[0], rtol=1e-5, atol=1e-4, msg=f"int8 at {lv} vs {LEVELS[0]}")
 
 
+def test_int8_kernels_split_output_tiles_over_torch_threads(level, monkeypatch) -> None:
+    """256 x 1024 weights pass the threaded size: each output tile is one thread's, so results do not depend on
+    the thread count, bit for bit (the kernels take torch.get_num_threads())."""
+    gen = torch.Generator().manual_seed(5)
+    weight, scale = quant.quantize_int8(torch.randn(256, 1024, generator=gen))
+    x = torch.randn(3, 1024, generator=gen)
+    runs = []
+    for threads in (1, 2):
+        monkeypatch.setattr(torch, "get_num_threads", lambda threads=threads: threads)
+        runs.append(
+            (
+                cpu_kernels.linear_int8_packed(x, quant.pack_int8(weight), scale, None),
+                cpu_kernels.linear_w8a8_packed(x, quant.pack_w8a8(weight), scale, None, None),
+            )
+        )
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+    assert torch.equal(runs[1][1], quant.linear_w8a8(x, weight, scale, None, None))
+
+
 @pytest.mark.skipif(not X86, reason="one level off x86")
 def test_levels_and_the_forcing_variable(monkeypatch) -> None:
     assert LEVELS[-1] == "scalar" and LEVELS == [lv for lv in build.ISA_LEVELS if lv in LEVELS]  # best first
