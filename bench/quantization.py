@@ -10,11 +10,16 @@ agreement (tokens equal to HF's free-running greedy output), and KV blocks in a 
 top-1 margins are printed beside them: agreement measures how far a mode's error reaches past them.
 
     python -m kiln.bench.quantization --threads 1 --rounds 3 --steps 16 [--weights random]
+
+The C kernels' instruction-set path (AVX-512 VNNI / AVX2 / scalar, backends/cpu/build.py) is printed with every
+figure; `KILN_CPU_ISA=avx2` (or `scalar`) forces a lower one, and `--isa avx512_vnni,avx2` times several in one
+run (their steps interleaved within each round, so the same load hits them all).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import statistics
@@ -26,6 +31,8 @@ import torch
 import transformers
 
 import kiln
+from kiln.backends.cpu import build as cpu_build
+from kiln.backends.cpu import kernels as cpu_kernels
 from kiln.bench import toy_language
 from kiln.models.testing import build_tiny_checkpoint
 from kiln.ops.metadata import AttentionMetadata
@@ -145,11 +152,20 @@ def main() -> None:
         default="trained",
         help="trained: a few minutes on a toy language first (cached; see toy_language.py)",
     )
+    parser.add_argument("--isa", help="comma-separated levels to time in this run (default: the process's own)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    level = cpu_kernels.isa()
+    levels = args.isa.split(",") if args.isa else [level]
+
+    def at(lv: str | None) -> contextlib.AbstractContextManager[None]:
+        return cpu_kernels.at_level(lv) if args.isa and lv else contextlib.nullcontext()
+
     print(
         f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, "
-        f"load average {os.getloadavg()[0]:.2f}; torch {torch.__version__}, transformers {transformers.__version__}"
+        f"load average {os.getloadavg()[0]:.2f}; torch {torch.__version__}, transformers {transformers.__version__}\n"
+        f"CPU: {cpu_build.cpu_description()}; C kernels: "
+        f"{', '.join('none (torch references)' if lv is None else cpu_build.ISA_NAMES[lv] for lv in levels)}"
     )
     with tempfile.TemporaryDirectory() as tmp:
         if args.weights == "trained":
@@ -176,31 +192,36 @@ def main() -> None:
     reference = margins(hf, prompt + target, TOKENS)
     max_len = PROMPT + TOKENS + args.rounds * args.steps + 8
     decoders = {name: Decoder(e, prompt, max_len) for name, e in engines.items()}
-    times: dict[str, list[float]] = {name: [] for name in engines}
+    times: dict[tuple[str, str | None], list[float]] = {(name, lv): [] for name in engines for lv in levels}
     with torch.inference_mode():
         for r in range(args.rounds):
             print(f"round {r}: load average {os.getloadavg()[0]:.2f}", flush=True)
-            for name in list(decoders)[:: 1 if r % 2 else -1]:
-                times[name] += [decoders[name].step() for _ in range(args.steps)]
-    base = statistics.median(times[next(iter(engines))])
+            for lv in levels[:: 1 if r % 2 else -1]:
+                with at(lv):
+                    for name in list(decoders)[:: 1 if r % 2 else -1]:
+                        times[name, lv] += [decoders[name].step() for _ in range(args.steps)]
     print(
         f"\n{'engine':<14}{'weights MiB':>12}{'tok/s':>8}{'vs first':>9}{'vs HF':>7}{'teacher-forced':>16}"
-        f"{'logit err':>10}{'greedy':>8}{'KV blocks':>11}"
+        f"{'logit err':>10}{'greedy':>8}{'KV blocks':>11}  path"
     )
     budget = args.kv_budget_mib * 2**20
-    for name, e in engines.items():
-        step = statistics.median(times[name])
-        greedy = Decoder(e, prompt, PROMPT + TOKENS + 1)
-        for _ in range(TOKENS - 1):
-            greedy.step()
-        generated = greedy.tokens[PROMPT:] + [int(greedy.last[0].argmax())]
-        same = sum(a == b for a, b in zip(generated, target)) / TOKENS
-        print(
-            f"{name:<14}{weight_bytes(e) / 2**20:>12.0f}{1 / step:>8.1f}{base / step:>8.2f}x{hf_step / step:>6.2f}x"
-            "{:>16.1%}{:>10.4f}".format(*teacher_forced(e, prompt + target, target, reference))
-            + f"{same:>8.1%}"
-            f"{budget // e.kv_cache_bytes_per_block(BLOCK):>11}"
-        )
+    for lv in levels:
+        base = statistics.median(times[next(iter(engines)), lv])
+        for name, e in engines.items():
+            step = statistics.median(times[name, lv])
+            with at(lv):
+                greedy = Decoder(e, prompt, PROMPT + TOKENS + 1)
+                for _ in range(TOKENS - 1):
+                    greedy.step()
+                accuracy = teacher_forced(e, prompt + target, target, reference)
+            generated = greedy.tokens[PROMPT:] + [int(greedy.last[0].argmax())]
+            same = sum(a == b for a, b in zip(generated, target)) / TOKENS
+            print(
+                f"{name:<14}{weight_bytes(e) / 2**20:>12.0f}{1 / step:>8.1f}{base / step:>8.2f}x{hf_step / step:>6.2f}x"
+                "{:>16.1%}{:>10.4f}".format(*accuracy)
+                + f"{same:>8.1%}"
+                f"{budget // e.kv_cache_bytes_per_block(BLOCK):>11}  {lv or 'torch only'}"
+            )
     print(f"load average at the end {os.getloadavg()[0]:.2f}")
 
 

@@ -5,6 +5,9 @@ takes larger ones); this prints where the C loop beats torch's `linear`. Eight l
 weights per repetition, so they stream from memory as in a decode step; median of alternating repetitions.
 
     python -m kiln.bench.small_linear --threads 1
+
+Prints the C kernels' instruction-set path (AVX-512 VNNI / AVX2 / scalar) with every row; `KILN_CPU_ISA=avx2`
+(or `scalar`) forces a lower one.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from kiln.backends.cpu import build as cpu_build
 from kiln.backends.cpu import kernels as cpu_kernels
 
 SHAPES = [(1024, 512), (2816, 512), (512, 1408), (512, 512)]  # fused qkv, fused gate/up, down, o: [out, in]
@@ -31,9 +35,14 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if cpu_kernels._library() is None:
         raise SystemExit("the C kernels could not be built on this machine (no C compiler or Python headers)")
-    print(f"{platform.machine()}, torch {torch.__version__}, {args.threads} thread(s); ms for 8 layers' GEMMs\n")
+    level = cpu_kernels.isa()
+    assert level is not None
+    print(f"{platform.machine()}, torch {torch.__version__}, {args.threads} thread(s); ms for 8 layers' GEMMs")
+    print(f"CPU: {cpu_build.cpu_description()}; C kernels: {cpu_build.ISA_NAMES[level]}\n")
     layers = [[torch.randn(*shape) for shape in SHAPES] for _ in range(8)]
-    print("| rows | torch linear | kiln C loop | speedup |\n|-----:|-------------:|------------:|--------:|")
+    print(
+        "| rows | torch linear | kiln C loop | speedup | path |\n|-----:|-------------:|------------:|--------:|:---|"
+    )
     for rows in args.rows:
         inputs = {k: torch.randn(rows, k) for k in {shape[1] for shape in SHAPES}}
 
@@ -50,7 +59,7 @@ def main() -> None:
                             fn(inputs[w.shape[1]], w)
                     times[name].append(time.perf_counter() - start)
         t, k = (statistics.median(times[n]) * 1e3 for n in ("torch", "kiln"))
-        print(f"| {rows:4} | {t:12.2f} | {k:11.2f} | {t / k:6.2f}x |")
+        print(f"| {rows:4} | {t:12.2f} | {k:11.2f} | {t / k:6.2f}x | {level} |")
 
 
 if __name__ == "__main__":

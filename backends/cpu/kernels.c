@@ -2,7 +2,9 @@
  * bindings at the end take data pointers and sizes; a call costs well under a microsecond, where ctypes
  * costs several). Built on first use by backends/cpu/kernels.py and chosen by backends/cpu/lowering.py; the
  * torch references in ops/attention.py and ops/fused.py are the specification, and every function here is tested
- * against them.
+ * against them. backends/cpu/build.py compiles this file once per instruction-set level (AVX-512 VNNI, AVX2 + FMA,
+ * the x86-64 baseline): the loops below are written for the compiler to vectorise at each of them, with
+ * `omp simd` where it needs to be told that a reduction may be reordered.
  *
  * paged_decode_f32: one query token per sequence, read straight from the cache blocks, so no per-step
  * gather of the whole context. Each sequence is one task that reads every cached token's K (all KV heads,
@@ -35,6 +37,31 @@ static inline float vexpf(float x)
     union { int32_t i; float f; } scale = {.i = ((int32_t)n + 127) << 23};
     return p * scale.f;
 }
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+/* vexpf on 8 lanes, the same steps. gcc vectorises vexpf's clamps only with AVX-512's masks: for AVX2 it either
+ * keeps the loop scalar or (with -fno-trapping-math) computes each side of the clamp, and in silu the speculated
+ * g / (1 + e^88) is subnormal, a microcode assist per lane. vmaxps / vminps are the clamps without either. */
+static inline __m256 vexpf8(__m256 x)
+{
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.f)), _mm256_set1_ps(88.f));
+    const __m256 magic = _mm256_set1_ps(12582912.f);
+    const __m256 n = _mm256_sub_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504089f), magic), magic);
+    const __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187e-06f),
+                                      _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x));
+    __m256 p = _mm256_set1_ps(1.f / 720.f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 120.f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 24.f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 6.f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+    const __m256i scale = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(scale));
+}
+#define VEXP8 1
+#endif
 
 static void paged_decode_f32(
     const float *restrict q,              /* [S, Hq, D] */
@@ -70,8 +97,20 @@ static void paged_decode_f32(
         for (int64_t hq = 0; hq < num_heads; ++hq) {
             float *sh = scores + hq * n, m = -INFINITY, total = 0.f;
             for (int64_t i = 0; i < len - start; ++i) m = sh[i] > m ? sh[i] : m;
+            int64_t i = 0;
+#ifdef VEXP8
+            __m256 sum8 = _mm256_setzero_ps();
+            for (; i + 8 <= len - start; i += 8) {
+                const __m256 e = vexpf8(_mm256_sub_ps(_mm256_loadu_ps(sh + i), _mm256_set1_ps(m)));
+                _mm256_storeu_ps(sh + i, e);
+                sum8 = _mm256_add_ps(sum8, e);
+            }
+            float lanes[8];
+            _mm256_storeu_ps(lanes, sum8);
+            for (int l = 0; l < 8; ++l) total += lanes[l];
+#endif
 #pragma omp simd reduction(+ : total)
-            for (int64_t i = 0; i < len - start; ++i) { sh[i] = vexpf(sh[i] - m); total += sh[i]; }
+            for (int64_t t = i; t < len - start; ++t) { sh[t] = vexpf(sh[t] - m); total += sh[t]; }
             const float inv = total > 0.f ? 1.f / total : 0.f;
             for (int64_t i = 0; i < len - start; ++i) sh[i] *= inv;
         }
@@ -145,8 +184,17 @@ static void silu_mul_f32(
     for (int64_t r = 0; r < rows; ++r) {
         const float *g = gate_up + r * stride, *u = g + inter;
         float *o = out + r * inter;
+        int64_t i = 0;
+#ifdef VEXP8
+        for (; i + 8 <= inter; i += 8) {
+            const __m256 gv = _mm256_loadu_ps(g + i);
+            const __m256 e = vexpf8(_mm256_sub_ps(_mm256_setzero_ps(), gv));
+            _mm256_storeu_ps(o + i, _mm256_mul_ps(_mm256_div_ps(gv, _mm256_add_ps(_mm256_set1_ps(1.f), e)),
+                                                  _mm256_loadu_ps(u + i)));
+        }
+#endif
 #pragma omp simd
-        for (int64_t i = 0; i < inter; ++i) o[i] = g[i] / (1.f + vexpf(-g[i])) * u[i];
+        for (int64_t t = i; t < inter; ++t) o[t] = g[t] / (1.f + vexpf(-g[t])) * u[t];
     }
 }
 
@@ -255,7 +303,7 @@ static void argmax_rows_f32(const float *x, int64_t *out, int64_t rows, int64_t 
     }
 }
 
-/* The int8 linears (weight tiles, AVX-512 where the CPU has it) are in quant.c, built into the same module. */
+/* The int8 linears (weight tiles; AVX-512 VNNI, AVX2 and portable paths) are in quant.c, in the same module. */
 void linear_w8a8_packed(const float *x, const float *in_scale, const int8_t *w, const float *scale,
                         const float *bias, float *out, int64_t rows, int64_t n, int64_t k, int64_t x_stride,
                         int64_t threads);
@@ -403,4 +451,35 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "kiln_cpu", NULL, -1, methods};
 
-PyMODINIT_FUNC PyInit_kiln_cpu(void) { return PyModule_Create(&module); }
+/* The level this library was compiled for (backends/cpu/build.py builds one per level), from the compiler's own
+ * macros: what runs is what was built, whatever the flags said. */
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define KILN_ISA "avx512_vnni"
+#define KILN_ISA_OK (__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw"))
+#elif defined(__AVX2__) && defined(__FMA__)
+#define KILN_ISA "avx2"
+#define KILN_ISA_OK (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+#elif defined(__x86_64__)
+#define KILN_ISA "scalar"
+#define KILN_ISA_OK 1
+#else
+#define KILN_ISA "native"
+#define KILN_ISA_OK 1
+#endif
+
+PyMODINIT_FUNC PyInit_kiln_cpu(void)
+{
+#if defined(__x86_64__)
+    __builtin_cpu_init();
+#endif
+    if (!(KILN_ISA_OK)) { /* a second guard behind build.py's choice: never run into an illegal instruction */
+        PyErr_SetString(PyExc_ImportError, "kiln_cpu was built for " KILN_ISA ", which this CPU lacks");
+        return NULL;
+    }
+    PyObject *m = PyModule_Create(&module);
+    if (m != NULL && PyModule_AddStringConstant(m, "isa", KILN_ISA) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

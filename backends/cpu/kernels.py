@@ -4,84 +4,66 @@ Decode reads each sequence's whole context every step; the torch formulation has
 tensor first, which costs more than the attention itself, so the C loop reads the cache blocks in place. The
 fused ops (RMSNorm with its residual add, gated SiLU, rotary embedding, the cache write) are each one pass over
 memory in C where torch needs several ops and temporaries: that is what makes fusion pay on the reference
-backend. `kernels.c` (with `quant.c`) is built once with the system C compiler, as a CPython extension module,
-into kiln's cache directory: a folder named by the hash of the sources and flags, holding a library whose name
-carries the hash of its content, checked before every load (a library that fails it is rebuilt). When no
+backend. `kernels.c` (with `quant.c`) is built once per instruction-set level with the system C compiler, as a
+CPython extension module, into kiln's cache directory; `build.py` picks the level from the CPU's features
+(`KILN_CPU_ISA` forces a lower one) and checks each library's hash before it loads it. When no
 compiler or Python headers are found (or KILN_DISABLE_CPU_KERNELS=1), or a call is outside a kernel (not
 float32 on CPU, not contiguous in its last dim), the torch reference runs instead.
 """
 
 from __future__ import annotations
 
-import hashlib
-import importlib.machinery
-import importlib.util
 import os
-import shutil
-import subprocess
-import sysconfig
-import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import lru_cache
-from pathlib import Path
 from types import ModuleType
 
 import torch
 from torch import Tensor
 
-_SOURCES = [Path(__file__).with_name(name) for name in ("kernels.c", "quant.c")]
+from . import build
+
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
-def _cache_dir() -> Path:
-    root = os.environ.get("KILN_CACHE_DIR")
-    return (Path(root) if root else Path.home() / ".cache" / "kiln") / "cpu"
+_scoped: list[ModuleType] = []  # libraries that `at_level` blocks put in force, innermost last
 
 
-def _digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-
-
-def _verified(library: Path, suffix: str) -> bool:
-    """Whether a cached `kiln_cpu-<hash><suffix>` still has the content hash its name carries (the cache is
-    outside kiln's control: a library that changed there is rebuilt, never loaded)."""
-    try:
-        return not library.is_symlink() and _digest(library) == library.name.removeprefix("kiln_cpu-")[: -len(suffix)]
-    except OSError:
-        return False
+def _library() -> ModuleType | None:
+    """The compiled extension module: the one an `at_level` block chose, else this process's level (build.py),
+    built on first use; None when it cannot be had or KILN_DISABLE_CPU_KERNELS=1. A bad KILN_CPU_ISA is a
+    ValueError."""
+    return _scoped[-1] if _scoped else _process_library()
 
 
 @lru_cache(maxsize=1)
-def _library() -> ModuleType | None:
-    """The compiled extension module, building it on first use; None when it cannot be had."""
+def _process_library() -> ModuleType | None:
     if os.environ.get("KILN_DISABLE_CPU_KERNELS") == "1":
         return None
-    compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
-    include = sysconfig.get_paths()["include"]
-    if compiler is None or not (Path(include) / "Python.h").exists():
-        return None
-    flags = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", f"-I{include}"]
-    digest = hashlib.sha256(b"".join(src.read_bytes() for src in _SOURCES) + " ".join(flags).encode()).hexdigest()[:16]
-    directory = _cache_dir() / digest
-    suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
-    target = next((p for p in sorted(directory.glob(f"kiln_cpu-*{suffix}")) if _verified(p, suffix)), None)
-    if target is None:
-        directory.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=directory) as tmp:
-            built = Path(tmp) / f"kiln_cpu{suffix}"
-            result = subprocess.run(
-                [compiler, *flags, *map(str, _SOURCES), "-o", str(built), "-lm"], capture_output=True
-            )
-            if result.returncode != 0:
-                return None
-            target = directory / f"kiln_cpu-{_digest(built)}{suffix}"
-            os.replace(built, target)  # atomic: concurrent builders never see half a library
-    loader = importlib.machinery.ExtensionFileLoader("kiln_cpu", str(target))
-    spec = importlib.util.spec_from_file_location("kiln_cpu", target, loader=loader)
-    if spec is None:
-        return None
-    module = importlib.util.module_from_spec(spec)
-    loader.exec_module(module)
-    return module
+    return build.load(build.selected_level())
+
+
+@contextmanager
+def at_level(level: str) -> Iterator[None]:
+    """Run the kernels at `level` (one `build.supported_levels()` lists) inside the block, so a benchmark can
+    alternate levels in one process and one load; ValueError for a level this CPU lacks."""
+    if level not in build.supported_levels():
+        raise ValueError(f"level={level!r}: this CPU runs {build.supported_levels()}")
+    library = build.load(level)
+    if library is None:
+        raise RuntimeError(f"kiln's CPU kernels could not be built for {level}")
+    _scoped.append(library)
+    try:
+        yield
+    finally:
+        _scoped.pop()
+
+
+def isa() -> str | None:
+    """The level the kernels run at ("avx512_vnni", "avx2", "scalar"; "native" off x86), None without them."""
+    library = _library()
+    return None if library is None else str(library.isa)
 
 
 def _built() -> ModuleType:
@@ -192,8 +174,9 @@ def small_linear(x: Tensor, weight: Tensor, scale: Tensor | None, bias: Tensor |
 def linear_w8a8_packed(
     x: Tensor, packed: Tensor, scale: Tensor, input_scale: Tensor | None, bias: Tensor | None
 ) -> Tensor:
-    """kiln::linear_w8a8_packed through the C loop (VNNI where the CPU has it), bit for bit: x float32 [..., K],
-    packed int8 weight tiles [N/4, K/64, 4, 64] contiguous, float32 scale [N]. The caller checks all three."""
+    """kiln::linear_w8a8_packed through the C loop (VNNI, AVX2 or portable: see build.py), bit for bit: x float32
+    [..., K], packed int8 weight tiles [N/4, K/64, 4, 64] contiguous, float32 scale [N]. The caller checks all
+    three."""
     x2, rows, stride = _rows(x)
     n, k = packed.shape[0] * packed.shape[2], packed.shape[1] * packed.shape[3]
     shape = list(x.shape)

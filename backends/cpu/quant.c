@@ -6,23 +6,29 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#if defined(__AVX512F__)
+#if defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
 #define PARALLEL_MIN 65536 /* as in kernels.c: below this many elements one thread does the work */
 
 /* W8A8 (kiln::linear_w8a8_packed): each row of x (times input_scale) is quantized to int8 with its own scale,
- * exactly as ops/quant.py quantize_tokens does, and stored offset by 128 as uint8 so the int8 x int8 dot products
- * can use AVX-512 VNNI (u8 x s8 -> s32, 64 products an instruction); the offset is taken back out with each
- * weight row's sum (a dot with a vector of ones, in the same pass). The int32 dots are exact and the float
- * epilogue is the reference's, (acc * x_scale) * w_scale + bias, so results equal it bit for bit.
+ * exactly as ops/quant.py quantize_tokens does; the int32 dot products with the int8 weights are exact and the
+ * float epilogue is the reference's, (acc * x_scale) * w_scale + bias, so results equal it bit for bit on every
+ * path (the integer sums are the same numbers whatever instructions add them).
  * Weights come in tiles of 4 rows x 64 columns, [n/4][k/64][4][64] (ops/quant.py pack_w8a8): a 4-row block is
  * then read front to back, which streams at about twice the speed of four interleaved rows of HF's layout on
- * this kind of CPU. Each block stays in L1 while every row of x passes over it. */
+ * this kind of CPU. Each block stays in L1 while every row of x passes over it.
+ * AVX-512 VNNI multiplies u8 x s8 only, so there x is stored offset by 128 as uint8 and the offset is taken back
+ * out with each weight row's sum (a dot with a vector of ones, in the same pass). AVX2 has no 4-way dot into
+ * int32: vpmaddubsw (u8 x s8 -> pairs summed to a saturating s16) gets |w| (read as unsigned, so even -128 is
+ * exact) and x * sign(w), with |x| <= 127, so a pair sums to at most 2 * 128 * 127 = 32512 and cannot saturate;
+ * vpmaddwd against ones then widens the pairs to int32. There, and in the portable loop, x is plain int8. */
 #define W8A8_ROWS 4
 #define W8A8_COLS 64
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define W8A8_OFFSET 128
+#define W8A8_MR 4 /* rows of x per pass over a block: 4 x 4 accumulators (of 32 registers) */
 /* acc[m][r] += x_m . w_r over k for mr rows of x and one block of 4 weight rows; wsum[r] = sum of w_r. */
 static inline __attribute__((always_inline)) void w8a8_tile(const uint8_t *restrict x, const int8_t *restrict wb,
                                                             int64_t k, int mr, int32_t *acc, int32_t *wsum)
@@ -48,26 +54,60 @@ static inline __attribute__((always_inline)) void w8a8_tile(const uint8_t *restr
         for (int m = 0; m < mr; ++m) acc[m * W8A8_ROWS + r] = _mm512_reduce_add_epi32(a[m][r]);
     }
 }
+#elif defined(__AVX2__)
+#define W8A8_OFFSET 0
+#define W8A8_MR 2 /* 2 x 4 accumulators leave room in AVX2's 16 registers for the operands */
+static inline int32_t hsum_epi32(__m256i v)
+{
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(1, 0, 3, 2)));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, _MM_SHUFFLE(2, 3, 0, 1)));
+    return _mm_cvtsi128_si32(s);
+}
+
+/* acc[m][r] = x_m . w_r over k (x as int8) for mr rows of x and one block of 4 weight rows; wsum is unused. */
+static inline __attribute__((always_inline)) void w8a8_tile(const uint8_t *restrict x, const int8_t *restrict wb,
+                                                            int64_t k, int mr, int32_t *acc, int32_t *wsum)
+{
+    (void)wsum;
+    __m256i a[4][W8A8_ROWS]; /* mr <= W8A8_MR = 2 here: the rest is never touched */
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (int r = 0; r < W8A8_ROWS; ++r)
+        for (int m = 0; m < mr; ++m) a[m][r] = _mm256_setzero_si256();
+    for (int64_t c = 0; c < k / W8A8_COLS; ++c)
+        for (int h = 0; h < W8A8_COLS; h += 32) {
+            __m256i xv[4];
+            for (int m = 0; m < mr; ++m) xv[m] = _mm256_loadu_si256((const void *)(x + m * k + c * W8A8_COLS + h));
+            for (int r = 0; r < W8A8_ROWS; ++r) {
+                const __m256i w = _mm256_loadu_si256((const void *)(wb + (c * W8A8_ROWS + r) * W8A8_COLS + h));
+                const __m256i aw = _mm256_abs_epi8(w);
+                for (int m = 0; m < mr; ++m) {
+                    const __m256i pairs = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv[m], w));
+                    a[m][r] = _mm256_add_epi32(a[m][r], _mm256_madd_epi16(pairs, ones));
+                }
+            }
+        }
+    for (int r = 0; r < W8A8_ROWS; ++r)
+        for (int m = 0; m < mr; ++m) acc[m * W8A8_ROWS + r] = hsum_epi32(a[m][r]);
+}
 #else
+#define W8A8_OFFSET 0
+#define W8A8_MR 4
 static inline void w8a8_tile(const uint8_t *restrict x, const int8_t *restrict wb, int64_t k, int mr,
                              int32_t *acc, int32_t *wsum)
 {
-    for (int r = 0; r < W8A8_ROWS; ++r) {
-        int32_t total = 0;
-        for (int64_t c = 0; c < k / W8A8_COLS; ++c)
-            for (int64_t i = 0; i < W8A8_COLS; ++i) total += wb[(c * W8A8_ROWS + r) * W8A8_COLS + i];
-        if (wsum) wsum[r] = total;
+    (void)wsum;
+    for (int r = 0; r < W8A8_ROWS; ++r)
         for (int m = 0; m < mr; ++m) {
             int32_t dot = 0;
             for (int64_t c = 0; c < k / W8A8_COLS; ++c) {
                 const int8_t *w = wb + (c * W8A8_ROWS + r) * W8A8_COLS;
-                const uint8_t *xm = x + m * k + c * W8A8_COLS;
+                const int8_t *xm = (const int8_t *)x + m * k + c * W8A8_COLS;
 #pragma omp simd reduction(+ : dot)
                 for (int64_t i = 0; i < W8A8_COLS; ++i) dot += (int32_t)xm[i] * (int32_t)w[i];
             }
             acc[m * W8A8_ROWS + r] = dot;
         }
-    }
 }
 #endif
 
@@ -83,7 +123,7 @@ static void quantize_row_u8(const float *restrict x, const float *restrict in_sc
     for (int64_t i = 0; i < k; ++i) {
         float r = nearbyintf((in_scale ? x[i] * in_scale[i] : x[i]) / s); /* half to even, as torch.round */
         r = r < -127.f ? -127.f : (r > 127.f ? 127.f : r);
-        q[i] = (uint8_t)((int32_t)r + 128);
+        q[i] = (uint8_t)((int32_t)r + W8A8_OFFSET); /* without the offset: int8's bytes */
     }
     *q_scale = s;
 }
@@ -100,11 +140,11 @@ void linear_w8a8_packed(const float *restrict x, const float *restrict in_scale,
 #pragma omp parallel for num_threads(threads) if (rows * n * k >= 262144) schedule(static)
     for (int64_t b = 0; b < n / W8A8_ROWS; ++b) {
         const int8_t *wb = w + b * W8A8_ROWS * k;
-        int32_t wsum[W8A8_ROWS], acc[4 * W8A8_ROWS];
-        for (int64_t m0 = 0; m0 < rows; m0 += 4) { /* 4 x 4 accumulators: a constant mr lets them stay in registers */
+        int32_t wsum[W8A8_ROWS] = {0}, acc[4 * W8A8_ROWS];
+        for (int64_t m0 = 0; m0 < rows; m0 += W8A8_MR) { /* a constant mr lets the accumulators stay in registers */
             const uint8_t *xm = xq + m0 * k;
-            int32_t *ws = m0 == 0 ? wsum : NULL;
-            const int64_t mr = rows - m0 < 4 ? rows - m0 : 4;
+            int32_t *ws = m0 == 0 && W8A8_OFFSET ? wsum : NULL;
+            const int64_t mr = rows - m0 < W8A8_MR ? rows - m0 : W8A8_MR;
             switch (mr) {
             case 4: w8a8_tile(xm, wb, k, 4, acc, ws); break;
             case 3: w8a8_tile(xm, wb, k, 3, acc, ws); break;
@@ -114,7 +154,7 @@ void linear_w8a8_packed(const float *restrict x, const float *restrict in_scale,
             for (int64_t m = 0; m < mr; ++m)
                 for (int64_t r = 0; r < W8A8_ROWS; ++r) {
                     const int64_t j = b * W8A8_ROWS + r;
-                    const float y = (float)(acc[m * W8A8_ROWS + r] - 128 * wsum[r]) * xs[m0 + m] * scale[j];
+                    const float y = (float)(acc[m * W8A8_ROWS + r] - W8A8_OFFSET * wsum[r]) * xs[m0 + m] * scale[j];
                     out[(m0 + m) * n + j] = bias ? y + bias[j] : y;
                 }
         }
@@ -129,7 +169,7 @@ void linear_w8a8_packed(const float *restrict x, const float *restrict in_scale,
  * exact: y = (x . w) * scale + bias with float32 accumulation. */
 #define I8_TILE 16
 #if defined(__AVX512F__)
-/* Four k steps per iteration into four accumulators per row: the FMA chains overlap. */
+/* Four k steps per iteration into four accumulators per row: the FMA chains overlap (32 registers hold them). */
 static inline __attribute__((always_inline)) void i8_tile(const float *restrict x, int64_t x_stride,
                                                           const int8_t *restrict wt, int64_t k, int mr,
                                                           float acc[4][I8_TILE])
@@ -149,6 +189,46 @@ static inline __attribute__((always_inline)) void i8_tile(const float *restrict 
     }
     for (int m = 0; m < mr; ++m)
         _mm512_storeu_ps(acc[m], _mm512_add_ps(_mm512_add_ps(a[m][0], a[m][1]), _mm512_add_ps(a[m][2], a[m][3])));
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+/* The 16 channels are two 8-float halves; with 16 registers, u = 4 / mr k steps per iteration (rounded down, at
+ * least one) go into their own accumulators, so one row still overlaps four FMA chains. */
+static inline __attribute__((always_inline)) void i8_tile(const float *restrict x, int64_t x_stride,
+                                                          const int8_t *restrict wt, int64_t k, int mr,
+                                                          float acc[4][I8_TILE])
+{
+    const int unroll = mr == 1 ? 4 : (mr == 2 ? 2 : 1);
+    __m256 a[4][4][2];
+    for (int m = 0; m < mr; ++m)
+        for (int u = 0; u < unroll; ++u) a[m][u][0] = a[m][u][1] = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + unroll <= k; i += unroll)
+        for (int u = 0; u < unroll; ++u) {
+            const int8_t *wi = wt + (i + u) * I8_TILE;
+            const __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const void *)wi)));
+            const __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const void *)(wi + 8))));
+            for (int m = 0; m < mr; ++m) {
+                const __m256 xi = _mm256_broadcast_ss(x + m * x_stride + i + u);
+                a[m][u][0] = _mm256_fmadd_ps(xi, w0, a[m][u][0]);
+                a[m][u][1] = _mm256_fmadd_ps(xi, w1, a[m][u][1]);
+            }
+        }
+    for (; i < k; ++i) {
+        const __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const void *)(wt + i * I8_TILE))));
+        const __m256 w1 =
+            _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const void *)(wt + i * I8_TILE + 8))));
+        for (int m = 0; m < mr; ++m) {
+            const __m256 xi = _mm256_broadcast_ss(x + m * x_stride + i);
+            a[m][0][0] = _mm256_fmadd_ps(xi, w0, a[m][0][0]);
+            a[m][0][1] = _mm256_fmadd_ps(xi, w1, a[m][0][1]);
+        }
+    }
+    for (int m = 0; m < mr; ++m)
+        for (int h = 0; h < 2; ++h) {
+            __m256 total = a[m][0][h];
+            for (int u = 1; u < unroll; ++u) total = _mm256_add_ps(total, a[m][u][h]);
+            _mm256_storeu_ps(acc[m] + 8 * h, total);
+        }
 }
 #else
 static inline void i8_tile(const float *restrict x, int64_t x_stride, const int8_t *restrict wt, int64_t k, int mr,
