@@ -16,7 +16,6 @@ from __future__ import annotations
 import enum
 import itertools
 import sys
-
 from typing import TYPE_CHECKING
 
 import torch
