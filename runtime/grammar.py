@@ -19,14 +19,11 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from .structured_output import StructuredOutput
-
-if TYPE_CHECKING:
-    from .sequence import Sequence
 
 CACHE_SIZE = 256
 
@@ -118,9 +115,9 @@ class GrammarCompiler:
                     self._cache.popitem(last=False)
         return GrammarState(template.deep_copy())
 
-    def start_masks(self, seqs: list[Sequence]) -> MaskJob | None:
-        """Begin filling the bitmask of a step's sampled rows (row i is seqs[i]) on llguidance's threads; None
-        when no row has a grammar."""
+    def start_masks(self, seqs: list[Any]) -> MaskJob | None:
+        """Begin filling the bitmask of a step's sampled rows (row i is the Sequence seqs[i]) on llguidance's
+        threads; None when no row has a grammar."""
         rows = [(s.grammar.matcher, i) for i, s in enumerate(seqs) if s.grammar is not None]
         if not rows:
             return None
