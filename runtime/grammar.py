@@ -21,11 +21,13 @@ from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+import numpy as np
 import torch
 
 from .structured_output import StructuredOutput
 
 CACHE_SIZE = 256
+_BYTE_BITS: dict[torch.device, torch.Tensor] = {}  # per device: [256, 8] bool, whether byte x has bit b
 
 
 class GrammarState:
@@ -131,6 +133,21 @@ class GrammarCompiler:
         return MaskJob(future, bitmask)
 
 
+def allowed_tokens(bitmask: torch.Tensor, vocab: int, device: torch.device, table: bool | None = None) -> torch.Tensor:
+    """[B, vocab] bool on `device` from a host [B, W] int32 bitmask (bit j of word w: token 32 w + j). On a CPU
+    numpy's C loop unpacks it; elsewhere (or with table=True) each byte expands on the device through a
+    [256, 8] table in one gather, so only the packed mask crosses the bus."""
+    if not (device.type != "cpu" if table is None else table):
+        bits = np.unpackbits(bitmask.numpy().view(np.uint8), axis=1, bitorder="little")[:, :vocab]
+        return torch.from_numpy(bits).view(torch.bool)
+    lookup = _BYTE_BITS.get(device)
+    if lookup is None:
+        lookup = (torch.arange(256, device=device).unsqueeze(-1) >> torch.arange(8, device=device)) & 1 == 1
+        _BYTE_BITS[device] = lookup
+    mask = bitmask.to(device, non_blocking=True).view(torch.uint8)  # little-endian: token 8 * byte + bit
+    return lookup[mask.long()].view(bitmask.shape[0], -1)[:, :vocab]
+
+
 class MaskJob:
     """A step's token bitmask being filled on the host: 32 tokens per int32 word, bit set = allowed."""
 
@@ -140,8 +157,5 @@ class MaskJob:
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         """`logits` [B, V] with every disallowed token at -inf (a new tensor), in one batched pass."""
         self.future.result()
-        batch, vocab = logits.shape
-        mask = self.bitmask.to(logits.device, non_blocking=True)
-        shifts = torch.arange(32, dtype=torch.int32, device=logits.device)
-        allowed = (mask.unsqueeze(-1) >> shifts).bitwise_and_(1).view(batch, -1)[:, :vocab]
-        return logits.masked_fill(allowed == 0, float("-inf"))
+        allowed = allowed_tokens(self.bitmask, logits.shape[-1], logits.device)
+        return torch.where(allowed, logits, float("-inf"))

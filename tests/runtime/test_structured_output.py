@@ -8,7 +8,9 @@ import re
 
 import jsonschema
 import pytest
+import torch
 
+from kiln.runtime.grammar import allowed_tokens
 from kiln.runtime.llm import LLM
 from kiln.runtime.sampling_params import SamplingParams
 from kiln.runtime.structured_output import StructuredOutput
@@ -178,3 +180,10 @@ def test_n_sequences_and_a_cached_grammar(llms) -> None:
     before = llm.engine.grammars.num_compiled
     llm.generate(["r"], params)
     assert llm.engine.grammars.num_compiled == before  # compiled once, then served from the cache
+
+
+@pytest.mark.parametrize("table", [False, True], ids=["numpy", "device-table"])
+def test_the_bitmask_unpacks_to_the_right_tokens(table: bool) -> None:
+    bitmask = torch.randint(-(2**31), 2**31 - 1, (3, 4), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+    expected = [[(int(bitmask[r, t // 32]) >> (t % 32)) & 1 == 1 for t in range(100)] for r in range(3)]
+    assert allowed_tokens(bitmask, 100, torch.device("cpu"), table).tolist() == expected
