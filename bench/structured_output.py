@@ -88,8 +88,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vocab", type=int, default=32_000)
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--no-save", action="store_true")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model = build_model(args.vocab, args.device)
     lines = [
         "$ python -m kiln.bench.structured_output " + " ".join(sys.argv[1:] if argv is None else argv),

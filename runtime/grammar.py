@@ -7,11 +7,12 @@ computes the masks of a whole batch on its own threads with the GIL released, an
 per-vocabulary compilation beyond its tokenizer (built once per engine, ~1 s).
 
 Flow: `GrammarCompiler.matcher` compiles a `StructuredOutput` once (then copies the cached initial matcher);
-`start_masks` begins filling a step's bitmask on llguidance's threads before the forward is queued, so the
-host work overlaps the model; `MaskJob.apply` waits for it and masks every constrained row of the logits at
-once (rows without a grammar get an all-ones mask, so their values are untouched). `Scheduler.postprocess`
-advances each matcher with its committed token (`GrammarState.advance`); a rejected token fails that request.
-EOS is allowed by the mask only when the grammar accepts.
+`start_masks` begins filling a step's bitmask on llguidance's threads before the forward is queued (on a CPU
+it unpacks it to one bool per token there too), so the host work overlaps the model; `MaskJob.apply` waits for
+it and masks every constrained row of the logits at once (rows without a grammar get an all-ones mask, so
+their values are untouched). `Scheduler.postprocess` advances each matcher with its committed token
+(`GrammarState.advance`); a rejected token fails that request. EOS is allowed by the mask only when the
+grammar accepts.
 """
 
 from __future__ import annotations
@@ -117,20 +118,24 @@ class GrammarCompiler:
                     self._cache.popitem(last=False)
         return GrammarState(template.deep_copy())
 
-    def start_masks(self, seqs: list[Any]) -> MaskJob | None:
+    def start_masks(self, seqs: list[Any], device: torch.device) -> MaskJob | None:
         """Begin filling the bitmask of a step's sampled rows (row i is the Sequence seqs[i]) on llguidance's
-        threads; None when no row has a grammar."""
+        threads, and on a CPU unpacking it too; None when no row has a grammar."""
         rows = [(s.grammar.matcher, i) for i, s in enumerate(seqs) if s.grammar is not None]
         if not rows:
             return None
         from llguidance.torch import fill_next_token_bitmask_par
 
         words = (self.vocab_size + 31) // 32
-        bitmask = torch.full((len(seqs), words), -1, dtype=torch.int32, pin_memory=torch.cuda.is_available())
+        bitmask = torch.full((len(seqs), words), -1, dtype=torch.int32, pin_memory=device.type == "cuda")
+
+        def fill() -> torch.Tensor | None:
+            fill_next_token_bitmask_par(self._executor, rows, bitmask)
+            return allowed_tokens(bitmask, self.vocab_size, device) if device.type == "cpu" else None
+
         if self._pool is None:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="kiln-grammar")
-        future = self._pool.submit(fill_next_token_bitmask_par, self._executor, rows, bitmask)
-        return MaskJob(future, bitmask)
+        return MaskJob(self._pool.submit(fill), bitmask)
 
 
 def allowed_tokens(bitmask: torch.Tensor, vocab: int, device: torch.device, table: bool | None = None) -> torch.Tensor:
@@ -156,6 +161,7 @@ class MaskJob:
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         """`logits` [B, V] with every disallowed token at -inf (a new tensor), in one batched pass."""
-        self.future.result()
-        allowed = allowed_tokens(self.bitmask, logits.shape[-1], logits.device)
+        allowed = self.future.result()  # unpacked already on a CPU
+        if allowed is None:
+            allowed = allowed_tokens(self.bitmask, logits.shape[-1], logits.device)
         return torch.where(allowed, logits, float("-inf"))

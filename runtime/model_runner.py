@@ -202,7 +202,9 @@ class ModelRunner:
         rows, seqs = out.sample_rows, out.seqs
         if len(rows) != len(seqs):
             seqs = [seqs[i] for i in rows]
-        masks = self.grammars.start_masks(seqs) if self.grammars is not None else None  # overlaps the forward
+        masks = (
+            self.grammars.start_masks(seqs, self.device) if self.grammars is not None else None
+        )  # beside the forward
         logits = self.forward(input_ids, positions, meta, self.kv_caches)
         if not rows:
             return None
