@@ -145,11 +145,8 @@ class LLMEngine:
             )
         if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt):
             raise ValueError(f"cache_salt must be a non-empty string, got {cache_salt!r}")
-        grammars = (
-            [self.grammars.matcher(params.structured_output) for _ in range(params.n)]
-            if (params.structured_output is not None)
-            else None
-        )
+        spec = params.structure
+        grammars = [self.grammars.matcher(spec) for _ in range(params.n)] if spec is not None else None
         request = Request(request_id, text, token_ids, params, arrival_time or time.time(), stream, cache_salt)
         for seq in request.seqs:
             self.detokenizer.start(seq)

@@ -28,6 +28,7 @@ import torch
 from .structured_output import StructuredOutput
 
 CACHE_SIZE = 256
+INLINE_ROWS = 2  # steps with at most this many constrained rows fill their masks on the calling thread
 _BYTE_BITS: dict[torch.device, torch.Tensor] = {}  # per device: [256, 8] bool, whether byte x has bit b
 
 
@@ -69,26 +70,31 @@ class GrammarCompiler:
         self.cache_size = cache_size
         self._cache: OrderedDict[tuple[str, str], Any] = OrderedDict()
         self._lock = threading.Lock()
+        self._build_lock = threading.Lock()
         self._llt: Any = None
         self._executor: Any = None
         self._pool: ThreadPoolExecutor | None = None
         self.num_compiled = 0
 
     def _tokenizer(self) -> Any:
-        if self._llt is None:
-            try:
-                import llguidance.hf
-            except ImportError:
-                raise ValueError("structured_output needs the llguidance package (pip install llguidance)") from None
-            if self.tokenizer is None:
-                raise ValueError("structured_output needs a tokenizer, and this model has none")
-            try:
-                eos = self.eos_token_ids or None
-                self._llt = llguidance.hf.from_tokenizer(self.tokenizer, n_vocab=self.vocab_size, eos_token=eos)
-            except Exception as err:  # e.g. a slow (Python) tokenizer
-                raise ValueError(f"structured_output cannot use this model's tokenizer: {err}") from None
-            self._executor = llguidance.LLExecutor()
+        with self._build_lock:  # built once, on first use (about 1 s for a real vocabulary)
+            if self._llt is None:
+                self._build_tokenizer()
         return self._llt
+
+    def _build_tokenizer(self) -> None:
+        try:
+            import llguidance.hf
+        except ImportError:
+            raise ValueError("structured_output needs the llguidance package (pip install llguidance)") from None
+        if self.tokenizer is None:
+            raise ValueError("structured_output needs a tokenizer, and this model has none")
+        try:
+            eos = self.eos_token_ids or None
+            self._llt = llguidance.hf.from_tokenizer(self.tokenizer, n_vocab=self.vocab_size, eos_token=eos)
+        except Exception as err:  # e.g. a slow (Python) tokenizer
+            raise ValueError(f"structured_output cannot use this model's tokenizer: {err}") from None
+        self._executor = llguidance.LLExecutor()
 
     def matcher(self, spec: StructuredOutput) -> GrammarState:
         """A fresh matcher for `spec`, compiled on first use; ValueError naming what the engine rejected."""
@@ -133,6 +139,10 @@ class GrammarCompiler:
             fill_next_token_bitmask_par(self._executor, rows, bitmask)
             return allowed_tokens(bitmask, self.vocab_size, device) if device.type == "cpu" else None
 
+        if len(rows) <= INLINE_ROWS:  # a thread hand-off costs more than a mask or two
+            done: Future = Future()
+            done.set_result(fill())
+            return MaskJob(done, bitmask)
         if self._pool is None:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="kiln-grammar")
         return MaskJob(self._pool.submit(fill), bitmask)

@@ -127,6 +127,12 @@ class SamplingParams:
         return self._stop_list
 
     @property
+    def structure(self) -> StructuredOutput | None:
+        """`structured_output` as normalised at construction (a dict became a StructuredOutput)."""
+        assert not isinstance(self.structured_output, dict)
+        return self.structured_output
+
+    @property
     def greedy(self) -> bool:
         return self.temperature < SAMPLING_EPS
 

@@ -76,8 +76,10 @@ class _Writer:
             self.sent[index] = (len(c.text), len(c.token_ids))
             if finishing:
                 self.done.add(index)
-            finish = proto.finish_fields(c) if finishing else {"finish_reason": None, "stop_reason": None}
-            body = {"delta": {"content": text} if text else {}} if self.chat else {"text": text}
+            finish: dict[str, Any] = (
+                proto.finish_fields(c) if finishing else {"finish_reason": None, "stop_reason": None}
+            )
+            body: dict[str, Any] = {"delta": {"content": text} if text else {}} if self.chat else {"text": text}
             if self.tools is not None:
                 delta, finish["finish_reason"] = self.tools.delta(index, c.text, finish["finish_reason"])
                 if delta is None and not finishing and not (new_ids and self.top is not None):
@@ -90,7 +92,9 @@ class _Writer:
         choices = []
         for p, out in enumerate(outs):
             for c in out.outputs:
-                body = {"message": {"role": "assistant", "content": c.text}} if self.chat else {"text": c.text}
+                body: dict[str, Any] = (
+                    {"message": {"role": "assistant", "content": c.text}} if self.chat else {"text": c.text}
+                )
                 finish = proto.finish_fields(c)
                 if self.tools is not None:
                     body["message"], finish["finish_reason"] = self.tools.message(c.text, c.finish_reason)
@@ -188,6 +192,7 @@ async def _respond(
     if source is not None:
         renames["structured_output"] = source
     params = serving.sampling_params(req, prompts, max_tokens, logprobs, renames, structured)
+    await serving.compile_grammar(params, source)
     first, merged = await serving.start(request, prompts, params, renames, req.cache_salt)
     writer = _Writer(serving, chat, req.n, logprobs, tools)
     if req.stream:

@@ -285,6 +285,20 @@ class OpenAIServing:
             raise APIError(400, message, renames.get("prompt", "prompt"), "context_length_exceeded")
         return dataclasses.replace(params, max_tokens=max_tokens)
 
+    async def compile_grammar(self, params: SamplingParams, param: str | None) -> None:
+        """Compile the request's grammar (and on first use the grammar engine's tokenizer) off the event loop,
+        so other streams do not stall; the engine then finds it cached. A grammar it rejects is a 400."""
+        spec = params.structure
+        if spec is None:
+            return
+        try:
+            await asyncio.to_thread(self.engine.engine.grammars.matcher, spec)
+        except ValueError as err:
+            message = str(err)
+            if param and message.startswith("structured_output"):
+                message = param + message[len("structured_output") :]
+            raise APIError(400, message, param) from None
+
     async def start(
         self,
         request: Request,
