@@ -59,7 +59,13 @@ def _grammar_text(llg: Any, spec: StructuredOutput) -> str:
 
         return llg.LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in spec.choice))
     assert spec.grammar is not None
-    return llg.LLMatcher.grammar_from_lark(spec.grammar)
+    from llguidance.gbnf_to_lark import any_to_lark
+
+    try:
+        lark = any_to_lark(spec.grammar)  # GBNF (llama.cpp's, which vLLM's xgrammar also reads) becomes Lark
+    except Exception as err:  # the converter's own error type
+        raise ValueError(str(err)) from None
+    return llg.LLMatcher.grammar_from_lark(lark)
 
 
 class GrammarCompiler:

@@ -33,7 +33,7 @@ def _close_objects(node: Any) -> Any:
 @dataclass
 class StructuredOutput:
     """Exactly one of: `json` (a JSON schema, as a dict or its text), `json_object` (any JSON object), `regex`,
-    `choice` (the output is one of these strings) or `grammar` (a Lark grammar, llguidance's dialect)."""
+    `choice` (the output is one of these strings) or `grammar` (Lark, llguidance's dialect, or GBNF)."""
 
     json: dict[str, Any] | str | None = None
     regex: str | None = None

@@ -116,19 +116,20 @@ def test_regex_choice_grammar_and_json_object(llms) -> None:
         {"choice": choices},
         {"grammar": 'start: "(" NUM ("," NUM)* ")"\nNUM: /[0-9]{1,2}/'},
         {"json_object": True},
+        {"grammar": 'root ::= "(" num ("," num)* ")"\nnum ::= [0-9] [0-9]?'},  # GBNF
     ]
-    outs = llm.generate(["x"] * 8, [_params(i, **specs[i % 4]) for i in range(8)])
+    outs = llm.generate(["x"] * 10, [_params(i, **specs[i % 5]) for i in range(10)])
     for i, out in enumerate(outs):
         text = out.outputs[0].text
-        if i % 4 == 0:
+        if i % 5 == 0:
             assert re.fullmatch(regex, text), text
-        elif i % 4 == 1:
+        elif i % 5 == 1:
             assert text in choices
-        elif i % 4 == 2:
+        elif i % 5 in (2, 4):
             assert re.fullmatch(r"\(\d{1,2}(,\d{1,2})*\)", text), text
         else:
             assert text.startswith("{"), text  # any object: it may run to max_tokens
-        if i % 4 != 3:
+        if i % 5 != 3:
             assert out.outputs[0].finish_reason == "stop"
 
 
@@ -151,7 +152,7 @@ def test_unconstrained_rows_keep_their_tokens_in_a_mixed_batch(llms, overlap: bo
 
 def test_invalid_specs_raise_value_errors_naming_structured_output(llms) -> None:
     llm = llms("llama")
-    for bad in ({"json": {"type": "objectx"}}, {"regex": "a(b"}, {"grammar": "start: ("}):
+    for bad in ({"json": {"type": "objectx"}}, {"regex": "a(b"}, {"grammar": "start: ("}, {"grammar": "root ::= ("}):
         with pytest.raises(ValueError, match=r"^structured_output has an invalid"):
             llm.generate(["x"], SamplingParams(structured_output=bad))
     for bad in ({}, {"json": {}, "regex": "a"}, {"choice": []}, {"json": "{nope"}, {"schema": {}}):
