@@ -8,7 +8,8 @@ per-vocabulary compilation beyond its tokenizer (built once per engine, ~1 s).
 
 Flow: `GrammarCompiler.matcher` compiles a `StructuredOutput` once (then copies the cached initial matcher);
 `start_masks` begins filling a step's bitmask on llguidance's threads before the forward is queued (on a CPU
-it unpacks it to one bool per token there too), so the host work overlaps the model; `MaskJob.apply` waits for
+it unpacks it to one bool per token there too; a step with one or two constrained rows does it inline), so the
+host work overlaps the model; `MaskJob.apply` waits for
 it and masks every constrained row of the logits at once (rows without a grammar get an all-ones mask, so
 their values are untouched). `Scheduler.postprocess` advances each matcher with its committed token
 (`GrammarState.advance`); a rejected token fails that request. EOS is allowed by the mask only when the
