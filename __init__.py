@@ -1,6 +1,7 @@
 """kiln: compile a Hugging Face causal LM ahead of time into an inspectable serving engine.
 
-Public faces: `kiln.compile`, `kiln.load`, `kiln.LLM`, `kiln.SamplingParams`, and `python -m kiln`.
+Public faces: `kiln.compile`, `kiln.load`, `kiln.LLM`, `kiln.SamplingParams` (with `kiln.StructuredOutput`),
+and `python -m kiln`.
 Imports are lazy so that `python -m kiln --help` does not pay for torch and transformers.
 """
 
@@ -17,6 +18,7 @@ _EXPORTS = {
     "CompiledModel": "kiln.compiler.compiled",
     "LLM": "kiln.runtime.llm",
     "SamplingParams": "kiln.runtime.sampling_params",
+    "StructuredOutput": "kiln.runtime.structured_output",
     "RequestOutput": "kiln.runtime.outputs",
     "CompletionOutput": "kiln.runtime.outputs",
 }

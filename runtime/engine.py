@@ -18,6 +18,7 @@ from typing import Any
 
 from .block_manager import BlockManager
 from .detokenizer import Detokenizer
+from .grammar import GrammarCompiler
 from .kv_memory import GIB, size_kv_pool
 from .model_runner import ModelRunner
 from .outputs import CompletionOutput, RequestOutput
@@ -91,6 +92,7 @@ class LLMEngine:
             model, num_blocks, block_size, max_num_seqs, self.max_model_len, self.sampler, enforce_eager
         )
         self.detokenizer = Detokenizer(self.tokenizer)
+        self.grammars = self.runner.grammars = GrammarCompiler(self.tokenizer, self.vocab_size, self.eos_token_ids)
         if async_scheduling is None:
             async_scheduling = self.runner.device.type == "cuda"
         self.async_scheduling = bool(async_scheduling)
@@ -143,9 +145,13 @@ class LLMEngine:
             )
         if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt):
             raise ValueError(f"cache_salt must be a non-empty string, got {cache_salt!r}")
+        spec = params.structure
+        grammars = [self.grammars.matcher(spec) for _ in range(params.n)] if spec is not None else None
         request = Request(request_id, text, token_ids, params, arrival_time or time.time(), stream, cache_salt)
         for seq in request.seqs:
             self.detokenizer.start(seq)
+            if grammars is not None:
+                seq.grammar = grammars[seq.index]
         return request
 
     def _tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
@@ -210,7 +216,7 @@ class LLMEngine:
         With async scheduling the outputs are those of the step launched by the previous call."""
         outputs: list[RequestOutput] = []
         if self.in_flight is not None and self._needs_tokens(self.in_flight[0]):
-            outputs = self._report()  # penalties read the previous tokens: this step cannot run ahead
+            outputs = self._report()  # penalties and grammars read the previous tokens: no running ahead
         sched = self.scheduler.schedule()
         if sched.is_empty and self.in_flight is None and self.scheduler.has_unfinished():
             raise RuntimeError("scheduler made no progress with requests pending")  # spinning would hide a bug
@@ -231,8 +237,10 @@ class LLMEngine:
 
     @staticmethod
     def _needs_tokens(sched: SchedulerOutput) -> bool:
-        """Whether the step after `sched` must wait for its tokens on the host (a penalty counts them)."""
-        return any(sched.seqs[i].params.has_penalties for i in sched.sample_rows)
+        """Whether the step after `sched` must wait for its tokens on the host (a penalty counts them; a grammar's
+        mask for the next token depends on them)."""
+        seqs = sched.seqs
+        return any(seqs[i].params.has_penalties or seqs[i].grammar is not None for i in sched.sample_rows)
 
     def _report(self) -> list[RequestOutput]:
         """Wait for the in-flight step's tokens and turn them into sequence state and outputs."""

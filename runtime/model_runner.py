@@ -21,6 +21,7 @@ import torch
 
 from kiln.ops.metadata import AttentionMetadata
 
+from .grammar import GrammarCompiler
 from .sampler import DeviceSample, Sampler
 from .sampling_ops import to_device
 from .scheduler import SchedulerOutput
@@ -69,6 +70,7 @@ class ModelRunner:
         self._copied: list[torch.cuda.Event | None] = [None, None]  # each buffer's last copy to the GPU
         self._step = 0
         self.last_sampled: torch.Tensor | None = None  # the previous step's sampled ids, on the device
+        self.grammars: GrammarCompiler | None = None  # set by the engine: the token masks of constrained rows
         self.forward = (
             model.forward
             if enforce_eager
@@ -197,20 +199,23 @@ class ModelRunner:
         """Queue the forward over the packed batch and the sampling of `out.sample_rows` on the device, without
         waiting for either; None when no row samples. The result's copy to the host is already under way."""
         input_ids, positions, meta = self.prepare(out)
+        rows, seqs = out.sample_rows, out.seqs
+        if len(rows) != len(seqs):
+            seqs = [seqs[i] for i in rows]
+        masks = (
+            self.grammars.start_masks(seqs, self.device) if self.grammars is not None else None
+        )  # beside the forward
         logits = self.forward(input_ids, positions, meta, self.kv_caches)
-        rows = out.sample_rows
         if not rows:
             return None
-        seqs = out.seqs
-        if len(rows) != len(seqs):
+        if len(rows) != len(out.seqs):
             logits = logits[to_device(rows, torch.int64, logits.device)]
-            seqs = [seqs[i] for i in rows]
         logits = logits.float()
         try:
-            sample = self.sampler.sample(logits, seqs)
+            sample = self.sampler.sample(logits, seqs, masks)
         except Exception:  # noqa: BLE001 - one request's parameters must not fail the others
             logger.exception("kiln: sampling the batch failed; sampling its rows apart")
-            sample = self.sampler.sample_apart(logits, seqs)
+            sample = self.sampler.sample_apart(logits, seqs, masks)
         self.last_sampled = sample.token_ids
         sample.start_copy()
         return sample

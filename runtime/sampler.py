@@ -13,11 +13,15 @@ one" is `len(token_ids) - 1 - num_prompt_tokens`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from . import sampling_ops as ops
 from .sequence import Sequence, make_generator
+
+if TYPE_CHECKING:
+    from .grammar import MaskJob
 
 
 @dataclass
@@ -84,12 +88,15 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
         return self.sample(logits, seqs).to_host()
 
-    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> DeviceSample:
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence], masks: MaskJob | None = None) -> DeviceSample:
         """Next tokens for float32 `logits` [B, V] (row i belongs to seqs[i]) without leaving logits.device.
 
         Greedy rows (temperature < 1e-5) take the argmax of the penalised logits; the others are drawn after
-        temperature, top-k, top-p and min-p. Logprobs are those of the raw model distribution, as in vLLM.
+        temperature, top-k, top-p and min-p. Logprobs are those of the model distribution, as in vLLM: raw, or
+        under the grammar's token mask (`masks`, applied first) for structured-output rows.
         """
+        if masks is not None:
+            logits = masks.apply(logits)
         if all(len(s.token_ids) >= s.argmax_from for s in seqs):  # the common case: one cheap pass
             return DeviceSample(ops.argmax(logits), [None] * len(seqs))
         params = [s.params for s in seqs]
@@ -108,9 +115,11 @@ class Sampler:
         chosen, top_logprobs, top_ids = ops.logprobs(logits, tokens, max(n for n in asked if n is not None))
         return DeviceSample(tokens, asked, chosen, top_ids, top_logprobs)
 
-    def sample_apart(self, logits: torch.Tensor, seqs: list[Sequence]) -> DeviceSample:
+    def sample_apart(self, logits: torch.Tensor, seqs: list[Sequence], masks: MaskJob | None = None) -> DeviceSample:
         """Row by row, for a batch whose sampling raised: a row that raises again fails alone (its error is
         reported for its request) and every other row gets the token it would have had in the batch."""
+        if masks is not None:
+            logits = masks.apply(logits)
         tokens: list[int] = []
         logprobs: list[tuple[float, dict[int, float]] | None] = []
         errors: dict[int, str] = {}

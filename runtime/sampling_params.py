@@ -10,6 +10,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from .structured_output import StructuredOutput
+
 MAX_N = 128
 MAX_STOP_STRINGS = 64
 MAX_STOP_STRING_LEN = 256
@@ -49,12 +51,15 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     skip_special_tokens: bool = True
+    # The output's required shape (JSON schema, regex, choice, grammar); a dict of StructuredOutput's fields works.
+    structured_output: StructuredOutput | dict[str, Any] | None = None
     _stop_list: list[str] = field(default_factory=list, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self._check_ints()
         self._check_floats()
         self._check_stops()
+        self.structured_output = StructuredOutput.coerce(self.structured_output)
 
     def _check_ints(self) -> None:
         def need_int(name: str, low: int, high: int) -> None:
@@ -120,6 +125,12 @@ class SamplingParams:
     def stop_strings(self) -> list[str]:
         """`stop` normalised to a list."""
         return self._stop_list
+
+    @property
+    def structure(self) -> StructuredOutput | None:
+        """`structured_output` as normalised at construction (a dict became a StructuredOutput)."""
+        assert not isinstance(self.structured_output, dict)
+        return self.structured_output
 
     @property
     def greedy(self) -> bool:

@@ -251,6 +251,11 @@ class Scheduler:
             index = len(tokens) - seq.num_pending  # this step's placeholder: the oldest one
             tokens[index] = token
             seq.num_pending -= 1
+            if seq.grammar is not None and token not in seq.stop_ids:
+                refused = seq.grammar.advance(token)
+                if refused is not None:
+                    got.append(self._fail(seq, refused))
+                    continue
             got.append(seq)
             if logprobs is not None and seq.logprobs is not None:
                 chosen, top = logprobs[i] or (0.0, {})

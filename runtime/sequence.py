@@ -16,11 +16,15 @@ from __future__ import annotations
 import enum
 import itertools
 import sys
+from typing import TYPE_CHECKING
 
 import torch
 
 from .outputs import RequestMetrics
 from .sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from .grammar import GrammarState
 
 _seq_counter = itertools.count()
 
@@ -57,6 +61,7 @@ class Sequence:
         self.argmax_from = self.num_prompt_tokens + p.min_tokens + 1 if plain else sys.maxsize
         # The sampler's private RNG for a seeded sequence, made on the logits' device at its first draw.
         self.generator: torch.Generator | None = None
+        self.grammar: GrammarState | None = None  # its structured-output matcher, set by the engine
         # Sampling and detokenization results.
         self.cumulative_logprob = 0.0
         self.logprobs: list[dict[int, float]] | None = [] if self.params.logprobs is not None else None

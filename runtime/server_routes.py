@@ -15,7 +15,9 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 
 from . import openai_protocol as proto
 from .outputs import RequestOutput
-from .serving import APIError, Merged, OpenAIServing
+from .serving import APIError, Merged, OpenAIServing, requested_structure
+from .structured_output import StructuredOutput
+from .tool_calls import ToolCalling
 
 CHAT_RENAMES = {"max_tokens": "max_completion_tokens", "logprobs": "top_logprobs", "prompt": "messages"}
 
@@ -23,8 +25,10 @@ CHAT_RENAMES = {"max_tokens": "max_completion_tokens", "logprobs": "top_logprobs
 class _Writer:
     """Builds completion or chat-completion bodies and stream chunks, tracking what each choice has sent."""
 
-    def __init__(self, serving: OpenAIServing, chat: bool, n: int, top_logprobs: int | None) -> None:
-        self.serving, self.chat, self.n, self.top = serving, chat, n, top_logprobs
+    def __init__(
+        self, serving: OpenAIServing, chat: bool, n: int, top_logprobs: int | None, tools: ToolCalling | None = None
+    ) -> None:
+        self.serving, self.chat, self.n, self.top, self.tools = serving, chat, n, top_logprobs, tools
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.sent: dict[int, tuple[int, int]] = {}  # choice index -> (chars, tokens) already streamed
@@ -72,8 +76,15 @@ class _Writer:
             self.sent[index] = (len(c.text), len(c.token_ids))
             if finishing:
                 self.done.add(index)
-            finish = proto.finish_fields(c) if finishing else {"finish_reason": None, "stop_reason": None}
-            body = {"delta": {"content": text} if text else {}} if self.chat else {"text": text}
+            finish: dict[str, Any] = (
+                proto.finish_fields(c) if finishing else {"finish_reason": None, "stop_reason": None}
+            )
+            body: dict[str, Any] = {"delta": {"content": text} if text else {}} if self.chat else {"text": text}
+            if self.tools is not None:
+                delta, finish["finish_reason"] = self.tools.delta(index, c.text, finish["finish_reason"])
+                if delta is None and not finishing and not (new_ids and self.top is not None):
+                    continue
+                body = {"delta": delta or {}}
             chunks.append(self._envelope([{"index": index, **body, "logprobs": lps, **finish}], True))
         return chunks
 
@@ -81,13 +92,18 @@ class _Writer:
         choices = []
         for p, out in enumerate(outs):
             for c in out.outputs:
-                body = {"message": {"role": "assistant", "content": c.text}} if self.chat else {"text": c.text}
+                body: dict[str, Any] = (
+                    {"message": {"role": "assistant", "content": c.text}} if self.chat else {"text": c.text}
+                )
+                finish = proto.finish_fields(c)
+                if self.tools is not None:
+                    body["message"], finish["finish_reason"] = self.tools.message(c.text, c.finish_reason)
                 choices.append(
                     {
                         "index": p * self.n + c.index,
                         **body,
                         "logprobs": self._logprobs(c.token_ids, c.logprobs, 0),
-                        **proto.finish_fields(c),
+                        **finish,
                     }
                 )
         return {**self._envelope(choices, False), "usage": self.usage(outs)}
@@ -164,11 +180,21 @@ async def _respond(
     chat: bool,
     max_tokens: int | None,
     logprobs: int | None,
+    tools: ToolCalling | None = None,
+    tool_structure: StructuredOutput | None = None,
 ) -> Response:
-    renames = CHAT_RENAMES if chat else {}
-    params = serving.sampling_params(req, prompts, max_tokens, logprobs, renames)
+    renames = dict(CHAT_RENAMES if chat else {})
+    structured, source = requested_structure(req)
+    if tool_structure is not None:
+        if structured is not None:
+            raise APIError(400, f"tool_choice {tools and tools.mode!r} cannot be combined with {source}.", source)
+        structured, source = tool_structure, "tool_choice"
+    if source is not None:
+        renames["structured_output"] = source
+    params = serving.sampling_params(req, prompts, max_tokens, logprobs, renames, structured)
+    await serving.compile_grammar(params, source)
     first, merged = await serving.start(request, prompts, params, renames, req.cache_salt)
-    writer = _Writer(serving, chat, req.n, logprobs)
+    writer = _Writer(serving, chat, req.n, logprobs, tools)
     if req.stream:
         include_usage = req.stream_options is not None and req.stream_options.include_usage
         return _SSEResponse(_events(serving, writer, first, merged, len(prompts), include_usage), merged)
@@ -197,8 +223,12 @@ def register(app: FastAPI, serving: OpenAIServing) -> None:
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         serving.check_fanout(1, req.n)
-        prompt = await serving.chat_prompt(req.messages)
-        return await _respond(serving, request, req, [prompt], True, max_tokens, logprobs)
+        try:
+            tools, tool_structure = ToolCalling.build(req, serving.model_type)
+        except ValueError as err:
+            raise APIError(400, str(err), "tool_choice" if str(err).startswith("tool_choice") else "tools") from None
+        prompt = await serving.chat_prompt(req.messages, tools=req.tools)
+        return await _respond(serving, request, req, [prompt], True, max_tokens, logprobs, tools, tool_structure)
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -23,6 +24,9 @@ from .async_engine import AsyncLLMEngine
 from .metrics import ServerMetrics
 from .outputs import RequestOutput
 from .sampling_params import SamplingParams
+from .structured_output import StructuredOutput
+
+GUIDED = ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
 
 
 @dataclass(frozen=True)
@@ -128,6 +132,52 @@ class Merged:
             task.cancel()
 
 
+def _template_message(m: proto.ChatMessage) -> dict[str, Any]:
+    """A message as chat templates take it: tool calls with their arguments parsed (HF's convention)."""
+    out: dict[str, Any] = {"role": m.role, "content": m.text()}
+    if m.name:
+        out["name"] = m.name
+    if m.tool_call_id:
+        out["tool_call_id"] = m.tool_call_id
+    if m.tool_calls:
+        calls = []
+        for c in m.tool_calls:
+            try:
+                arguments: Any = json.loads(c.function.arguments)
+            except ValueError:
+                arguments = c.function.arguments
+            calls.append(
+                {"id": c.id, "type": "function", "function": {"name": c.function.name, "arguments": arguments}}
+            )
+        out["tool_calls"] = calls
+    return out
+
+
+def requested_structure(req: Any) -> tuple[StructuredOutput | None, str | None]:
+    """The output constraint of `response_format` or a vLLM `guided_*` field, and that field's name (at most one
+    may be given). `json_schema.strict` is accepted; the schema is enforced either way."""
+    fmt = req.response_format
+    given = (["response_format"] if fmt is not None and fmt.type != "text" else []) + [
+        g for g in GUIDED if getattr(req, g) is not None
+    ]
+    if len(given) > 1:
+        raise APIError(400, f"Give at most one of response_format and guided_*; got {', '.join(given)}.", given[1])
+    if not given:
+        return None, None
+    name = given[0]
+    try:
+        if name == "response_format":
+            if fmt.type == "json_object":
+                return StructuredOutput(json_object=True), name
+            if fmt.json_schema is None or fmt.json_schema.schema_ is None:
+                raise APIError(400, "response_format of type json_schema needs json_schema.schema.", name)
+            return StructuredOutput(json=fmt.json_schema.schema_), name
+        kind = name.removeprefix("guided_")
+        return StructuredOutput(**{kind: getattr(req, name)}), name
+    except ValueError as err:
+        raise APIError(400, f"Invalid {name}: {err}", name) from None
+
+
 class OpenAIServing:
     """Turns OpenAI requests into engine requests and engine outputs into OpenAI responses."""
 
@@ -135,6 +185,8 @@ class OpenAIServing:
         self.engine, self.model_name, self.limits, self.metrics = engine, model_name, limits, metrics
         self.tokenizer = engine.engine.tokenizer
         self.max_model_len = engine.engine.max_model_len
+        config = getattr(engine.engine.model, "hf_config", None)
+        self.model_type: str | None = getattr(config, "model_type", None)  # picks the tool-call parser
 
     async def parse(self, request: Request, model_cls: type[BaseModel]) -> Any:
         declared = request.headers.get("content-length", "")
@@ -182,22 +234,40 @@ class OpenAIServing:
             message = f"prompts x n must be at most {self.limits.max_seqs}, got {num_prompts} x {n}."
             raise APIError(400, message, "n")
 
-    async def chat_prompt(self, messages: list[proto.ChatMessage], add_generation_prompt: bool = True) -> list[int]:
+    async def chat_prompt(
+        self,
+        messages: list[proto.ChatMessage],
+        add_generation_prompt: bool = True,
+        tools: list[proto.Tool] | None = None,
+    ) -> list[int]:
+        """The prompt's tokens from the chat template, given the messages (tool calls and results included)
+        and the tools, which the template renders in the model's own format."""
         if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
             raise APIError(400, "This model has no chat template; use /v1/completions.", "messages")
-        plain = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})} for m in messages]
+        plain = [_template_message(m) for m in messages]
         if sum(len(m["content"]) for m in plain) > self.max_model_len * self.limits.chars_per_token:
             raise APIError(400, "The messages are too long to fit the context.", "messages")
+        extra = {"tools": [t.model_dump(by_alias=True, exclude_none=True) for t in tools]} if tools else {}
         try:
             text = await asyncio.to_thread(
-                self.tokenizer.apply_chat_template, plain, tokenize=False, add_generation_prompt=add_generation_prompt
+                self.tokenizer.apply_chat_template,
+                plain,
+                tokenize=False,
+                add_generation_prompt=add_generation_prompt,
+                **extra,
             )
         except Exception as err:  # the template's own refusals (e.g. roles out of order) are the client's
             raise APIError(400, f"The chat template rejected the messages: {err}", "messages") from None
         return await self.encode(text, add_special_tokens=False, param="messages")  # the template holds the BOS
 
     def sampling_params(
-        self, req: Any, prompts: list[list[int]], max_tokens: int | None, logprobs: int | None, renames: dict[str, str]
+        self,
+        req: Any,
+        prompts: list[list[int]],
+        max_tokens: int | None,
+        logprobs: int | None,
+        renames: dict[str, str],
+        structured: StructuredOutput | None = None,
     ) -> SamplingParams:
         if req.n > self.limits.max_n:
             raise APIError(400, f"n must be at most {self.limits.max_n}, got {req.n}.", "n")
@@ -205,7 +275,10 @@ class OpenAIServing:
             raise APIError(400, f"stop may hold at most {self.limits.max_stop} sequences, got {len(req.stop)}.", "stop")
         try:
             params = SamplingParams(
-                **req.sampling_options(), logprobs=logprobs, max_tokens=1 if max_tokens is None else max_tokens
+                **req.sampling_options(),
+                logprobs=logprobs,
+                max_tokens=1 if max_tokens is None else max_tokens,
+                structured_output=structured,
             )
         except ValueError as err:
             raise APIError(400, str(err), _param_of(err, renames)) from None
@@ -218,6 +291,20 @@ class OpenAIServing:
             )
             raise APIError(400, message, renames.get("prompt", "prompt"), "context_length_exceeded")
         return dataclasses.replace(params, max_tokens=max_tokens)
+
+    async def compile_grammar(self, params: SamplingParams, param: str | None) -> None:
+        """Compile the request's grammar (and on first use the grammar engine's tokenizer) off the event loop,
+        so other streams do not stall; the engine then finds it cached. A grammar it rejects is a 400."""
+        spec = params.structure
+        if spec is None:
+            return
+        try:
+            await asyncio.to_thread(self.engine.engine.grammars.matcher, spec)
+        except ValueError as err:
+            message = str(err)
+            if param and message.startswith("structured_output"):
+                message = param + message[len("structured_output") :]
+            raise APIError(400, message, param) from None
 
     async def start(
         self,
@@ -233,7 +320,10 @@ class OpenAIServing:
         try:
             first = await _unless_disconnected(request, merged.__anext__())
         except ValueError as err:
-            raise APIError(400, str(err), _param_of(err, renames)) from None
+            message, param = str(err), _param_of(err, renames)
+            if message.startswith("structured_output") and param:  # name the field the constraint came from
+                message = param + message[len("structured_output") :]
+            raise APIError(400, message, param) from None
         except BaseException:
             merged.close()
             raise
