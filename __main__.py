@@ -207,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--served-model-name",
         default=None,
         metavar="NAME",
-        help="the model name clients must send (default: MODEL as given)",
+        help="the model name clients must send (default: MODEL's directory name)",
     )
     serve.add_argument(
         "--stall-timeout",

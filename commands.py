@@ -229,7 +229,7 @@ def serve(args: argparse.Namespace) -> int:
             args.host,
             args.port,
             args.api_key or os.environ.get("KILN_API_KEY"),
-            served_model_name=args.served_model_name or args.model,
+            served_model_name=args.served_model_name or Path(args.model).name,
             open_metrics=args.open_metrics,
             allowed_hosts=args.allowed_hosts,
             stall_timeout=args.stall_timeout,

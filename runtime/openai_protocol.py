@@ -1,8 +1,10 @@
 """Request models and response pieces of the OpenAI-compatible API served by `kiln.runtime.server`.
 
 Models are strict and refuse unknown fields, so that a misspelt option is a 400 naming it rather than a
-silently ignored setting. Values are range-checked by `SamplingParams` (one source of truth with the
-offline API); here we only check shapes and types.
+silently ignored setting; every field of OpenAI's own APIs is known. Informational ones (`store`, `metadata`,
+`service_tier`, `user`, ...) are accepted and ignored; those asking for what kiln cannot do (audio, web search,
+fill-in-the-middle `suffix`, moderation) are refused by name. Values are range-checked by `SamplingParams` (one
+source of truth with the offline API); here we only check shapes and types.
 """
 
 from __future__ import annotations
@@ -75,6 +77,23 @@ class _SamplingFields(_Strict):
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
+    logit_bias: dict[str, float] | None = None
+    prompt_logprobs: int | None = None  # vLLM's: the top-k logprobs of every prompt token
+    # Informational: accepted and ignored.
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
+    service_tier: str | None = None
+
+    def problems(self) -> list[tuple[str, str]]:
+        """(param, message) for each value kiln refuses; all of them, so one 400 names every problem."""
+        return []
+
+    @model_validator(mode="after")
+    def _refuse(self) -> _SamplingFields:
+        problems = self.problems()
+        if problems:
+            raise ValueError("; ".join(f"{param}: {message}" for param, message in problems))
+        return self
 
     def sampling_options(self) -> dict[str, Any]:
         """The fields SamplingParams takes, leaving out those not given (so its defaults apply)."""
@@ -101,6 +120,20 @@ class CompletionRequest(_SamplingFields):
     prompt: str | list[int] | list[str] | list[list[int]]
     max_tokens: int | None = 16
     logprobs: int | None = None
+    echo: bool = False
+    best_of: int | None = None
+    suffix: str | None = None
+
+    def problems(self) -> list[tuple[str, str]]:
+        found = []
+        if self.suffix:
+            found.append(("suffix", "not supported: kiln serves causal models, which do not fill in the middle"))
+        if self.best_of is not None:
+            if self.best_of < self.n:
+                found.append(("best_of", f"must be at least n ({self.n}), got {self.best_of}"))
+            if self.stream and self.best_of > self.n:
+                found.append(("best_of", "cannot be combined with stream (the best are known only at the end)"))
+        return found
 
 
 class TextPart(_Strict):
@@ -162,6 +195,35 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
+    # OpenAI's fields that kiln cannot honour are refused by name (see problems); the rest are hints it ignores.
+    audio: dict[str, Any] | None = None
+    modalities: list[str] | None = None
+    web_search_options: dict[str, Any] | None = None
+    moderation: dict[str, Any] | None = None
+    functions: list[dict[str, Any]] | None = None
+    function_call: str | dict[str, Any] | None = None
+    prediction: dict[str, Any] | None = None
+    reasoning_effort: str | None = None
+    verbosity: str | None = None
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
+    prompt_cache_options: dict[str, Any] | None = None
+    prompt_cache_retention: str | None = None
+
+    def problems(self) -> list[tuple[str, str]]:
+        found = []
+        if self.audio is not None:
+            found.append(("audio", "not supported: kiln generates text only"))
+        if self.modalities is not None and list(self.modalities) != ["text"]:
+            found.append(("modalities", f"only ['text'] is supported, got {self.modalities!r:.80}"))
+        if self.web_search_options is not None:
+            found.append(("web_search_options", "not supported: kiln does not search the web"))
+        if self.moderation is not None:
+            found.append(("moderation", "not supported: kiln runs no moderation model"))
+        for name in ("functions", "function_call"):
+            if getattr(self, name) is not None:
+                found.append((name, "deprecated by OpenAI and not supported; use tools and tool_choice"))
+        return found
 
 
 class TokenizeRequest(_Strict):
@@ -184,19 +246,32 @@ def error_body(
 
 
 def describe_validation_error(err: ValidationError) -> tuple[str, str | None]:
-    """(message, param) for the first problem, in OpenAI's words where OpenAI has words for it."""
-    first = err.errors(include_url=False)[0]
-    loc = [str(p) for p in first["loc"]]
-    if first["type"] == "json_invalid":
-        return f"Invalid JSON body: {first['msg']}", None
-    if first["type"] == "extra_forbidden":
-        name = ".".join(loc)
-        return f"Unrecognized request argument supplied: {name}", name
-    if not loc:
-        return f"Request body: {first['msg']}", None
-    if first["type"] == "missing":
-        return f"Missing required parameter: '{loc[0]}'.", loc[0]
-    return f"Invalid value for '{loc[0]}': {first['msg']}", loc[0]
+    """(message, param): every problem in one message, in OpenAI's words where OpenAI has words for it; param
+    names the first."""
+    unknown: list[str] = []
+    messages: list[str] = []
+    params: list[str] = []
+    for e in err.errors(include_url=False):
+        loc = [str(p) for p in e["loc"]]
+        if e["type"] == "json_invalid":
+            return f"Invalid JSON body: {e['msg']}", None
+        if e["type"] == "extra_forbidden":
+            unknown.append(".".join(loc))
+            params.append(".".join(loc))
+        elif not loc:  # a model-level check: its message lists "param: problem" pairs
+            text = str(e.get("ctx", {}).get("error", e["msg"]))
+            messages.append(text)
+            params.append(text.split(":", 1)[0])
+        elif e["type"] == "missing":
+            messages.append(f"Missing required parameter: '{loc[0]}'.")
+            params.append(loc[0])
+        else:
+            messages.append(f"Invalid value for '{'.'.join(loc)}': {e['msg']}")
+            params.append(loc[0])
+    if unknown:
+        plural = "s" if len(unknown) > 1 else ""
+        messages.insert(0, f"Unrecognized request argument{plural} supplied: {', '.join(unknown)}")
+    return "; ".join(messages), (params[0] if params else None)
 
 
 def token_text(tokenizer: Any, token_id: int) -> str:

@@ -25,10 +25,12 @@ ROUTES = (
     "/v1/completions",
     "/v1/chat/completions",
     "/v1/models",
+    "/v1/models/{id}",
     "/health",
     "/version",
     "/tokenize",
     "/detokenize",
+    "/tokenizer_info",
     "/metrics",
 )
 
@@ -79,6 +81,8 @@ class _Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path = scope["path"] if scope["path"] in ROUTES else "other"
+        if scope["path"].startswith("/v1/models/"):
+            path = "/v1/models/{id}"
 
         async def counting_send(message: MutableMapping[str, Any]) -> None:
             if message["type"] == "http.response.start":
@@ -165,7 +169,7 @@ def serve(
     engine = AsyncLLMEngine.from_model(
         str(model) if isinstance(model, Path) else model, stall_timeout, **engine_options
     )
-    name = served_model_name or (str(model) if isinstance(model, (str, Path)) else "kiln-model")
+    name = served_model_name or (Path(model).name if isinstance(model, (str, Path)) else "kiln-model")
     hosts: frozenset[str] | None = frozenset(h.lower() for h in allowed_hosts) if allowed_hosts else None
     if host in LOOPBACK_HOSTS:
         hosts = LOOPBACK_HOSTS | (hosts or frozenset())

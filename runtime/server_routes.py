@@ -201,6 +201,17 @@ async def _respond(
     return JSONResponse(writer.whole(await serving.collect(request, first, merged, len(prompts))))
 
 
+def tokenizer_card(tokenizer: Any, max_model_len: int) -> dict[str, Any]:
+    """The JSON-safe part of a Hugging Face tokenizer's configuration."""
+    card: dict[str, Any] = {"tokenizer_class": type(tokenizer).__name__, "model_max_length": max_model_len}
+    for name in ("bos_token", "eos_token", "pad_token", "unk_token", "chat_template", "padding_side"):
+        value = getattr(tokenizer, name, None)
+        if isinstance(value, (str, int, float, bool)):
+            card[name] = value
+    card["add_bos_token"] = bool(getattr(tokenizer, "add_bos_token", False))
+    return card
+
+
 def register(app: FastAPI, serving: OpenAIServing) -> None:
     """Add the OpenAI routes and vLLM's operational ones to `app`."""
     engine = serving.engine.engine
@@ -230,16 +241,32 @@ def register(app: FastAPI, serving: OpenAIServing) -> None:
         prompt = await serving.chat_prompt(req.messages, tools=req.tools)
         return await _respond(serving, request, req, [prompt], True, max_tokens, logprobs, tools, tool_structure)
 
-    @app.get("/v1/models")
-    async def models() -> dict[str, Any]:
-        card = {
+    def model_card() -> dict[str, Any]:
+        return {
             "id": serving.model_name,
             "object": "model",
             "created": int(time.time()),
             "owned_by": "kiln",
             "max_model_len": serving.max_model_len,
         }
-        return {"object": "list", "data": [card]}
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> dict[str, Any]:
+        if model_id != serving.model_name:
+            raise APIError(404, f"The model `{model_id}` does not exist.", "model", "model_not_found")
+        return model_card()
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info() -> dict[str, Any]:
+        """vLLM's: the tokenizer's special tokens, chat template and settings, for clients that tokenize
+        remotely (lm-evaluation-harness's `tokenizer_backend=remote`)."""
+        if serving.tokenizer is None:
+            raise APIError(404, "This model has no tokenizer.", code="no_tokenizer")
+        return tokenizer_card(serving.tokenizer, serving.max_model_len)
 
     @app.get("/health")
     async def health() -> Response:
