@@ -117,7 +117,9 @@ class LLMEngine:
             return Speculator(config, NgramProposer(config.prompt_lookup_min, config.prompt_lookup_max))
         from .speculative.draft import DraftProposer
 
-        draft = DraftProposer.load(config.model, self.model, num_blocks, self.block_size, max_num_seqs)
+        draft = DraftProposer.load(
+            config.model, self.model, num_blocks, self.block_size, max_num_seqs, self.max_model_len
+        )
         return Speculator(config, draft)
 
     # Requests ------------------------------------------------------------------------------------------

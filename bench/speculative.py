@@ -1,0 +1,125 @@
+"""Decode tokens/s with and without n-gram speculation, same run, on a workload it helps and on a hopeless one.
+
+helpful: a ~30M-parameter Llama briefly trained on bench/toy_language.py's Markov language (each token has one
+likely successor), prompted with walks of that language and decoded greedily. Its greedy continuation follows
+the likely successors, which the prompt already shows and which soon cycle, so prompt lookup predicts it.
+hopeless: the same shape with random weights over a 64-token vocabulary, greedily decoded: every token has
+appeared before, so 1-gram lookup always proposes, but the continuation is chaotic and the proposals fail;
+this measures what speculation costs when it cannot help (the back-off of speculator.py keeps it small).
+
+For each workload and batch (B sequences with different prompts), the engine prefills, then the decode steps
+until every sequence has its max_tokens are timed; plain and speculative runs alternate, REPEATS times, and
+the medians are reported with the acceptance statistics of the speculative runs.
+
+    python -m kiln.bench.speculative --batch 1 8 --tokens 128 --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+
+import kiln
+from kiln.bench import toy_language
+from kiln.models.testing import build_tiny_checkpoint
+from kiln.runtime.engine import LLMEngine
+from kiln.runtime.sampling_params import SamplingParams
+
+SHAPE = dict(
+    vocab_size=8192,
+    hidden_size=512,
+    intermediate_size=1408,
+    num_hidden_layers=8,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    head_dim=64,
+    max_position_embeddings=1024,
+    initializer_range=0.02,
+)
+HOPELESS_VOCAB = 64
+PROMPT_LEN = 64
+RESULTS = Path(__file__).resolve().parent / "results" / "speculative_cpu.txt"
+
+
+def decode_rate(compiled: Any, prompts: list[list[int]], tokens: int, spec: dict | None) -> tuple[float, dict]:
+    """Decode tokens/s of one batch (prefill excluded), and the engine's stats."""
+    engine = LLMEngine(compiled, num_kv_blocks=len(prompts) * 20 + 8, block_size=16, speculative_config=spec)
+    params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
+    for i, prompt in enumerate(prompts):
+        engine.add_request(str(i), prompt, params)
+    while any(not s.output_token_ids for r in engine.requests.values() for s in r.seqs):
+        engine.step()  # prefill: every sequence has its first token
+    done = sum(len(s.output_token_ids) for r in engine.requests.values() for s in r.seqs)
+    start = time.perf_counter()
+    while engine.has_unfinished_requests():
+        engine.step()
+    elapsed = time.perf_counter() - start
+    return (len(prompts) * tokens - done) / elapsed, engine.stats()
+
+
+def workloads(tmp: Path) -> dict[str, tuple[Any, list[list[int]]]]:
+    trained = kiln.compile(str(toy_language.trained_checkpoint(SHAPE)), device="cpu")
+    helpful = [toy_language.prompt(SHAPE["vocab_size"], PROMPT_LEN, seed=1 + i) for i in range(8)]
+    shape = {**SHAPE, "vocab_size": HOPELESS_VOCAB, "initializer_range": 0.1}
+    random_dir = build_tiny_checkpoint("llama", tmp / "random", with_tokenizer=False, **shape)
+    rng = torch.Generator().manual_seed(0)
+    hopeless = [torch.randint(HOPELESS_VOCAB, (PROMPT_LEN,), generator=rng).tolist() for _ in range(8)]
+    return {"helpful": (trained, helpful), "hopeless": (kiln.compile(str(random_dir), device="cpu"), hopeless)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--tokens", type=int, default=128, help="output tokens per sequence")
+    parser.add_argument("--k", type=int, default=4, help="num_speculative_tokens")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: stable on a shared machine)")
+    parser.add_argument("--output", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    spec = {"method": "ngram", "num_speculative_tokens": args.k, "prompt_lookup_max": 4, "prompt_lookup_min": 1}
+    lines = [
+        f"$ python -m kiln.bench.speculative {' '.join(argv if argv is not None else sys.argv[1:])}",
+        f"machine: {platform.machine()} {platform.processor() or platform.platform()}, {os.cpu_count()} CPUs, "
+        f"torch threads {torch.get_num_threads()}; python {platform.python_version()}, torch {torch.__version__}, "
+        f"transformers {transformers.__version__}",
+        f"model: Llama {SHAPE['hidden_size']} hidden x {SHAPE['num_hidden_layers']} layers; speculative_config "
+        f"{spec}; {args.tokens} output tokens per sequence, prompts of {PROMPT_LEN}; median of {args.repeats}",
+        "",
+        "| workload | batch | plain tok/s | ngram tok/s | speedup | acceptance | mean accepted length | drafts |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    print("\n".join(lines), flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, (compiled, prompts) in workloads(Path(tmp)).items():
+            decode_rate(compiled, prompts[:1], 8, spec)  # warm-up
+            for batch in args.batch:
+                plain, fast, stats = [], [], {}
+                for _ in range(args.repeats):
+                    plain.append(decode_rate(compiled, prompts[:batch], args.tokens, None)[0])
+                    rate, stats = decode_rate(compiled, prompts[:batch], args.tokens, spec)
+                    fast.append(rate)
+                p, f = statistics.median(plain), statistics.median(fast)
+                row = (
+                    f"| {name} | {batch} | {p:.1f} | {f:.1f} | {f / p:.2f}x | {stats['spec_acceptance_rate']:.2f} "
+                    f"| {stats['spec_mean_accepted_length']:.2f} | {stats['spec_num_drafts']} |"
+                )
+                lines.append(row)
+                print(row, flush=True)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text("\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
