@@ -24,8 +24,8 @@ from kiln.ops.metadata import AttentionMetadata
 from .sampler import DeviceSample, Sampler
 from .sampling_ops import to_device
 from .scheduler import SchedulerOutput
-from .speculative.verify import sample_with_drafts
 from .sequence import Sequence
+from .speculative.verify import sample_with_drafts
 
 logger = logging.getLogger("kiln")
 

@@ -55,7 +55,5 @@ class SpeculativeConfig:
         high = _positive_int(config, "prompt_lookup_max", 4, 64)
         low = _positive_int(config, "prompt_lookup_min", 1, 64)
         if low > high:
-            raise ValueError(
-                f"speculative_config.prompt_lookup_min ({low}) must be <= prompt_lookup_max ({high})"
-            )
+            raise ValueError(f"speculative_config.prompt_lookup_min ({low}) must be <= prompt_lookup_max ({high})")
         return cls(method, k, prompt_lookup_max=high, prompt_lookup_min=low)

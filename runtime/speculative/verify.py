@@ -13,9 +13,9 @@ non-speculative sampling would draw it. Draws come from the sequence's own gener
 
 from __future__ import annotations
 
-import torch
-
 from typing import TYPE_CHECKING
+
+import torch
 
 from .. import sampling_ops as ops
 from ..sampler import DeviceSample, Sampler, SamplerOutput

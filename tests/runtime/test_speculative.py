@@ -85,7 +85,12 @@ def test_stops_and_max_tokens_mid_proposal_match_decoding_without_speculation() 
     spec = spec_llm.generate(prompts, params)
     for a, b in zip(plain, spec):
         x, y = a.outputs[0], b.outputs[0]
-        assert (y.token_ids, y.text, y.finish_reason, y.stop_reason) == (x.token_ids, x.text, x.finish_reason, x.stop_reason)
+        assert (y.token_ids, y.text, y.finish_reason, y.stop_reason) == (
+            x.token_ids,
+            x.text,
+            x.finish_reason,
+            x.stop_reason,
+        )
     assert {o.outputs[0].finish_reason for o in plain} >= {"stop", "length"}
     assert spec_llm.stats()["spec_accepted_tokens"] > 0
 
