@@ -6,6 +6,7 @@ the likely successors, which the prompt already shows and which soon cycle, so p
 hopeless: the same shape with random weights over a 64-token vocabulary, greedily decoded: every token has
 appeared before, so 1-gram lookup always proposes, but the continuation is chaotic and the proposals fail;
 this measures what speculation costs when it cannot help (the back-off of speculator.py keeps it small).
+draft_model (helpful workload only): the trained model's first 2 of 8 layers (same embeddings and head).
 
 For each workload and batch (B sequences with different prompts), the engine prefills, then the decode steps
 until every sequence has its max_tokens are timed; plain and speculative runs alternate, REPEATS times, and
@@ -47,6 +48,7 @@ SHAPE = dict(
     initializer_range=0.02,
 )
 HOPELESS_VOCAB = 64
+DRAFT_LAYERS = 2
 PROMPT_LEN = 64
 RESULTS = Path(__file__).resolve().parent / "results" / "speculative_cpu.txt"
 
@@ -70,14 +72,31 @@ def decode_rate(compiled: Any, prompts: list[list[int]], tokens: int, spec: dict
     return decoded / elapsed, decoded / cpu, engine.stats()
 
 
-def workloads(tmp: Path) -> dict[str, tuple[Any, list[list[int]]]]:
-    trained = kiln.compile(str(toy_language.trained_checkpoint(SHAPE)), device="cpu")
+def truncated_draft(path: Path, layers: int, out: Path) -> Path:
+    """The trained model's first `layers` decoder layers with its embeddings, final norm and head: a draft of the
+    same family and tokenizer that costs layers / num_hidden_layers of the target per token."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model.model.layers = model.model.layers[:layers]
+    model.config.num_hidden_layers = layers
+    model.save_pretrained(out)
+    return out
+
+
+def workloads(tmp: Path, k: int) -> list[tuple[str, Any, list[list[int]], dict[str, dict]]]:
+    """(name, compiled model, 8 prompts, {method: speculative_config}) per workload."""
+    ngram = {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_max": 4, "prompt_lookup_min": 1}
+    path = toy_language.trained_checkpoint(SHAPE)
+    draft = kiln.compile(str(truncated_draft(path, DRAFT_LAYERS, tmp / "draft")), device="cpu")
     helpful = [toy_language.prompt(SHAPE["vocab_size"], PROMPT_LEN, seed=1 + i) for i in range(8)]
     shape = {**SHAPE, "vocab_size": HOPELESS_VOCAB, "initializer_range": 0.1}
     random_dir = build_tiny_checkpoint("llama", tmp / "random", with_tokenizer=False, **shape)
     rng = torch.Generator().manual_seed(0)
     hopeless = [torch.randint(HOPELESS_VOCAB, (PROMPT_LEN,), generator=rng).tolist() for _ in range(8)]
-    return {"helpful": (trained, helpful), "hopeless": (kiln.compile(str(random_dir), device="cpu"), hopeless)}
+    drafted = {"method": "draft_model", "model": draft, "num_speculative_tokens": k}
+    return [
+        ("helpful", kiln.compile(str(path), device="cpu"), helpful, {"ngram": ngram, "draft_model": drafted}),
+        ("hopeless", kiln.compile(str(random_dir), device="cpu"), hopeless, {"ngram": ngram}),
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,44 +109,47 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    spec = {"method": "ngram", "num_speculative_tokens": args.k, "prompt_lookup_max": 4, "prompt_lookup_min": 1}
     lines = [
-        f"$ python -m kiln.bench.speculative {' '.join(argv if argv is not None else sys.argv[1:])}",
+        f"$ python -m kiln.bench.speculative {' '.join(argv if argv is not None else sys.argv[1:])}".rstrip(),
         f"machine: {platform.machine()} {platform.processor() or platform.platform()}, {os.cpu_count()} CPUs, "
         f"torch threads {torch.get_num_threads()}; python {platform.python_version()}, torch {torch.__version__}, "
         f"transformers {transformers.__version__}",
-        f"model: Llama {SHAPE['hidden_size']} hidden x {SHAPE['num_hidden_layers']} layers; speculative_config "
-        f"{spec}; {args.tokens} output tokens per sequence, prompts of {PROMPT_LEN}; median of {args.repeats}",
-        "",
+        f"target: Llama {SHAPE['hidden_size']} hidden x {SHAPE['num_hidden_layers']} layers; draft_model: its "
+        f"first {DRAFT_LAYERS} layers; num_speculative_tokens {args.k}; ngram prompt_lookup 1..4; "
+        f"{args.tokens} output tokens per sequence, prompts of {PROMPT_LEN}; median of {args.repeats}",
         "tok/s of wall time, and of the stepping thread's CPU time (robust to other processes on the machine)",
         "",
-        "| workload | batch | plain tok/s | ngram tok/s | speedup | plain CPU tok/s | ngram CPU tok/s | CPU speedup "
-        "| acceptance | mean accepted length | drafts |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| workload | method | batch | plain tok/s | spec tok/s | speedup | plain CPU tok/s | spec CPU tok/s "
+        "| CPU speedup | acceptance | mean accepted length | drafts |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     print("\n".join(lines), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        for name, (compiled, prompts) in workloads(Path(tmp)).items():
-            decode_rate(compiled, prompts[:1], 8, spec)  # warm-up
+        for name, compiled, prompts, methods in workloads(Path(tmp), args.k):
+            for config in methods.values():
+                decode_rate(compiled, prompts[:1], 8, config)  # warm-up
             for batch in args.batch:
-                runs: dict[str, list[tuple[float, float]]] = {"plain": [], "ngram": []}
-                stats: dict = {}
-                for r in range(args.repeats):  # alternating, in alternating order
-                    for mode in ("plain", "ngram") if r % 2 == 0 else ("ngram", "plain"):
-                        wall, cpu, st = decode_rate(
-                            compiled, prompts[:batch], args.tokens, spec if mode == "ngram" else None
-                        )
+                configs: dict[str, dict | None] = {"plain": None, **methods}
+                runs: dict[str, list[tuple[float, float]]] = {mode: [] for mode in configs}
+                stats: dict[str, dict] = {}
+                for r in range(args.repeats):  # interleaved, the order rotating
+                    order = list(configs)[r % len(configs) :] + list(configs)[: r % len(configs)]
+                    for mode in order:
+                        wall, cpu, stats[mode] = decode_rate(compiled, prompts[:batch], args.tokens, configs[mode])
                         runs[mode].append((wall, cpu))
-                        stats = st if mode == "ngram" else stats
-                p, f = (statistics.median(w for w, _ in runs[m]) for m in ("plain", "ngram"))
-                pc, fc = (statistics.median(c for _, c in runs[m]) for m in ("plain", "ngram"))
-                row = (
-                    f"| {name} | {batch} | {p:.1f} | {f:.1f} | {f / p:.2f}x | {pc:.1f} | {fc:.1f} | {fc / pc:.2f}x "
-                    f"| {stats['spec_acceptance_rate']:.2f} | {stats['spec_mean_accepted_length']:.2f} "
-                    f"| {stats['spec_num_drafts']} |"
-                )
-                lines.append(row)
-                print(row, flush=True)
+                p = statistics.median(w for w, _ in runs["plain"])
+                pc = statistics.median(c for _, c in runs["plain"])
+                for mode in methods:
+                    f = statistics.median(w for w, _ in runs[mode])
+                    fc = statistics.median(c for _, c in runs[mode])
+                    st = stats[mode]
+                    row = (
+                        f"| {name} | {mode} | {batch} | {p:.1f} | {f:.1f} | {f / p:.2f}x | {pc:.1f} | {fc:.1f} "
+                        f"| {fc / pc:.2f}x | {st['spec_acceptance_rate']:.2f} | {st['spec_mean_accepted_length']:.2f} "
+                        f"| {st['spec_num_drafts']} |"
+                    )
+                    lines.append(row)
+                    print(row, flush=True)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text("\n".join(lines) + "\n")
     return 0

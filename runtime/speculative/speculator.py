@@ -6,8 +6,9 @@ speculative sequences waits for that step's tokens (the engine's `_needs_tokens`
 
 Eligible sequences: no penalties and no logprobs (both would need per-position bookkeeping of the proposed
 tokens), and at least min_tokens outputs (so no stop token is held back at any verified position). A sequence
-whose last proposal was wholly rejected stops proposing for 1, 2, 4 ... up to MAX_BACKOFF steps, so that a
-workload the proposer cannot predict costs about what decoding without speculation costs.
+whose last proposal was wholly rejected stops proposing for 1, 2, 4 ... up to MAX_BACKOFF steps, then
+proposes one token until one is accepted, so that a workload the proposer cannot predict costs about what
+decoding without speculation costs.
 """
 
 from __future__ import annotations
@@ -55,7 +56,8 @@ class Speculator:
             if seq.spec_skip:
                 seq.spec_skip -= 1
                 continue
-            limit = min(k, seq.params.max_tokens - seq.num_output_tokens - 1)  # past max_tokens is wasted
+            # One token after a wholly rejected proposal (a cheap verification), else k; past max_tokens is waste.
+            limit = min(1 if seq.spec_backoff else k, seq.params.max_tokens - seq.num_output_tokens - 1)
             if limit > 0:
                 asked.append(seq)
                 limits.append(limit)
