@@ -20,7 +20,6 @@ from kiln.ops.registry import references
 
 from . import kernels
 
-
 # Sequences adding at most this many tokens attend through the decode kernel, one row per token.
 SHORT_QUERY = 17
 
