@@ -42,19 +42,13 @@ def verify(logits: torch.Tensor, seqs: list[Sequence], drafts: list[list[int]]) 
     emitted: list[list[int]] = [[] for _ in seqs]
     greedy = [i for i, s in enumerate(seqs) if s.params.greedy]
     drawn = [i for i, s in enumerate(seqs) if not s.params.greedy]
-    if len(greedy) == len(seqs):
+    if greedy:  # the argmax of every row (cheap); the drawn sequences' rows are not read
         targets = ops.argmax(logits).tolist()
         for i in greedy:
             emitted[i] = accept_greedy(drafts[i], targets[starts[i] : starts[i + 1]])
+    if not drawn:
         return emitted
     device = logits.device
-    if greedy:
-        rows = [r for i in greedy for r in range(starts[i], starts[i + 1])]
-        targets = ops.argmax(logits.index_select(0, ops.to_device(rows, torch.int64, device))).tolist()
-        at = 0
-        for i in greedy:
-            emitted[i] = accept_greedy(drafts[i], targets[at : at + len(drafts[i]) + 1])
-            at += len(drafts[i]) + 1
     rows = [r for i in drawn for r in range(starts[i], starts[i + 1])]
     x = logits.index_select(0, ops.to_device(rows, torch.int64, device))
     accepted, samples = _rejection_sample(x, [seqs[i] for i in drawn], [drafts[i] for i in drawn])

@@ -113,10 +113,16 @@ def test_mixed_batch_with_sampled_penalised_and_logprob_requests() -> None:
         assert b.outputs[0].token_ids == a.outputs[0].token_ids
         assert b.outputs[0].logprobs == a.outputs[0].logprobs
     assert llm.stats()["spec_accepted_tokens"] > 0
+    # Seeded sampled requests verified in the same steps as greedy ones: repeatable, and greedy unchanged.
     seeded = SamplingParams(max_tokens=12, temperature=0.8, top_p=0.9, seed=11, ignore_eos=True)
-    outs = [llm.generate(prompts[:3], seeded) for _ in range(2)]
+    both = [seeded] * 3 + [params[0], params[3]]
+    outs = [llm.generate(prompts[:3] + [prompts[0], prompts[3]], both) for _ in range(2)]
     assert [o.outputs[0].token_ids for o in outs[0]] == [o.outputs[0].token_ids for o in outs[1]]
     assert all(len(o.outputs[0].token_ids) == 12 for o in outs[0])
+    assert [o.outputs[0].token_ids for o in outs[0][3:]] == [
+        plain[0].outputs[0].token_ids,
+        plain[3].outputs[0].token_ids,
+    ]
 
 
 def test_stats_and_metrics() -> None:
