@@ -82,8 +82,8 @@ def truncated_draft(path: Path, layers: int, out: Path) -> Path:
     return out
 
 
-def workloads(tmp: Path, k: int) -> list[tuple[str, Any, list[list[int]], dict[str, dict]]]:
-    """(name, compiled model, 8 prompts, {method: speculative_config}) per workload."""
+def workloads(tmp: Path, k: int, names: list[str]) -> list[tuple[str, Any, list[list[int]], dict[str, dict]]]:
+    """(name, compiled model, 8 prompts, {method: speculative_config}) per workload named."""
     ngram = {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_max": 4, "prompt_lookup_min": 1}
     path = toy_language.trained_checkpoint(SHAPE)
     draft = kiln.compile(str(truncated_draft(path, DRAFT_LAYERS, tmp / "draft")), device="cpu")
@@ -93,10 +93,11 @@ def workloads(tmp: Path, k: int) -> list[tuple[str, Any, list[list[int]], dict[s
     rng = torch.Generator().manual_seed(0)
     hopeless = [torch.randint(HOPELESS_VOCAB, (PROMPT_LEN,), generator=rng).tolist() for _ in range(8)]
     drafted = {"method": "draft_model", "model": draft, "num_speculative_tokens": k}
-    return [
-        ("helpful", kiln.compile(str(path), device="cpu"), helpful, {"ngram": ngram, "draft_model": drafted}),
-        ("hopeless", kiln.compile(str(random_dir), device="cpu"), hopeless, {"ngram": ngram}),
-    ]
+    make = {
+        "helpful": lambda: (kiln.compile(str(path), device="cpu"), helpful, {"ngram": ngram, "draft_model": drafted}),
+        "hopeless": lambda: (kiln.compile(str(random_dir), device="cpu"), hopeless, {"ngram": ngram}),
+    }
+    return [(name, *make[name]()) for name in names]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--k", type=int, default=4, help="num_speculative_tokens")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: stable on a shared machine)")
+    parser.add_argument("--workloads", nargs="+", choices=["helpful", "hopeless"], default=["helpful", "hopeless"])
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -125,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     print("\n".join(lines), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        for name, compiled, prompts, methods in workloads(Path(tmp), args.k):
+        for name, compiled, prompts, methods in workloads(Path(tmp), args.k, args.workloads):
             for config in methods.values():
                 decode_rate(compiled, prompts[:1], 8, config)  # warm-up
             for batch in args.batch:

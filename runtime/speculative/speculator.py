@@ -6,7 +6,7 @@ speculative sequences waits for that step's tokens (the engine's `_needs_tokens`
 
 Eligible sequences: no penalties and no logprobs (both would need per-position bookkeeping of the proposed
 tokens), and at least min_tokens outputs (so no stop token is held back at any verified position). A sequence
-whose last proposal was wholly rejected stops proposing for 1, 2, 4 ... up to MAX_BACKOFF steps, then
+whose last proposal was wholly rejected stops proposing for 1, 4, 16 ... up to MAX_BACKOFF steps, then
 proposes one token until one is accepted, so that a workload the proposer cannot predict costs about what
 decoding without speculation costs.
 """
@@ -18,7 +18,8 @@ from typing import Any, Protocol
 from ..sequence import Sequence, SequenceStatus
 from .config import SpeculativeConfig
 
-MAX_BACKOFF = 32
+MAX_BACKOFF = 64
+BACKOFF_GROWTH = 4
 
 
 class Proposer(Protocol):
@@ -76,7 +77,7 @@ class Speculator:
             if n:
                 seq.spec_backoff = 0
             else:
-                seq.spec_backoff = min(2 * seq.spec_backoff or 1, MAX_BACKOFF)
+                seq.spec_backoff = min(BACKOFF_GROWTH * seq.spec_backoff or 1, MAX_BACKOFF)
                 seq.spec_skip = seq.spec_backoff
 
     def release(self, seq: Sequence) -> None:
