@@ -47,9 +47,18 @@ def test_greedy_ngram_equals_the_reference_under_preemption_and_prefix_caching()
         max_num_seqs=12,
         speculative_config=NGRAM,
     )
+    launch, mixed = engine.runner.launch, []
+
+    def spy(out):  # a step verifying proposals while another sequence prefills
+        prefill = any(n > 1 and i not in out.drafts for i, n in enumerate(out.num_new_tokens))
+        mixed.append(bool(out.drafts) and prefill)
+        return launch(out)
+
+    engine.runner.launch = spy
     done = run_engine(engine, prompts, params)
     for i, (prompt, sp) in enumerate(zip(prompts, params)):
         assert done[str(i)].outputs[0].token_ids == reference_greedy(prompt, sp.max_tokens, VOCAB, markov=True)
+    assert any(mixed)
     # Continuations hit the prefix cache on blocks that speculation wrote: only accepted tokens' were published.
     follow = [p + done[str(i)].outputs[0].token_ids for i, p in enumerate(prompts[:8])]
     again = run_engine(engine, follow, params[:8])
