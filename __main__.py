@@ -59,6 +59,16 @@ def _add_memory_option(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_speculative_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--speculative-config",
+        default=None,
+        metavar="JSON",
+        help='speculative decoding, vLLM\'s shape: \'{"method": "ngram", "num_speculative_tokens": 4}\' '
+        'or \'{"method": "draft_model", "model": DIR, "num_speculative_tokens": 4}\'',
+    )
+
+
 def _add_sampling_options(p: argparse.ArgumentParser, max_tokens: int) -> None:
     p.add_argument(
         "--max-tokens",
@@ -155,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_options(gen, max_tokens=64)
     _add_compile_options(gen)
     _add_memory_option(gen)
+    _add_speculative_option(gen)
     _add_trust_option(gen)
 
     bench = sub.add_parser(
@@ -176,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--seed", type=int, default=0, metavar="S", help="seed of the random prompts")
     _add_compile_options(bench)
     _add_memory_option(bench)
+    _add_speculative_option(bench)
     _add_trust_option(bench)
 
     serve = sub.add_parser(
@@ -236,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--block-size", type=int, default=16, metavar="N", help="tokens per KV block (default: 16)")
     _add_compile_options(serve)
     _add_memory_option(serve)
+    _add_speculative_option(serve)
     _add_trust_option(serve)
 
     export = sub.add_parser(

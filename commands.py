@@ -7,6 +7,7 @@ Each function takes the parsed argparse namespace and returns an exit status. He
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -149,6 +150,20 @@ def compile_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
+def _speculative_config(args: argparse.Namespace) -> dict | None:
+    """--speculative-config's JSON object (checked by the engine), None when not given."""
+    text = getattr(args, "speculative_config", None)
+    if text is None:
+        return None
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--speculative-config is not JSON: {err}") from None
+    if not isinstance(config, dict):
+        raise ValueError("--speculative-config must be a JSON object")
+    return config
+
+
 def generate(args: argparse.Namespace) -> int:
     """`kiln generate`: stream the completion of one prompt to stdout as tokens come."""
     problem = _checkpoint_problem(args.model, artifact_ok=True)
@@ -161,7 +176,12 @@ def generate(args: argparse.Namespace) -> int:
         params = kiln.SamplingParams(
             max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed
         )
-        engine = LLMEngine(_load(args, args.model), max_num_seqs=1, gpu_memory_utilization=args.gpu_memory_utilization)
+        engine = LLMEngine(
+            _load(args, args.model),
+            max_num_seqs=1,
+            gpu_memory_utilization=args.gpu_memory_utilization,
+            speculative_config=_speculative_config(args),
+        )
         engine.add_request("generate-0", args.prompt, params)
     except (ValueError, FileNotFoundError) as err:
         return _fail(str(err))
@@ -187,7 +207,10 @@ def bench(args: argparse.Namespace) -> int:
 
     try:
         llm = kiln.LLM(
-            _load(args, args.model), max_num_seqs=args.max_num_seqs, gpu_memory_utilization=args.gpu_memory_utilization
+            _load(args, args.model),
+            max_num_seqs=args.max_num_seqs,
+            gpu_memory_utilization=args.gpu_memory_utilization,
+            speculative_config=_speculative_config(args),
         )
         rng = random.Random(args.seed)
         vocab = llm.model.vocab_size
@@ -238,6 +261,7 @@ def serve(args: argparse.Namespace) -> int:
             num_kv_blocks=args.num_kv_blocks,
             block_size=args.block_size,
             gpu_memory_utilization=args.gpu_memory_utilization,
+            speculative_config=_speculative_config(args),
         )
     except (ValueError, FileNotFoundError) as err:
         return _fail(str(err))

@@ -94,7 +94,8 @@ class CompiledModel:
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, kv_caches: list[torch.Tensor]
     ) -> torch.Tensor:
-        """Run one step; returns float32 logits [S, vocab] for the last new token of each sequence."""
+        """Run one step; returns float32 logits [R, vocab] for the tokens `meta.logits_indices` names (each
+        sequence's last new token unless the runner asks for more rows)."""
         with step_context(meta):
             logits = self.graph_module(input_ids, positions, *meta.graph_inputs(), *kv_caches)
         if logits.shape[0] != meta.logits_indices.shape[0]:  # compiled with prune_logits=False

@@ -23,8 +23,9 @@ class AttentionMetadata:
     seq_lens:        [S] int32, tokens in each sequence's context after this step (cached + new).
     query_start_loc: [S + 1] int32, cumulative count of new tokens; sequence s owns tokens
                      query_start_loc[s]:query_start_loc[s + 1] of the packed stream.
-    logits_indices:  [S] int64, the packed index of each sequence's last new token (the only rows that
-                     reach the LM head).
+    logits_indices:  [R] int64, the packed indices of the tokens whose logits the step needs (the only rows
+                     that reach the LM head): each sequence's last new token, and for a sequence verifying
+                     speculative proposals its last 1 + k (R = S otherwise).
     max_query_len:   the longest sequence's new-token count, known on the host (not a graph input): kernels
                      size their grids with it instead of reading query_start_loc back from the device.
     """

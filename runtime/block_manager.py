@@ -160,15 +160,27 @@ class BlockManager:
                 self.block_hash[block] = block_hash
         seq.num_committed_blocks = full
 
-    def free(self, seq: Sequence) -> None:
-        """Drop seq's hold on its blocks; tail blocks go back first so that they are evicted first."""
-        for block in reversed(seq.block_table):
+    def truncate(self, seq: Sequence, num_tokens: int) -> None:
+        """Give back seq's blocks past its first num_tokens tokens (the slots of rejected speculative tokens).
+        The table becomes a new list, which tells the model runner to rewrite the sequence's row."""
+        keep = self.blocks_needed(num_tokens)
+        if keep >= len(seq.block_table):
+            return
+        self._release(seq.block_table[keep:])
+        seq.block_table = seq.block_table[:keep]
+
+    def _release(self, blocks: list[int]) -> None:
+        for block in reversed(blocks):
             self.ref_counts[block] -= 1
             if self.ref_counts[block] == 0:
                 if self.block_hash[block] is not None:
                     self._free_cached[block] = None
                 else:
                     self._free_plain.append(block)
+
+    def free(self, seq: Sequence) -> None:
+        """Drop seq's hold on its blocks; tail blocks go back first so that they are evicted first."""
+        self._release(seq.block_table)
         seq.block_table = []
         seq.num_computed_tokens = 0
         seq.num_committed_blocks = 0

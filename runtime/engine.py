@@ -7,6 +7,10 @@ With async scheduling (the default on a GPU) steps overlap: step() schedules and
 turns step N's tokens into outputs, so the host's work hides behind the device's. A sequence that step N
 finishes was already in step N+1; that token is dropped and its blocks are freed when the finish is reported.
 Tokens and finish reasons are the same either way.
+
+With `speculative_config` (speculative/), proposals are made for the running decodes before each schedule and
+verified by the target in the step: a step after one with speculative sequences waits for its tokens first,
+so speculation runs synchronously (requests that cannot speculate, e.g. penalised ones, do not change that).
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from .sampler import DeviceSample, Sampler, SamplerOutput
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler, SchedulerOutput
 from .sequence import Request, Sequence
+from .speculative.config import SpeculativeConfig
+from .speculative.speculator import Speculator, eligible
 
 logger = logging.getLogger("kiln")
 
@@ -48,9 +54,13 @@ class LLMEngine:
         enforce_eager: bool = False,
         gpu_memory_utilization: float = 0.9,
         async_scheduling: bool | None = None,
+        speculative_config: dict | SpeculativeConfig | None = None,
     ) -> None:
         """async_scheduling: overlap each step's host work with the previous step on the device; None = on
-        when the model is on a GPU (on a CPU the host is the device, so there is nothing to overlap)."""
+        when the model is on a GPU (on a CPU the host is the device, so there is nothing to overlap).
+        speculative_config: vLLM's dict, {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_max":
+        4, "prompt_lookup_min": 1} or {"method": "draft_model", "model": DIR, "num_speculative_tokens": k}."""
+        spec_config = SpeculativeConfig.from_dict(speculative_config) if speculative_config is not None else None
         self.model = model
         self.tokenizer = getattr(model, "tokenizer", None)
         self.eos_token_ids = list(model.eos_token_ids or [])
@@ -96,10 +106,23 @@ class LLMEngine:
         if async_scheduling is None:
             async_scheduling = self.runner.device.type == "cuda"
         self.async_scheduling = bool(async_scheduling)
+        self.speculator = None if spec_config is None else self._speculator(spec_config, num_blocks, max_num_seqs)
         self.in_flight: tuple[SchedulerOutput, DeviceSample | None] | None = None  # launched, not reported
         self.requests: dict[str, Request] = {}
         self.num_steps = 0
         self.num_generated_tokens = 0
+
+    def _speculator(self, config: SpeculativeConfig, num_blocks: int, max_num_seqs: int) -> Speculator:
+        if config.method == "ngram":
+            from .speculative.proposer import NgramProposer
+
+            return Speculator(config, NgramProposer(config.prompt_lookup_min, config.prompt_lookup_max))
+        from .speculative.draft import DraftProposer
+
+        draft = DraftProposer.load(
+            config.model, self.model, num_blocks, self.block_size, max_num_seqs, self.max_model_len
+        )
+        return Speculator(config, draft)
 
     # Requests ------------------------------------------------------------------------------------------
 
@@ -200,7 +223,12 @@ class LLMEngine:
             if not seq.is_finished:
                 seq.finish_reason = "abort"
                 self.scheduler.finish(seq)
-            self.runner.release(seq)
+            self._release(seq)
+
+    def _release(self, seq: Sequence) -> None:
+        self.runner.release(seq)
+        if self.speculator is not None:
+            self.speculator.release(seq)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests) or self.in_flight is not None
@@ -216,7 +244,9 @@ class LLMEngine:
         With async scheduling the outputs are those of the step launched by the previous call."""
         outputs: list[RequestOutput] = []
         if self.in_flight is not None and self._needs_tokens(self.in_flight[0]):
-            outputs = self._report()  # penalties and grammars read the previous tokens: no running ahead
+            outputs = self._report()  # penalties, grammars and proposals read the previous tokens: no running ahead
+        if self.speculator is not None:
+            self.speculator.propose(self.scheduler.running)
         sched = self.scheduler.schedule()
         if sched.is_empty and self.in_flight is None and self.scheduler.has_unfinished():
             raise RuntimeError("scheduler made no progress with requests pending")  # spinning would hide a bug
@@ -235,12 +265,12 @@ class LLMEngine:
             outputs += self._report()
         return outputs
 
-    @staticmethod
-    def _needs_tokens(sched: SchedulerOutput) -> bool:
-        """Whether the step after `sched` must wait for its tokens on the host (a penalty counts them; a grammar's
-        mask for the next token depends on them)."""
-        seqs = sched.seqs
-        return any(seqs[i].params.has_penalties or seqs[i].grammar is not None for i in sched.sample_rows)
+    def _needs_tokens(self, sched: SchedulerOutput) -> bool:
+        """Whether the step after `sched` must wait for its tokens on the host (a penalty counts them, a grammar's
+        mask for the next token depends on them, a proposer continues them)."""
+        spec = self.speculator is not None
+        seqs = [sched.seqs[i] for i in sched.sample_rows]
+        return any(s.params.has_penalties or s.grammar is not None or (spec and eligible(s)) for s in seqs)
 
     def _report(self) -> list[RequestOutput]:
         """Wait for the in-flight step's tokens and turn them into sequence state and outputs."""
@@ -250,8 +280,12 @@ class LLMEngine:
         if sample is None:
             self.scheduler.postprocess(sched, SamplerOutput([]), self.detokenizer)
             return []
-        seqs = self.scheduler.postprocess(sched, sample.to_host(), self.detokenizer)
-        self.num_generated_tokens += len(seqs)
+        host = sample.to_host()
+        if sched.drafts and self.speculator is not None:
+            accepted = {sched.sample_rows[i]: len(more) for i, more in host.extra.items()}
+            self.speculator.observe(sched.drafts, sched.seqs, accepted)
+        seqs = self.scheduler.postprocess(sched, host, self.detokenizer)
+        self.num_generated_tokens += len(seqs) + sum(len(more) for more in host.extra.values())
         return self._outputs(seqs)
 
     def _fail(self, sched: SchedulerOutput, error: str) -> list[RequestOutput]:
@@ -273,7 +307,7 @@ class LLMEngine:
             elif request.metrics.first_token_time is None:
                 request.metrics.first_token_time = now
             if seq.finish_reason is not None:
-                self.runner.release(seq)
+                self._release(seq)
                 touched[request.request_id] = request
             elif request.stream:
                 touched[request.request_id] = request
@@ -329,4 +363,5 @@ class LLMEngine:
             "num_unfinished_requests": len(self.requests),
             "num_steps": self.num_steps,
             "num_generated_tokens": self.num_generated_tokens,
+            **(self.speculator.stats() if self.speculator is not None else {}),
         }

@@ -20,7 +20,7 @@ class LLM:
 
     Engine options: block_size, num_kv_blocks, kv_cache_memory, gpu_memory_utilization (0.9), max_num_seqs,
     max_num_batched_tokens, enforce_eager, enable_prefix_caching, enable_chunked_prefill, max_model_len,
-    async_scheduling (None: overlap steps on a GPU). Compile
+    async_scheduling (None: overlap steps on a GPU), speculative_config (vLLM's dict; see LLMEngine). Compile
     options: device ("auto": the first CUDA GPU when there is one, else the CPU), backend, dtype, quantization,
     kv_cache_dtype (see `kiln.compile`).
     """

@@ -169,4 +169,21 @@ class ServerMetrics:
             "Prompt tokens looked up in the prefix cache.",
             [({}, s["prefix_cache_query_tokens"])],
         )
+        if "spec_num_drafts" in s:  # speculative decoding is configured
+            for name, kind, help_text, key in _SPEC_FAMILIES:
+                family(name, kind, help_text, [({}, s[key])])
         return "\n".join(lines) + "\n"
+
+
+_SPEC_FAMILIES = (
+    ("kiln_spec_decode_num_drafts_total", "counter", "Verifications of proposed tokens.", "spec_num_drafts"),
+    ("kiln_spec_decode_num_draft_tokens_total", "counter", "Tokens proposed.", "spec_draft_tokens"),
+    ("kiln_spec_decode_num_accepted_tokens_total", "counter", "Proposed tokens accepted.", "spec_accepted_tokens"),
+    ("kiln_spec_decode_acceptance_rate", "gauge", "Accepted / proposed tokens so far.", "spec_acceptance_rate"),
+    (
+        "kiln_spec_decode_mean_accepted_length",
+        "gauge",
+        "Tokens emitted per verification (accepted proposals + 1).",
+        "spec_mean_accepted_length",
+    ),
+)

@@ -26,6 +26,7 @@ from .sampler import DeviceSample, Sampler
 from .sampling_ops import to_device
 from .scheduler import SchedulerOutput
 from .sequence import Sequence
+from .speculative.verify import sample_with_drafts
 
 logger = logging.getLogger("kiln")
 
@@ -132,14 +133,17 @@ class ModelRunner:
                 row.written = len(table)
             append(row.index)
         updates = len(upd_vals)
-        # Layout (int64 slots): ids, positions, slots [T] | logits_indices, row index [S] | seq_lens [S] and
+        # Layout (int64 slots): ids, positions, slots [T] | logits_indices [R], row index [S] | seq_lens [S] and
         # query starts [S + 1] as int32, two to a slot | block-table updates (row, column, block id) [3U].
-        o, o32 = 3 * tokens, 3 * tokens + 2 * num_seqs
+        # R is one logits row per sequence (its last token) plus the extra rows out.num_logits asks for.
+        num_logits = out.num_logits
+        num_rows = num_seqs + sum(num_logits.values()) - len(num_logits)
+        o, o32 = 3 * tokens, 3 * tokens + num_rows + num_seqs
         end32 = o32 + num_seqs + 1  # (2S + 1) int32 fit in S + 1 slots
         staging = self._staging_buffer(end32 + 3 * updates)
         buf = staging.numpy()
         ids, pos, slots = buf[:tokens], buf[tokens : 2 * tokens], buf[2 * tokens : 3 * tokens]
-        logits_idx, row_idx = buf[o : o + num_seqs], buf[o + num_seqs : o32]
+        logits_idx, row_idx = buf[o : o + num_rows], buf[o + num_rows : o32]
         ints = buf[o32:end32].view(np.int32)
         seq_lens, starts = ints[:num_seqs], ints[num_seqs : 2 * num_seqs + 1]
         upd = buf[end32 : end32 + 3 * updates]
@@ -155,11 +159,20 @@ class ModelRunner:
             query = np.asarray(num_new, dtype=np.int64)
             starts[0] = 0
             np.cumsum(query, out=starts[1:])
-            ids[:] = [t for s, c, n in zip(seqs, out.context, num_new) for t in s.token_ids[c : c + n]]
+            drafts = out.drafts  # a verified sequence runs its last token and the proposals
+            ids[:] = [
+                t
+                for i, (s, c, n) in enumerate(zip(seqs, out.context, num_new))
+                for t in (s.token_ids[c : c + n] if i not in drafts else [s.token_ids[c], *drafts[i]])
+            ]
             seq_index = np.repeat(np.arange(num_seqs), query)
             pos[:] = np.arange(tokens) - (starts[:-1] - context)[seq_index]
             seq_lens[:] = context + query
-        logits_idx[:] = starts[1:] - 1
+        if num_logits:
+            ends = starts[1:].tolist()
+            logits_idx[:] = [r for i, end in enumerate(ends) for r in range(end - num_logits.get(i, 1), end)]
+        else:
+            logits_idx[:] = starts[1:] - 1
         width = -(-int(seq_lens.max()) // bs)  # the blocks the longest context reads
         slots[:] = self.host_table[row_idx[seq_index], pos // bs].astype(np.int64) * bs + pos % bs
         if updates:
@@ -171,10 +184,10 @@ class ModelRunner:
         dev32 = dev[o32:end32].view(torch.int32)
         meta = AttentionMetadata(
             slot_mapping=dev[2 * tokens : 3 * tokens],
-            block_tables=self.table[dev[o + num_seqs : o32], :width],
+            block_tables=self.table[dev[o + num_rows : o32], :width],
             seq_lens=dev32[:num_seqs],
             query_start_loc=dev32[num_seqs : 2 * num_seqs + 1],
-            logits_indices=dev[o : o + num_seqs],
+            logits_indices=dev[o : o + num_rows],
             max_query_len=max(num_new),
         )
         input_ids = dev[:tokens]
@@ -208,6 +221,12 @@ class ModelRunner:
         logits = self.forward(input_ids, positions, meta, self.kv_caches)
         if not rows:
             return None
+        if out.drafts:  # speculative decoding: verify the proposals (synchronously)
+            sample = sample_with_drafts(self.sampler, logits, out, masks)
+            self.last_sampled = sample.token_ids
+            return sample
+        if out.num_logits:
+            logits = logits[to_device(_last_rows(out.num_logits, len(out.seqs)), torch.int64, logits.device)]
         if len(rows) != len(out.seqs):
             logits = logits[to_device(rows, torch.int64, logits.device)]
         logits = logits.float()
@@ -219,6 +238,15 @@ class ModelRunner:
         self.last_sampled = sample.token_ids
         sample.start_copy()
         return sample
+
+
+def _last_rows(num_logits: dict[int, int], num_seqs: int) -> list[int]:
+    """Each sequence's last logits row, when some sequences have several."""
+    last, end = [], 0
+    for i in range(num_seqs):
+        end += num_logits.get(i, 1)
+        last.append(end - 1)
+    return last
 
 
 def capture_sizes(max_num_seqs: int) -> tuple[int, ...]:

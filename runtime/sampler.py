@@ -30,6 +30,8 @@ class SamplerOutput:
     # Per sequence: (logprob of the sampled token, {token_id: logprob} top-k + sampled), None if not asked.
     logprobs: list[tuple[float, dict[int, float]] | None] | None = None
     errors: dict[int, str] = field(default_factory=dict)  # rows that could not be sampled, and why
+    # Speculative decoding: per verified row, the accepted proposals that follow its token (maybe none).
+    extra: dict[int, list[int]] = field(default_factory=dict)
 
 
 @dataclass

@@ -17,7 +17,7 @@ import bisect
 import time
 from dataclasses import dataclass, field
 from operator import attrgetter
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .block_manager import BlockManager
 from .sequence import Request, Sequence, SequenceStatus
@@ -37,6 +37,10 @@ class SchedulerOutput:
     `sample_rows` are the positions of the sequences whose whole context is in after this step: each samples
     a token, whose placeholder the scheduler appended. `filling` holds the sequences that complete a block,
     to be published to the prefix cache once the step's tokens are known.
+
+    `drafts` maps a sequence's position to the tokens proposed for it (speculative decoding): it runs its last
+    token and those, and `num_logits` says that the step needs logits at its last 1 + k positions (every other
+    sequence needs one row, its last token's).
     """
 
     seqs: list[Sequence] = field(default_factory=list)
@@ -46,6 +50,8 @@ class SchedulerOutput:
     filling: list[Sequence] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
     prompt_done: set[int] = field(default_factory=set)  # seq_ids whose prompt completes in this step
+    drafts: dict[int, list[int]] = field(default_factory=dict)
+    num_logits: dict[int, int] = field(default_factory=dict)  # position -> logit rows, when more than one
 
     @property
     def num_batched_tokens(self) -> int:
@@ -115,21 +121,29 @@ class Scheduler:
                 continue
             if seq.num_pending and len(tokens) - seq.num_prompt_tokens >= seq.params.max_tokens:
                 continue  # its last allowed token is still being sampled: the sequence ends with it
-            if context >= len(seq.block_table) * bs and not self._make_room(out, seq, 1):
+            draft = seq.draft  # proposals to verify (speculative decoding), whatever fits the budget
+            if draft:
+                seq.draft = []
+                draft = draft[: budget - 1]
+            num_new = 1 + len(draft)
+            if context + num_new > len(seq.block_table) * bs and not self._make_room(out, seq, num_new):
                 continue
             # _take for a decode, inlined: this runs for every sequence at every step.
-            seq.num_computed_tokens = context + 1
+            seq.num_computed_tokens = context + num_new
             seqs.append(seq)
-            num_new_tokens.append(1)
+            num_new_tokens.append(num_new)
             contexts.append(context)
             tokens.append(-1 - len(rows))
             seq.num_pending += 1
             rows.append(len(seqs) - 1)
-            if publish and context + 1 >= (seq.num_committed_blocks + 1) * bs:
+            if draft:
+                out.drafts[len(seqs) - 1] = draft
+                out.num_logits[len(seqs) - 1] = num_new
+            if publish and context + num_new >= (seq.num_committed_blocks + 1) * bs:
                 filling.append(seq)
             if context < seq.num_prompt_tokens:
                 out.prompt_done.add(seq.seq_id)
-            budget -= 1
+            budget -= num_new
         for seq in partial:
             if budget == 0:
                 break
@@ -223,6 +237,7 @@ class Scheduler:
         """Free seq's blocks and requeue it at the front; it recomputes prompt + outputs when readmitted."""
         self.block_manager.free(seq)
         self.running.remove(seq)
+        seq.draft = []
         seq.status = SequenceStatus.WAITING
         seq.admission_rank = -1
         self.waiting.insert(0, seq)
@@ -236,9 +251,13 @@ class Scheduler:
         max_tokens; none before min_tokens outputs exist. Then publish the blocks the step filled. Returns the
         sequences that got a token (a sequence finished meanwhile, by an abort or by the step before when
         steps overlap, gets none) or failed: a row the sampler could not sample, or whose text cannot be
-        decoded, fails its request alone."""
+        decoded, fails its request alone.
+
+        A verified sequence (speculative decoding) emits its accepted proposals after its token
+        (`sampled.extra`), each checked for stops in turn; the KV slots of its rejected proposals are rolled
+        back first, so that only accepted tokens' blocks are kept or published."""
         seqs, got, finished = out.seqs, [], SequenceStatus.FINISHED
-        logprobs, errors = sampled.logprobs, sampled.errors
+        logprobs, errors, extra = sampled.logprobs, sampled.errors, sampled.extra
         update = detokenizer.update if detokenizer.tokenizer is not None else None  # no tokenizer: no text
         for i, (row, token) in enumerate(zip(out.sample_rows, sampled.token_ids)):
             seq = seqs[row]
@@ -247,45 +266,68 @@ class Scheduler:
             if errors and i in errors:
                 got.append(self._fail(seq, errors[i]))
                 continue
-            tokens = seq.token_ids
-            index = len(tokens) - seq.num_pending  # this step's placeholder: the oldest one
-            tokens[index] = token
-            seq.num_pending -= 1
-            if seq.grammar is not None and token not in seq.stop_ids:
-                refused = seq.grammar.advance(token)
-                if refused is not None:
-                    got.append(self._fail(seq, refused))
-                    continue
+            emitted = [token]
+            if extra and i in extra:
+                emitted += extra[i]
+                self._roll_back(seq, len(emitted))
             got.append(seq)
-            if logprobs is not None and seq.logprobs is not None:
-                chosen, top = logprobs[i] or (0.0, {})
-                seq.cumulative_logprob += chosen
-                seq.logprobs.append(top)
-            p = seq.params
-            num_outputs = index + 1 - seq.num_prompt_tokens
-            if token in seq.stop_ids and num_outputs >= p.min_tokens:  # a stop token names itself; EOS does not
-                seq.finish_reason = "stop"
-                if p.stop_token_ids and token in p.stop_token_ids:
-                    seq.stop_reason = token
-            else:
-                if update is not None:
-                    try:
-                        stop = update(seq, num_outputs >= p.min_tokens)
-                    except Exception as exc:  # noqa: BLE001 - e.g. a token id the tokenizer cannot decode
-                        self._fail(seq, f"detokenizing failed: {type(exc).__name__}: {exc}")
-                        continue
-                    if stop is not None:
-                        seq.finish_reason, seq.stop_reason = "stop", stop
-                if seq.finish_reason is None and num_outputs >= p.max_tokens:
-                    seq.finish_reason = "length"
-            if seq.finish_reason is not None:
-                seq.drop_pending()
-                self.block_manager.commit(seq)
-                self.finish(seq)
+            entry = logprobs[i] if logprobs is not None else None
+            for token in emitted:
+                if not self._emit(seq, token, entry, update):
+                    break
         for seq in out.filling:
             if seq.status is not finished:
                 self.block_manager.commit(seq)
         return got
+
+    def _roll_back(self, seq: Sequence, num_emitted: int) -> None:
+        """A verified sequence keeps the KV of the tokens before its last emitted one: placeholders for the
+        emitted tokens, computed tokens cut back to the accepted ones, blocks past them freed."""
+        tokens = seq.token_ids
+        seq.num_computed_tokens = len(tokens) - seq.num_pending + num_emitted - 1
+        tokens.extend([-1] * (num_emitted - 1))
+        seq.num_pending += num_emitted - 1
+        self.block_manager.truncate(seq, seq.num_computed_tokens)
+
+    def _emit(self, seq: Sequence, token: int, entry: tuple | None, update: Any) -> bool:
+        """Put one token in seq's oldest placeholder; False when seq ended (finished or failed)."""
+        tokens = seq.token_ids
+        index = len(tokens) - seq.num_pending  # this step's placeholder: the oldest one
+        tokens[index] = token
+        seq.num_pending -= 1
+        if seq.grammar is not None and token not in seq.stop_ids:
+            refused = seq.grammar.advance(token)
+            if refused is not None:
+                self._fail(seq, refused)
+                return False
+        if seq.logprobs is not None:
+            chosen, top = entry or (0.0, {})
+            seq.cumulative_logprob += chosen
+            seq.logprobs.append(top)
+        p = seq.params
+        num_outputs = index + 1 - seq.num_prompt_tokens
+        if token in seq.stop_ids and num_outputs >= p.min_tokens:  # a stop token names itself; EOS does not
+            seq.finish_reason = "stop"
+            if p.stop_token_ids and token in p.stop_token_ids:
+                seq.stop_reason = token
+        else:
+            if update is not None:
+                try:
+                    stop = update(seq, num_outputs >= p.min_tokens)
+                except Exception as exc:  # noqa: BLE001 - e.g. a token id the tokenizer cannot decode
+                    self._fail(seq, f"detokenizing failed: {type(exc).__name__}: {exc}")
+                    return False
+                if stop is not None:
+                    seq.finish_reason, seq.stop_reason = "stop", stop
+            if seq.finish_reason is None and num_outputs >= p.max_tokens:
+                seq.finish_reason = "length"
+        if seq.finish_reason is None:
+            return True
+        seq.drop_pending()
+        seq.num_computed_tokens = min(seq.num_computed_tokens, len(tokens) - 1)  # none past the last token
+        self.block_manager.commit(seq)
+        self.finish(seq)
+        return False
 
     def _fail(self, seq: Sequence, error: str) -> Sequence:
         """End seq (and, through the engine, its request) with an error that only its request sees."""

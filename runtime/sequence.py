@@ -59,6 +59,10 @@ class Sequence:
         p = self.params
         plain = p.greedy and p.logprobs is None and not p.has_penalties
         self.argmax_from = self.num_prompt_tokens + p.min_tokens + 1 if plain else sys.maxsize
+        # Speculative decoding (speculative/): the tokens proposed for its next step, and its back-off.
+        self.draft: list[int] = []
+        self.spec_skip = 0  # steps left without proposals
+        self.spec_backoff = 0  # the length of the last back-off
         # The sampler's private RNG for a seeded sequence, made on the logits' device at its first draw.
         self.generator: torch.Generator | None = None
         self.grammar: GrammarState | None = None  # its structured-output matcher, set by the engine

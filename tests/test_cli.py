@@ -163,3 +163,19 @@ def test_unknown_quantization_scheme_is_refused(tiny_llama: Path, capsys: pytest
 def test_target_needs_an_output_directory(tiny_llama: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["compile", str(tiny_llama), "--target", "cuda:90"]) == 2
     assert "compile --target:" in capsys.readouterr().err
+
+
+@needs_engine
+def test_generate_with_speculative_config(
+    tiny_artifact: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    plain = "".join(_generate(tiny_artifact, monkeypatch))
+    writes = _Writes()
+    monkeypatch.setattr(sys, "stdout", writes)
+    spec = '{"method": "ngram", "num_speculative_tokens": 3}'
+    assert main(["generate", str(tiny_artifact), "The kiln", "--max-tokens", "6", "--speculative-config", spec]) == 0
+    monkeypatch.undo()
+    assert "".join(writes.chunks) == plain  # greedy: the same text
+    for bad, message in (("{nope", "not JSON"), ('{"method": "x"}', "speculative_config.method")):
+        assert main(["generate", str(tiny_artifact), "x", "--speculative-config", bad]) == 2
+        assert message in capsys.readouterr().err

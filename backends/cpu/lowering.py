@@ -20,6 +20,9 @@ from kiln.ops.registry import references
 
 from . import kernels
 
+# Sequences adding at most this many tokens attend through the decode kernel, one row per token.
+SHORT_QUERY = 17
+
 
 def paged_attention(
     q: Tensor,
@@ -36,7 +39,8 @@ def paged_attention(
     softcap: float,
 ) -> Tensor:
     """kiln::paged_attention: the C cache write; decode rows (one new token) read the cache blocks in place through
-    the C kernel; only sequences with several new tokens (prefill chunks) pay for a torch formulation."""
+    the C kernel, and so do the tokens of a batch whose sequences add at most SHORT_QUERY tokens each (one decode
+    row per token, over its causal prefix); only batches with longer prefill chunks pay for a torch formulation."""
     if not (kernels.applies(q, k, v, k_cache, v_cache) and k_cache.is_contiguous() and v_cache.is_contiguous()):
         return attention.paged_attention(
             q, k, v, k_cache, v_cache, slot_mapping, block_tables, seq_lens, query_start_loc, scale, window, softcap
@@ -47,6 +51,11 @@ def paged_attention(
     if num_tokens == seq_lens.numel():
         return kernels.paged_decode(q, k_cache, v_cache, block_tables, seq_lens, *args)
     query_lens = query_start_loc[1:] - query_start_loc[:-1]
+    if int(query_lens.max()) <= SHORT_QUERY:  # e.g. speculative verification: 1 + k tokens per sequence
+        # Each token is a decode row over its own causal prefix (its sequence's blocks, a shorter length).
+        owner = torch.arange(seq_lens.numel()).repeat_interleave(query_lens.long(), output_size=num_tokens)
+        behind = query_start_loc[1:].long()[owner] - 1 - torch.arange(num_tokens)  # later tokens of its sequence
+        return kernels.paged_decode(q, k_cache, v_cache, block_tables[owner], seq_lens[owner] - behind, *args)
     decode = query_lens == 1
     if not bool(decode.any()):
         return _attend_prefill(q, k, v, k_cache, v_cache, block_tables, seq_lens, query_start_loc, *args)

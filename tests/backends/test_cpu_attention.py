@@ -27,14 +27,19 @@ def _naive(q, keys, values, start, scale, window, softcap):
 
 @pytest.mark.parametrize("use_c", [True, False])
 @pytest.mark.parametrize("window,softcap", [(0, 0.0), (6, 0.0), (0, 4.0)])
-def test_paged_attention_ragged_prefill_then_decode(use_c, window, softcap):
+@pytest.mark.parametrize(
+    "prompt_lens,mixed",
+    [([9, 1, 14], [1, 4, 1]), ([9, 1, 24], [1, 19, 1])],
+    ids=["short", "long"],  # short: every query <= SHORT_QUERY, so tokens attend as decode rows
+)
+def test_paged_attention_ragged_prefill_then_decode(use_c, window, softcap, prompt_lens, mixed):
     if use_c and kernels._library() is None:
         pytest.skip("no C compiler on this machine: the C decode path cannot be built")
     attend = lowering.paged_attention if use_c else attention.paged_attention
     gen = torch.Generator().manual_seed(0)
     heads, kv_heads, dim, block = 4, 2, 8, 4
-    prompt_lens, cached = [9, 1, 14], [0, 0, 5]  # the third sequence already holds 5 cached tokens
-    mixed = [1, 4, 1]  # a step where the second sequence prefills a chunk while the others decode
+    cached = [0, 0, 5]  # the third sequence already holds 5 cached tokens
+    # mixed: a step where the second sequence prefills a chunk while the others decode
     total = [c + p + m + 3 for c, p, m in zip(cached, prompt_lens, mixed)]  # + 3 decode steps
     keys = [torch.randn(n, kv_heads, dim, generator=gen) for n in total]
     values = [torch.randn(n, kv_heads, dim, generator=gen) for n in total]

@@ -7,6 +7,8 @@ hit changes the tokens (or trips an assertion) exactly like it would with a real
 
 from __future__ import annotations
 
+import bisect
+
 import torch
 
 from kiln.ops.metadata import AttentionMetadata
@@ -26,10 +28,17 @@ def logits_for(tokens: list[int] | torch.Tensor, vocab_size: int) -> torch.Tenso
     return (4.0 * torch.sin(ids * (0.37 + (h % 997) * 0.01) + h * 0.001)).float()
 
 
-def reference_greedy(prompt: list[int], max_tokens: int, vocab_size: int) -> list[int]:
+def markov_logits(tokens: list[int] | torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Logits that depend on the last token only (a Markov chain): greedy output cycles, so n-gram lookup hits."""
+    last = int(torch.as_tensor(tokens)[-1])
+    ids = torch.arange(vocab_size, dtype=torch.float64)
+    return (3.0 * torch.cos(ids * (1.3 + 0.71 * last) + 0.4 * last)).float()
+
+
+def reference_greedy(prompt: list[int], max_tokens: int, vocab_size: int, markov: bool = False) -> list[int]:
     tokens = list(prompt)
     for _ in range(max_tokens):
-        tokens.append(int(logits_for(tokens, vocab_size).argmax()))
+        tokens.append(int((markov_logits if markov else logits_for)(tokens, vocab_size).argmax()))
     return tokens[len(prompt) :]
 
 
@@ -48,7 +57,9 @@ class FakeModel:
         max_model_len: int = 1024,
         eos_token_ids: list[int] | None = None,
         tokenizer: object | None = None,
+        markov: bool = False,
     ) -> None:
+        self.logits_fn = markov_logits if markov else logits_for
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
         self.eos_token_ids = list(eos_token_ids or [])
@@ -73,14 +84,15 @@ class FakeModel:
         flat[meta.slot_mapping, 1] = positions
         self.num_forward_tokens += input_ids.numel()
         rows = []
-        for s in range(meta.seq_lens.numel()):
-            length = int(meta.seq_lens[s])
+        starts = meta.query_start_loc.tolist()
+        for index in meta.logits_indices.tolist():  # one row per logits index, several per sequence maybe
+            s = bisect.bisect_right(starts, index) - 1
+            length = int(meta.seq_lens[s]) - (starts[s + 1] - 1 - index)
             nblocks = -(-length // block_size)
             ctx = cache[meta.block_tables[s, :nblocks].long()].view(-1, 2)[:length]
             assert torch.equal(ctx[:, 1], torch.arange(length)), "context read back with wrong positions"
-            last = int(meta.logits_indices[s])
-            assert int(positions[last]) == length - 1
-            rows.append(logits_for(ctx[:, 0], self.vocab_size))
+            assert int(positions[index]) == length - 1
+            rows.append(self.logits_fn(ctx[:, 0], self.vocab_size))
         return torch.stack(rows)
 
 
