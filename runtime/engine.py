@@ -343,6 +343,7 @@ class LLMEngine:
             request.metrics,
             request.seqs[0].num_cached_tokens,
             request.error,
+            request.prompt_logprobs,
         )
 
     def stats(self) -> dict[str, int | float]:

@@ -22,6 +22,7 @@ import torch
 from kiln.ops.metadata import AttentionMetadata
 
 from .grammar import GrammarCompiler
+from .prompt_logprobs import score_prompts
 from .sampler import DeviceSample, Sampler
 from .sampling_ops import to_device
 from .scheduler import SchedulerOutput
@@ -219,6 +220,8 @@ class ModelRunner:
             self.grammars.start_masks(seqs, self.device) if self.grammars is not None else None
         )  # beside the forward
         logits = self.forward(input_ids, positions, meta, self.kv_caches)
+        if out.scored:
+            score_prompts(logits, out)
         if not rows:
             return None
         if out.drafts:  # speculative decoding: verify the proposals (synchronously)

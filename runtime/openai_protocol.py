@@ -112,6 +112,7 @@ class _SamplingFields(_Strict):
             "min_tokens",
             "stop_token_ids",
             "skip_special_tokens",
+            "prompt_logprobs",
         )
         return {k: getattr(self, k) for k in names if getattr(self, k) is not None}
 
@@ -279,13 +280,21 @@ def token_text(tokenizer: Any, token_id: int) -> str:
 
 
 def completion_logprobs(
-    tokenizer: Any, token_ids: list[int], logprobs: list[dict[int, float]], text_offset: int
+    tokenizer: Any, token_ids: list[int], logprobs: list[dict[int, float] | None], text_offset: int
 ) -> dict[str, Any]:
-    """The legacy completions `logprobs` object for a run of tokens (the top-k plus the sampled token)."""
-    tokens, token_lps, tops, offsets = [], [], [], []
+    """The legacy completions `logprobs` object for a run of tokens (the top-k plus the sampled token; None
+    for a token nothing scores, an echoed prompt's first)."""
+    tokens, token_lps, offsets = [], [], []
+    tops: list[dict[str, float] | None] = []
     for tid, lp in zip(token_ids, logprobs):
         text = token_text(tokenizer, tid)
         tokens.append(text)
+        if lp is None:  # an echoed prompt's first token: nothing scores it
+            token_lps.append(None)
+            tops.append(None)
+            offsets.append(text_offset)
+            text_offset += len(text)
+            continue
         token_lps.append(lp.get(tid))
         top: dict[str, float] = {}
         for t, v in sorted(lp.items(), key=lambda kv: -kv[1]):
@@ -308,6 +317,16 @@ def chat_logprobs(tokenizer: Any, token_ids: list[int], logprobs: list[dict[int,
         best = sorted(lp.items(), key=lambda kv: -kv[1])[:top]
         content.append({**entry(tid, lp[tid]), "top_logprobs": [entry(t, v) for t, v in best]})
     return {"content": content}
+
+
+def vllm_prompt_logprobs(tokenizer: Any, entries: list[dict[int, float] | None]) -> list[Any]:
+    """vLLM's `prompt_logprobs` on a choice: per prompt token None (the first) or {id: {logprob, decoded_token}}."""
+    return [
+        None
+        if entry is None
+        else {str(t): {"logprob": v, "decoded_token": token_text(tokenizer, t)} for t, v in entry.items()}
+        for entry in entries
+    ]
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:

@@ -51,3 +51,6 @@ class RequestOutput:
     # Set when a failure of this request alone (its sampling, its text, or the forward pass it was in)
     # ended it; its completions then finish with 'abort'. Other requests are not affected.
     error: str | None = None
+    # With SamplingParams.prompt_logprobs: per prompt token, {token_id: logprob} of it and the top-k; the first
+    # is None (nothing precedes it), as in vLLM.
+    prompt_logprobs: list[dict[int, float] | None] | None = None

@@ -50,6 +50,8 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     logprobs: int | None = None
+    # vLLM's: the logprob of every prompt token after the first, with the top-k (0: the token's own only).
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     # The output's required shape (JSON schema, regex, choice, grammar); a dict of StructuredOutput's fields works.
     structured_output: StructuredOutput | dict[str, Any] | None = None
@@ -75,6 +77,8 @@ class SamplingParams:
             need_int("seed", -(1 << 63), (1 << 63) - 1)
         if self.logprobs is not None:
             need_int("logprobs", 0, MAX_LOGPROBS)
+        if self.prompt_logprobs is not None:
+            need_int("prompt_logprobs", 0, MAX_LOGPROBS)
         for name in ("ignore_eos", "skip_special_tokens"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")

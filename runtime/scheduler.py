@@ -40,7 +40,8 @@ class SchedulerOutput:
 
     `drafts` maps a sequence's position to the tokens proposed for it (speculative decoding): it runs its last
     token and those, and `num_logits` says that the step needs logits at its last 1 + k positions (every other
-    sequence needs one row, its last token's).
+    sequence needs one row, its last token's). `scored` holds the prompt chunks whose every position needs
+    logits too (prompt logprobs), with `num_logits` set to the chunk's length.
     """
 
     seqs: list[Sequence] = field(default_factory=list)
@@ -52,6 +53,7 @@ class SchedulerOutput:
     prompt_done: set[int] = field(default_factory=set)  # seq_ids whose prompt completes in this step
     drafts: dict[int, list[int]] = field(default_factory=dict)
     num_logits: dict[int, int] = field(default_factory=dict)  # position -> logit rows, when more than one
+    scored: dict[int, int] = field(default_factory=dict)  # position -> its chunk's first position, prompt logprobs
 
     @property
     def num_batched_tokens(self) -> int:
@@ -187,6 +189,9 @@ class Scheduler:
             out.filling.append(seq)
         if context < seq.num_prompt_tokens <= computed:
             out.prompt_done.add(seq.seq_id)
+        if context < seq.num_prompt_tokens and seq.index == 0 and seq.request.prompt_logprobs is not None:
+            out.num_logits[len(out.seqs) - 1] = num_new
+            out.scored[len(out.seqs) - 1] = context
         return num_new
 
     def _admit(self, out: SchedulerOutput, budget: int) -> None:
@@ -201,7 +206,9 @@ class Scheduler:
                 continue
             if leader is not seq and leader.status is SequenceStatus.RUNNING:
                 bm.share(leader, seq, min(seq.num_prompt_tokens, seq.num_tokens - 1))
-            hits = bm.find_cached_prefix(seq) if seq.num_computed_tokens == 0 else []
+            # A request that asked for prompt logprobs computes its whole prompt: cached blocks have no logits.
+            scoring = seq.request.prompt_logprobs is not None
+            hits = bm.find_cached_prefix(seq) if seq.num_computed_tokens == 0 and not scoring else []
             remaining = seq.num_tokens - seq.num_computed_tokens - len(hits) * bm.block_size
             if remaining > budget and not self.enable_chunked_prefill:
                 bm.free(seq)  # undo any sharing

@@ -134,6 +134,10 @@ class Request:
         self.params = params
         self.metrics = RequestMetrics(arrival_time=arrival_time)
         self.error: str | None = None  # why the request failed (a step failed it alone); None if it did not
+        # Per prompt position, {token: logprob} of that token and the top-k (None for the first), when asked.
+        self.prompt_logprobs: list[dict[int, float] | None] | None = (
+            [None] * len(prompt_token_ids) if params.prompt_logprobs is not None else None
+        )
         self.seqs = [Sequence(self, i, prompt_token_ids) for i in range(params.n)]
 
     @property

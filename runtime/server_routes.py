@@ -4,6 +4,7 @@ streamed."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 import uuid
@@ -26,9 +27,16 @@ class _Writer:
     """Builds completion or chat-completion bodies and stream chunks, tracking what each choice has sent."""
 
     def __init__(
-        self, serving: OpenAIServing, chat: bool, n: int, top_logprobs: int | None, tools: ToolCalling | None = None
+        self,
+        serving: OpenAIServing,
+        chat: bool,
+        n: int,
+        top_logprobs: int | None,
+        tools: ToolCalling | None = None,
+        echo: bool = False,
     ) -> None:
         self.serving, self.chat, self.n, self.top, self.tools = serving, chat, n, top_logprobs, tools
+        self.echo = echo  # completions: the prompt's text (and with logprobs its tokens') before each choice's
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.sent: dict[int, tuple[int, int]] = {}  # choice index -> (chars, tokens) already streamed
@@ -43,6 +51,19 @@ class _Writer:
             "model": self.serving.model_name,
             "choices": choices,
         }
+
+    def _echoed(self, out: RequestOutput) -> tuple[str, list[int], list]:
+        """The prompt as an echo prefixes a choice: text, token ids, logprobs (the first None)."""
+        ids = out.prompt_token_ids
+        tok = self.serving.tokenizer
+        text = out.prompt if out.prompt is not None else (tok.decode(ids) if tok is not None else "")
+        return text, ids, list(out.prompt_logprobs or [None] * len(ids))
+
+    def _extras(self, out: RequestOutput) -> dict[str, Any]:
+        """vLLM's prompt_logprobs on each choice, when asked."""
+        if out.prompt_logprobs is None or self.chat:
+            return {}
+        return {"prompt_logprobs": proto.vllm_prompt_logprobs(self.serving.tokenizer, out.prompt_logprobs)}
 
     def _logprobs(self, token_ids: list[int], logprobs: list | None, text_offset: int) -> dict[str, Any] | None:
         if logprobs is None or self.top is None:
@@ -69,10 +90,19 @@ class _Writer:
             index = prompt_index * self.n + c.index
             chars, tokens = self.sent.get(index, (0, 0))
             text, new_ids = c.text[chars:], c.token_ids[tokens:]
+            new_lps = c.logprobs[tokens:] if c.logprobs is not None else None
+            offset, extras = chars, {}
+            if self.echo:
+                prompt_text, prompt_ids, prompt_lps = self._echoed(out)
+                offset += len(prompt_text)
+                if index not in self.sent:  # the choice's first chunk carries the prompt
+                    text, new_ids, offset = prompt_text + text, prompt_ids + new_ids, 0
+                    new_lps = prompt_lps + new_lps if new_lps is not None else None
+                    extras = self._extras(out)
             finishing = c.finish_reason is not None and index not in self.done
             if not (text or finishing or (new_ids and self.top is not None)):
                 continue
-            lps = self._logprobs(new_ids, c.logprobs[tokens:] if c.logprobs is not None else None, chars)
+            lps = self._logprobs(new_ids, new_lps, offset)
             self.sent[index] = (len(c.text), len(c.token_ids))
             if finishing:
                 self.done.add(index)
@@ -85,7 +115,7 @@ class _Writer:
                 if delta is None and not finishing and not (new_ids and self.top is not None):
                     continue
                 body = {"delta": delta or {}}
-            chunks.append(self._envelope([{"index": index, **body, "logprobs": lps, **finish}], True))
+            chunks.append(self._envelope([{"index": index, **body, "logprobs": lps, **finish, **extras}], True))
         return chunks
 
     def whole(self, outs: list[RequestOutput]) -> dict[str, Any]:
@@ -98,12 +128,18 @@ class _Writer:
                 finish = proto.finish_fields(c)
                 if self.tools is not None:
                     body["message"], finish["finish_reason"] = self.tools.message(c.text, c.finish_reason)
+                ids, lps = c.token_ids, c.logprobs
+                if self.echo:
+                    prompt_text, prompt_ids, prompt_lps = self._echoed(out)
+                    body["text"] = prompt_text + c.text
+                    ids, lps = prompt_ids + ids, (prompt_lps + lps if lps is not None else None)
                 choices.append(
                     {
                         "index": p * self.n + c.index,
                         **body,
-                        "logprobs": self._logprobs(c.token_ids, c.logprobs, 0),
+                        "logprobs": self._logprobs(ids, lps, 0),
                         **finish,
+                        **self._extras(out),
                     }
                 )
         return {**self._envelope(choices, False), "usage": self.usage(outs)}
@@ -192,9 +228,12 @@ async def _respond(
     if source is not None:
         renames["structured_output"] = source
     params = serving.sampling_params(req, prompts, max_tokens, logprobs, renames, structured)
+    echo = bool(getattr(req, "echo", False))
+    if echo and logprobs is not None:  # the echoed prompt's tokens come with their logprobs and top-k
+        params = dataclasses.replace(params, prompt_logprobs=max(params.prompt_logprobs or 0, logprobs))
     await serving.compile_grammar(params, source)
     first, merged = await serving.start(request, prompts, params, renames, req.cache_salt)
-    writer = _Writer(serving, chat, req.n, logprobs, tools)
+    writer = _Writer(serving, chat, req.n, logprobs, tools, echo)
     if req.stream:
         include_usage = req.stream_options is not None and req.stream_options.include_usage
         return _SSEResponse(_events(serving, writer, first, merged, len(prompts), include_usage), merged)
