@@ -1,7 +1,8 @@
-"""Greedy n-gram speculation through really compiled tiny models of 6 families: the same tokens, texts and
-finish reasons as decoding without it, over a mixed batch (stop strings, stop ids, max_tokens landing inside
-a proposal) in a KV pool small enough to force preemption. The prompts repeat a phrase, which random weights
-often continue, so proposals are made, accepted and rejected."""
+"""Greedy n-gram and draft-model speculation (a one-layer draft of the same family) through really compiled
+tiny models of 6 families: the same tokens, texts and finish reasons as decoding without it, over a mixed batch
+(stop strings, stop ids, max_tokens landing inside a proposal) in a KV pool small enough to force preemption.
+The prompts repeat a phrase, which random weights often continue, so proposals are made, accepted and
+rejected."""
 
 from __future__ import annotations
 
@@ -41,4 +42,12 @@ def test_greedy_ngram_speculation_equals_plain_decoding(checkpoint, family: str)
     assert spec == plain
     assert plain[0][2] == "stop" and plain[1][2] == "stop"
     assert stats["preemptions"] > 0 or plain_stats["preemptions"] > 0
+    assert stats["spec_draft_tokens"] > 0
+    draft = {
+        "method": "draft_model",
+        "model": str(checkpoint(family, num_hidden_layers=1)),
+        "num_speculative_tokens": 3,
+    }
+    drafted, stats = generate(compiled, prompts, params, draft)
+    assert drafted == plain
     assert stats["spec_draft_tokens"] > 0
