@@ -151,6 +151,8 @@ class LLMEngine:
             params = SamplingParams.from_dict(params)
         elif not isinstance(params, SamplingParams):
             raise ValueError(f"sampling params must be SamplingParams or a dict, got {type(params).__name__}")
+        if params.logit_bias and max(params.logit_bias) >= self.vocab_size:
+            raise ValueError(f"logit_bias keys must be token ids in [0, {self.vocab_size})")
         text, token_ids = self._tokenize(prompt)
         if params.stop_strings and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer, and this model has none; use stop_token_ids")

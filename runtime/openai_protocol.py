@@ -114,7 +114,10 @@ class _SamplingFields(_Strict):
             "skip_special_tokens",
             "prompt_logprobs",
         )
-        return {k: getattr(self, k) for k in names if getattr(self, k) is not None}
+        options = {k: getattr(self, k) for k in names if getattr(self, k) is not None}
+        if self.logit_bias:  # JSON keys are strings; SamplingParams checks the ids and values
+            options["logit_bias"] = {int(t) if t.isdigit() else t: v for t, v in self.logit_bias.items()}
+        return options
 
 
 class CompletionRequest(_SamplingFields):
@@ -132,8 +135,8 @@ class CompletionRequest(_SamplingFields):
         if self.best_of is not None:
             if self.best_of < self.n:
                 found.append(("best_of", f"must be at least n ({self.n}), got {self.best_of}"))
-            if self.stream and self.best_of > self.n:
-                found.append(("best_of", "cannot be combined with stream (the best are known only at the end)"))
+            if self.best_of > self.n:
+                found.append(("best_of", "greater than n is not supported: kiln returns every sequence it samples"))
         return found
 
 

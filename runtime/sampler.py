@@ -140,7 +140,7 @@ class Sampler:
         return DeviceSample(ops.to_device(tokens, torch.int64, logits.device), asked, _done=done)
 
     def _penalised(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-        """Logits after penalties and min_tokens: `logits` itself when no row has either (no copy)."""
+        """Logits after penalties, logit_bias and min_tokens: `logits` itself when no row has any (no copy)."""
         vocab = logits.shape[-1]
         rows = [i for i, s in enumerate(seqs) if s.params.has_penalties]
         if rows:
@@ -157,6 +157,11 @@ class Sampler:
             )
             # A tiny repetition penalty divides logits into +-inf; keep them finite so that sampling stays sane.
             logits = logits.clamp_(-ops.LOGIT_LIMIT, ops.LOGIT_LIMIT)
+        biased = [(i, s.params.logit_bias) for i, s in enumerate(seqs) if s.params.logit_bias]
+        if biased:
+            flat = [i * vocab + t for i, bias in biased for t in bias]
+            values = [v for _, bias in biased for v in bias.values()]
+            logits = ops.add_at(logits, flat, values)
         banned = [
             i * vocab + t
             for i, s in enumerate(seqs)

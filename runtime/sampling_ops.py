@@ -66,6 +66,13 @@ def ban(logits: torch.Tensor, flat_ids: list[int]) -> torch.Tensor:
     return logits.reshape(-1).index_fill(0, idx, NEG_INF).view(logits.shape)
 
 
+def add_at(logits: torch.Tensor, flat_ids: list[int], values: list[float]) -> torch.Tensor:
+    """A copy of `logits` with values added at the flat positions (row * vocab + token): one op for the batch."""
+    idx = to_device(flat_ids, torch.int64, logits.device)
+    add = to_device(values, logits.dtype, logits.device)
+    return logits.reshape(-1).index_add(0, idx, add).view(logits.shape)
+
+
 def keep_threshold(
     x: torch.Tensor, temperature: list[float], top_k: list[int], top_p: list[float], min_p: list[float]
 ) -> torch.Tensor | None:

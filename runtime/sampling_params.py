@@ -17,6 +17,7 @@ MAX_STOP_STRINGS = 64
 MAX_STOP_STRING_LEN = 256
 MAX_STOP_TOKEN_IDS = 1024
 MAX_LOGPROBS = 20
+MAX_LOGIT_BIAS = 300  # entries, as OpenAI allows
 MAX_TEMPERATURE = 100.0
 MAX_TOKENS_CAP = 1 << 20
 # Temperatures below this are greedy (vLLM's choice too): dividing logits by less overflows float32.
@@ -50,6 +51,8 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     logprobs: int | None = None
+    # OpenAI's: token id -> a bias in [-100, 100] added to its logit before sampling (greedy included).
+    logit_bias: dict[int, float] | None = None
     # vLLM's: the logprob of every prompt token after the first, with the top-k (0: the token's own only).
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
@@ -61,6 +64,7 @@ class SamplingParams:
         self._check_ints()
         self._check_floats()
         self._check_stops()
+        self._check_logit_bias()
         self.structured_output = StructuredOutput.coerce(self.structured_output)
 
     def _check_ints(self) -> None:
@@ -124,6 +128,19 @@ class SamplingParams:
             if not all(_is_int(t) and t >= 0 for t in ids):
                 raise ValueError(f"stop_token_ids must hold non-negative integers, got {list(ids)!r:.80}")
             self.stop_token_ids = list(ids)
+
+    def _check_logit_bias(self) -> None:
+        bias = self.logit_bias
+        if bias is None:
+            return
+        if not isinstance(bias, dict) or len(bias) > MAX_LOGIT_BIAS:
+            raise ValueError(f"logit_bias must be a dict of at most {MAX_LOGIT_BIAS} token ids to biases")
+        for token, value in bias.items():
+            if not _is_int(token) or token < 0:
+                raise ValueError(f"logit_bias keys must be non-negative token ids, got {token!r:.40}")
+            if not _is_number(value) or not -100 <= value <= 100:
+                raise ValueError(f"logit_bias values must be numbers in [-100, 100], got {value!r:.40}")
+        self.logit_bias = {int(t): float(v) for t, v in bias.items()} or None
 
     @property
     def stop_strings(self) -> list[str]:

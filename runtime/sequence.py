@@ -57,7 +57,7 @@ class Sequence:
         # The sampler takes the plain argmax of the raw logits (greedy; no penalties, no logprobs; no token
         # held back by min_tokens) once token_ids (placeholder included) is this long; never if not greedy.
         p = self.params
-        plain = p.greedy and p.logprobs is None and not p.has_penalties
+        plain = p.greedy and p.logprobs is None and not p.has_penalties and not p.logit_bias
         self.argmax_from = self.num_prompt_tokens + p.min_tokens + 1 if plain else sys.maxsize
         # Speculative decoding (speculative/): the tokens proposed for its next step, and its back-off.
         self.draft: list[int] = []

@@ -8,6 +8,8 @@ import pytest
 from test_server import KEY, LiveServer
 
 from kiln.runtime.async_engine import AsyncLLMEngine
+from kiln.runtime.llm import LLM
+from kiln.runtime.sampling_params import SamplingParams
 from kiln.runtime.server import build_app
 
 MODEL = "tiny-llama"
@@ -43,8 +45,10 @@ def test_several_refusals_are_named_together(live) -> None:
     assert error["message"].startswith("suffix: not supported") and "best_of: must be at least n" in error["message"]
     error = _error(live, "/v1/chat/completions", {"messages": CHAT, "audio": {"voice": "x"}, "modalities": ["audio"]})
     assert "audio: not supported" in error["message"] and "modalities: only" in error["message"]
-    error = _error(live, "/v1/completions", {"prompt": "a", "best_of": 3, "stream": True})
-    assert error["param"] == "best_of" and "stream" in error["message"]
+    error = _error(live, "/v1/completions", {"prompt": "a", "best_of": 3})
+    assert error["param"] == "best_of" and "not supported" in error["message"]
+    error = _error(live, "/v1/completions", {"prompt": "a", "logit_bias": {"x": 1, "5": 500}})
+    assert error["param"] == "logit_bias"
 
 
 def test_nulls_and_informational_fields_are_accepted(live, client) -> None:
@@ -81,3 +85,18 @@ def test_model_card_and_tokenizer_info(live, client) -> None:
     assert info["eos_token"] == tokenizer.eos_token and info["model_max_length"] == 512
     assert info["tokenizer_class"] == type(tokenizer).__name__
     assert live.http.get("/tokenizer_info", headers={"Authorization": "Bearer wrong"}).status_code == 401
+
+
+def test_logit_bias_steers_greedy_tokens_and_leaves_other_rows_alone(live, client) -> None:
+    common = {"model": MODEL, "prompt": "The kiln", "max_tokens": 6, "temperature": 0}
+    plain = client.completions.create(**common, logprobs=0).choices[0]
+    forced = client.completions.create(**common, logit_bias={"77": 100}, logprobs=0).choices[0]
+    assert forced.logprobs.tokens and set(forced.logprobs.tokens) == {live.engine.engine.tokenizer.decode([77])}
+    llm = LLM(live.engine.engine.model, num_kv_blocks=64, block_size=16)
+    greedy = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    alone = llm.generate([[1, 40, 41]], greedy)[0].outputs[0].token_ids
+    banned = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, logit_bias={alone[0]: -100})
+    outs = llm.generate([[1, 40, 41], [1, 40, 41]], [banned, greedy])
+    assert outs[0].outputs[0].token_ids[0] != alone[0] and outs[1].outputs[0].token_ids == alone
+    again = client.completions.create(**common).choices[0]
+    assert again.text == plain.text  # an unbiased request is untouched
