@@ -287,7 +287,9 @@ def completion_logprobs(
 ) -> dict[str, Any]:
     """The legacy completions `logprobs` object for a run of tokens (the top-k plus the sampled token; None
     for a token nothing scores, an echoed prompt's first)."""
-    tokens, token_lps, offsets = [], [], []
+    tokens: list[str] = []
+    token_lps: list[float | None] = []
+    offsets: list[int] = []
     tops: list[dict[str, float] | None] = []
     for tid, lp in zip(token_ids, logprobs):
         text = token_text(tokenizer, tid)
