@@ -22,6 +22,7 @@ from .sequence import Sequence, make_generator
 
 if TYPE_CHECKING:
     from .grammar import MaskJob
+    from .sampling_params import SamplingParams
 
 
 @dataclass
@@ -180,15 +181,9 @@ class Sampler:
     def _draw(x: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         """One token per row (no row greedy) after top-k, top-p and min-p."""
         params = [s.params for s in seqs]
-        vocab, device = x.shape[-1], x.device
+        device = x.device
         temperature = [p.temperature for p in params]
-        thr = ops.keep_threshold(
-            x,
-            temperature,
-            [p.top_k if 0 < p.top_k < vocab else vocab for p in params],
-            [p.top_p for p in params],
-            [p.min_p for p in params],
-        )
+        thr = keep_threshold(x, params)
         noise = torch.empty_like(x)
         seeded = [(i, p.seed) for i, p in enumerate(params) if p.seed is not None]
         if len(seeded) < len(seqs):
@@ -200,3 +195,16 @@ class Sampler:
             ops.log_exponential_(noise[i], seq.generator)
         neg_temperature = ops.to_device([[-t] for t in temperature], torch.float32, device)
         return ops.race(x, neg_temperature, noise, thr)
+
+
+def keep_threshold(x: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor | None:
+    """Per row of `x` ([S, V], row i sampled under params[i]), the smallest logit that its top-k, top-p and
+    min-p keep (see ops.keep_threshold); None when no row filters."""
+    vocab = x.shape[-1]
+    return ops.keep_threshold(
+        x,
+        [p.temperature for p in params],
+        [p.top_k if 0 < p.top_k < vocab else vocab for p in params],
+        [p.top_p for p in params],
+        [p.min_p for p in params],
+    )

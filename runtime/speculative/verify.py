@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .. import sampling_ops as ops
-from ..sampler import DeviceSample, Sampler, SamplerOutput
+from ..sampler import DeviceSample, Sampler, SamplerOutput, keep_threshold
 from ..sequence import Sequence, make_generator
 
 if TYPE_CHECKING:
@@ -67,20 +67,14 @@ def verify(logits: torch.Tensor, seqs: list[Sequence], drafts: list[list[int]]) 
 def _rejection_sample(x: torch.Tensor, seqs: list[Sequence], drafts: list[list[int]]) -> tuple[list[bool], list[int]]:
     """Per row: whether its proposal is accepted (the last row of a sequence has none: False), and the token
     drawn from its residual (the bonus draw, from p itself, on the last row)."""
-    device, vocab = x.device, x.shape[-1]
+    device = x.device
     params: list = []
     proposal: list[int] = []
     for seq, draft in zip(seqs, drafts):
         params.extend([seq.params] * (len(draft) + 1))
         proposal.extend([*draft, -1])
     temperature = [p.temperature for p in params]
-    thr = ops.keep_threshold(
-        x,
-        temperature,
-        [p.top_k if 0 < p.top_k < vocab else vocab for p in params],
-        [p.top_p for p in params],
-        [p.min_p for p in params],
-    )
+    thr = keep_threshold(x, params)
     z = x / ops.to_device([[t] for t in temperature], torch.float32, device)
     if thr is not None:
         z.masked_fill_(x < thr, ops.NEG_INF)
