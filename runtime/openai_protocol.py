@@ -135,8 +135,8 @@ class CompletionRequest(_SamplingFields):
         if self.best_of is not None:
             if self.best_of < self.n:
                 found.append(("best_of", f"must be at least n ({self.n}), got {self.best_of}"))
-            if self.best_of > self.n:
-                found.append(("best_of", "greater than n is not supported: kiln returns every sequence it samples"))
+            if self.stream and self.best_of > self.n:
+                found.append(("best_of", "cannot be combined with stream (the best are known only at the end)"))
         return found
 
 

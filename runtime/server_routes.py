@@ -15,7 +15,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from . import openai_protocol as proto
-from .outputs import RequestOutput
+from .outputs import CompletionOutput, RequestOutput
 from .serving import APIError, Merged, OpenAIServing, requested_structure
 from .structured_output import StructuredOutput
 from .tool_calls import ToolCalling
@@ -51,6 +51,13 @@ class _Writer:
             "model": self.serving.model_name,
             "choices": choices,
         }
+
+    def _best(self, outputs: list[CompletionOutput]) -> list[CompletionOutput]:
+        """With best_of > n: the n completions of highest cumulative logprob, best first, renumbered."""
+        if len(outputs) <= self.n:
+            return outputs
+        ranked = sorted(outputs, key=lambda c: c.cumulative_logprob or 0.0, reverse=True)[: self.n]
+        return [dataclasses.replace(c, index=i) for i, c in enumerate(ranked)]
 
     def _echoed(self, out: RequestOutput) -> tuple[str, list[int], list]:
         """The prompt as an echo prefixes a choice: text, token ids, logprobs (the first None)."""
@@ -121,7 +128,7 @@ class _Writer:
     def whole(self, outs: list[RequestOutput]) -> dict[str, Any]:
         choices = []
         for p, out in enumerate(outs):
-            for c in out.outputs:
+            for c in self._best(out.outputs):
                 body: dict[str, Any] = (
                     {"message": {"role": "assistant", "content": c.text}} if self.chat else {"text": c.text}
                 )
@@ -228,6 +235,10 @@ async def _respond(
     if source is not None:
         renames["structured_output"] = source
     params = serving.sampling_params(req, prompts, max_tokens, logprobs, renames, structured)
+    best_of = getattr(req, "best_of", None)
+    if best_of is not None and best_of > req.n:  # sample best_of, keep the n likeliest: cumulative logprobs needed
+        logprob_k = params.logprobs if params.logprobs is not None else 0
+        params = dataclasses.replace(params, n=best_of, logprobs=logprob_k)
     echo = bool(getattr(req, "echo", False))
     if echo and logprobs is not None:  # the echoed prompt's tokens come with their logprobs and top-k
         params = dataclasses.replace(params, prompt_logprobs=max(params.prompt_logprobs or 0, logprobs))
@@ -261,7 +272,7 @@ def register(app: FastAPI, serving: OpenAIServing) -> None:
         raw = req.prompt
         if isinstance(raw, str) or (raw and isinstance(raw[0], int)) or raw == []:
             raw = [raw]
-        serving.check_fanout(len(raw), req.n)
+        serving.check_fanout(len(raw), max(req.n, req.best_of or 1))
         prompts = [await serving.encode(p) if isinstance(p, str) else list(p) for p in raw]
         return await _respond(serving, request, req, prompts, False, req.max_tokens, req.logprobs)
 

@@ -45,8 +45,8 @@ def test_several_refusals_are_named_together(live) -> None:
     assert error["message"].startswith("suffix: not supported") and "best_of: must be at least n" in error["message"]
     error = _error(live, "/v1/chat/completions", {"messages": CHAT, "audio": {"voice": "x"}, "modalities": ["audio"]})
     assert "audio: not supported" in error["message"] and "modalities: only" in error["message"]
-    error = _error(live, "/v1/completions", {"prompt": "a", "best_of": 3})
-    assert error["param"] == "best_of" and "not supported" in error["message"]
+    error = _error(live, "/v1/completions", {"prompt": "a", "best_of": 3, "stream": True})
+    assert error["param"] == "best_of" and "stream" in error["message"]
     error = _error(live, "/v1/completions", {"prompt": "a", "logit_bias": {"x": 1, "5": 500}})
     assert error["param"] == "logit_bias"
 
@@ -100,3 +100,18 @@ def test_logit_bias_steers_greedy_tokens_and_leaves_other_rows_alone(live, clien
     assert outs[0].outputs[0].token_ids[0] != alone[0] and outs[1].outputs[0].token_ids == alone
     again = client.completions.create(**common).choices[0]
     assert again.text == plain.text  # an unbiased request is untouched
+
+
+def test_best_of_returns_the_n_likeliest_of_its_samples(live, client) -> None:
+    prompt, common = [1, 40, 41], {"max_tokens": 5, "temperature": 1.0, "seed": 7, "ignore_eos": True}
+    llm = LLM(live.engine.engine.model, num_kv_blocks=64, block_size=16)
+    samples = llm.generate([prompt], SamplingParams(n=3, logprobs=0, **common))[0].outputs
+    ranked = sorted(samples, key=lambda c: c.cumulative_logprob, reverse=True)
+    extra = {"seed": 7, "ignore_eos": True}
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": 5, "temperature": 1.0, **extra}
+    best = live.http.post("/v1/completions", json={**body, "n": 1, "best_of": 3}).json()
+    assert [c["text"] for c in best["choices"]] == [ranked[0].text] and best["choices"][0]["logprobs"] is None
+    assert best["usage"]["completion_tokens"] == 15  # every sample counts
+    two = live.http.post("/v1/completions", json={**body, "n": 2, "best_of": 3, "logprobs": 1}).json()
+    assert [c["text"] for c in two["choices"]] == [c.text for c in ranked[:2]]
+    assert [c["index"] for c in two["choices"]] == [0, 1]
