@@ -133,4 +133,6 @@ class AsyncLLMEngine:
             except asyncio.CancelledError:
                 pass
         self.engine.abort(list(self.engine.requests))
+        if self.engine.in_flight is not None:  # a step launched ahead (async scheduling): collect and drop it
+            self.engine.step()
         self._loop_task = None

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from kiln.runtime.async_engine import AsyncLLMEngine
 from kiln.runtime.server import build_app
 
 lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is a test extra (`make test` installs it)")
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no network: LiteLLM's bundled price map
 litellm = pytest.importorskip("litellm", reason="litellm is a test extra (`make test` installs it)")
 
 MODEL = "tiny-llama"
