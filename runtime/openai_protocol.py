@@ -116,7 +116,9 @@ class _SamplingFields(_Strict):
         )
         options = {k: getattr(self, k) for k in names if getattr(self, k) is not None}
         if self.logit_bias:  # JSON keys are strings; SamplingParams checks the ids and values
-            options["logit_bias"] = {int(t) if t.isdigit() else t: v for t, v in self.logit_bias.items()}
+            options["logit_bias"] = {
+                int(t) if t.isascii() and t.isdigit() else t: v for t, v in self.logit_bias.items()
+            }
         return options
 
 

@@ -4,11 +4,12 @@ acceptance counts after each step (statistics, and the back-off of sequences who
 Speculation runs synchronously: proposing needs every accepted token on the host, so a step after one with
 speculative sequences waits for that step's tokens (the engine's `_needs_tokens`) instead of running ahead.
 
-Eligible sequences: no penalties and no logprobs (both would need per-position bookkeeping of the proposed
-tokens), and at least min_tokens outputs (so no stop token is held back at any verified position). A sequence
-whose last proposal was wholly rejected stops proposing for 1, 4, 16 ... up to MAX_BACKOFF steps, then
-proposes one token until one is accepted, so that a workload the proposer cannot predict costs about what
-decoding without speculation costs.
+Eligible sequences: no penalties, no logit_bias, no grammar and no logprobs (verification reads the model's
+own distribution; the others would need per-position bookkeeping of the proposed tokens), and at least
+min_tokens outputs (so no stop token is held back at any verified position). A sequence whose last proposal
+was wholly rejected stops proposing for 1, 4, 16 ... up to MAX_BACKOFF steps, then proposes one token until one
+is accepted, so that a workload the proposer cannot predict costs about what decoding without speculation
+costs.
 """
 
 from __future__ import annotations
@@ -31,7 +32,13 @@ class Proposer(Protocol):
 def eligible(seq: Sequence) -> bool:
     """Whether seq's sampling allows verifying several positions in one step (see the module docstring)."""
     p = seq.params
-    return not p.has_penalties and p.logprobs is None and seq.grammar is None and seq.num_output_tokens >= p.min_tokens
+    return (
+        not p.has_penalties
+        and not p.logit_bias
+        and p.logprobs is None
+        and seq.grammar is None
+        and seq.num_output_tokens >= p.min_tokens
+    )
 
 
 class Speculator:

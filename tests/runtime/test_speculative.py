@@ -105,22 +105,24 @@ def test_stops_and_max_tokens_mid_proposal_match_decoding_without_speculation() 
 
 
 def test_mixed_batch_with_sampled_penalised_and_logprob_requests() -> None:
-    """Requests that cannot speculate (penalties, logprobs) share steps with verified ones and keep their
-    tokens; sampled requests with a seed run too."""
+    """Requests that cannot speculate (penalties, logprobs, logit_bias) share steps with verified ones and keep
+    their tokens; sampled requests with a seed run too."""
     rng = random.Random(7)
-    prompts = [[rng.randrange(VOCAB) for _ in range(rng.randint(2, 20))] for _ in range(9)]
+    prompts = [[rng.randrange(VOCAB) for _ in range(rng.randint(2, 20))] for _ in range(12)]
     kinds = [
         dict(temperature=0.0),
         dict(temperature=0.0, presence_penalty=0.5),
         dict(temperature=0.0, logprobs=2),
+        dict(temperature=0.0, logit_bias={5: 100.0}),
     ]
-    params = [SamplingParams(max_tokens=12, ignore_eos=True, **kinds[i % 3]) for i in range(len(prompts))]
+    params = [SamplingParams(max_tokens=12, ignore_eos=True, **kinds[i % 4]) for i in range(len(prompts))]
     plain = LLM(FakeModel(VOCAB, markov=True), num_kv_blocks=64, block_size=4).generate(prompts, params)
     llm = LLM(FakeModel(VOCAB, markov=True), num_kv_blocks=64, block_size=4, speculative_config=NGRAM)
     spec = llm.generate(prompts, params)
     for a, b in zip(plain, spec):
         assert b.outputs[0].token_ids == a.outputs[0].token_ids
         assert b.outputs[0].logprobs == a.outputs[0].logprobs
+    assert all(o.outputs[0].token_ids == [5] * 12 for o in spec[3::4])  # the bias holds under speculation
     assert llm.stats()["spec_accepted_tokens"] > 0
     # Seeded sampled requests verified in the same steps as greedy ones: repeatable, and greedy unchanged.
     seeded = SamplingParams(max_tokens=12, temperature=0.8, top_p=0.9, seed=11, ignore_eos=True)
