@@ -36,6 +36,14 @@ def _add_compile_options(p: argparse.ArgumentParser) -> None:
         metavar="DEVICE",
         help="auto (the first CUDA GPU if any, else the CPU), cpu, cuda or cuda:N (default: auto)",
     )
+    p.add_argument(
+        "--tensor-parallel-size",
+        "-tp",
+        type=int,
+        default=1,
+        metavar="N",
+        help="split the model over N ranks, one process each (N GPUs on a GPU machine; default: 1)",
+    )
 
 
 def _add_trust_option(p: argparse.ArgumentParser) -> None:

@@ -68,6 +68,8 @@ def _compile_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "max_model_len": args.max_model_len,
         "device": args.device,
     }
+    if getattr(args, "tensor_parallel_size", 1) != 1:
+        kwargs["tensor_parallel_size"] = args.tensor_parallel_size
     if getattr(args, "quantize", None) is not None:
         kwargs["quantization"] = args.quantize
     return kwargs
@@ -128,6 +130,10 @@ def compile_cmd(args: argparse.Namespace) -> int:
     output = Path(args.output) if args.output is not None else None
     if output is not None and output.exists() and (not output.is_dir() or any(output.iterdir())):
         return _fail(f"compile -o: {output} exists and is not an empty directory; choose a new path")
+    if output is not None and args.tensor_parallel_size != 1:
+        return _fail(
+            "--tensor-parallel-size: artifacts are single-rank; serve the checkpoint directory with the flag instead"
+        )
     started = time.perf_counter()
     try:
         compiled = _compile(args, args.model_dir)

@@ -16,6 +16,8 @@ from .export.manifest import is_artifact
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
+    from kiln.passes.shard import ShardSpec
+
 BACKENDS = ("auto", "reference", "triton")
 
 
@@ -38,6 +40,7 @@ def compile(
     kv_cache_dtype: str | None = None,
     device: str | torch.device | None = "auto",
     trusted_key: str | Path | None = None,
+    tensor_parallel_size: int = 1,
     **options: bool,
 ) -> CompiledModel:
     """Capture `model` (a local HF directory or a PreTrainedModel), run the pass pipeline, return the engine.
@@ -50,7 +53,54 @@ def compile(
     kv_cache_dtype: "int8" or "fp8_e4m3". See `kiln.passes.quant_config`.
     options: one flag per optional pass (e.g. `prune_logits=False`); see `kiln.compiler.pipeline.PASS_FLAGS`.
     trusted_key: for an artifact, a PEM ed25519 public key that must have signed it (`kiln compile --sign-key`).
+    tensor_parallel_size: ranks to split the model over (`passes/shard.py`), one process each; this process is
+    rank 0 and returns a `TensorParallelModel` that drives the others (call its `shutdown` when done).
     """
+    if isinstance(tensor_parallel_size, bool) or not isinstance(tensor_parallel_size, int) or tensor_parallel_size < 1:
+        raise ValueError(f"tensor_parallel_size: {tensor_parallel_size!r} is not a positive integer")
+    if tensor_parallel_size > 1:
+        if not isinstance(model, (str, Path)) or is_artifact(model):
+            raise ValueError(
+                "tensor_parallel_size: each rank compiles its own share from a checkpoint directory; pass its path "
+                "(not a loaded model or an artifact)"
+            )
+        from .tensor_parallel import compile_parallel
+
+        settings: dict[str, Any] = dict(
+            backend=backend, dtype=dtype, max_model_len=max_model_len, trust_remote_code=trust_remote_code
+        )
+        settings.update(quantization=quantization, kv_cache_dtype=kv_cache_dtype, device=device, **options)
+        return compile_parallel(model, tensor_parallel_size, settings)
+    return compile_shard(
+        model,
+        None,
+        backend=backend,
+        dtype=dtype,
+        max_model_len=max_model_len,
+        trust_remote_code=trust_remote_code,
+        quantization=quantization,
+        kv_cache_dtype=kv_cache_dtype,
+        device=device,
+        trusted_key=trusted_key,
+        **options,
+    )
+
+
+def compile_shard(
+    model: str | Path | PreTrainedModel,
+    shard: ShardSpec | None,
+    *,
+    backend: str = "auto",
+    dtype: str | torch.dtype | None = None,
+    max_model_len: int | None = None,
+    trust_remote_code: bool = False,
+    quantization: str | None = None,
+    kv_cache_dtype: str | None = None,
+    device: str | torch.device | None = "auto",
+    trusted_key: str | Path | None = None,
+    **options: bool,
+) -> CompiledModel:
+    """`compile` for one rank of a tensor-parallel group (`shard`), or the whole model (None)."""
     if isinstance(model, (str, Path)) and is_artifact(model):  # compiled ahead of time: nothing to capture
         fixed: dict[str, Any] = {
             k: v for k, v in (("quantization", quantization), ("kv_cache_dtype", kv_cache_dtype)) if v
@@ -90,9 +140,11 @@ def compile(
     elif not 1 <= max_model_len <= limit:
         raise ValueError(f"max_model_len: {max_model_len} is outside 1..{limit} (the model's position limit)")
     quant = QuantConfig.parse(quantization, kv_cache_dtype)
+    if loaded.prequantized is not None and shard is not None:
+        raise ValueError("tensor_parallel_size: GPTQ / AWQ checkpoints' packed weights are not split across ranks yet")
     if loaded.prequantized is not None:  # a GPTQ / AWQ checkpoint: int4 from its own packed weights
         quant = loaded.prequantized.quant_config(quant, quantization)
-    passes = build_pipeline(options, quant, backend)
+    passes = build_pipeline(options, quant, backend, shard)
     gm = capture(loaded.model, max_model_len)
     ctx = PassContext(config=config, layer_windows=layer_windows(config))
     report = PassReport(num_layers=config.num_hidden_layers)
@@ -101,6 +153,7 @@ def compile(
     if pinned:  # an artifact must load on any device: a constant device in the graph would pin it
         raise RuntimeError(f"the compiled graph names a device at {', '.join(pinned)}; capture should not keep one")
     report.quantization = ctx.quantization
+    report.sharding = ctx.sharding
     layouts = [KVLayout(*shape) for shape in ctx.kv_shapes]
     compiled = CompiledModel(
         graph_module=gm,

@@ -22,6 +22,7 @@ from kiln.passes.paged_attention import PagedAttention
 from kiln.passes.prune_logits import PruneLogits
 from kiln.passes.quant_config import QuantConfig
 from kiln.passes.quantize import Quantize
+from kiln.passes.shard import ShardSpec, ShardTensorParallel
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,7 @@ class PipelineOptions:
 
     quant: QuantConfig | None
     backend: str
+    shard: ShardSpec | None = None
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,10 @@ def _quantize(opts: PipelineOptions) -> GraphPass | None:
     return Quantize(opts.quant) if opts.quant is not None and opts.quant.enabled else None
 
 
+def _shard(opts: PipelineOptions) -> GraphPass | None:
+    return ShardTensorParallel(opts.shard) if opts.shard is not None and opts.shard.size > 1 else None
+
+
 def _lower(opts: PipelineOptions) -> GraphPass:
     return LowerToTriton() if opts.backend == "triton" else LowerToReference()
 
@@ -61,6 +67,7 @@ def _lower(opts: PipelineOptions) -> GraphPass:
 STAGES: tuple[tuple[str, tuple[Step, ...]], ...] = (
     ("cleanup", (Step("cleanup", lambda _: Cleanup()),)),
     ("attention", (Step(None, lambda _: PagedAttention()), Step("prune_logits", lambda _: PruneLogits()))),
+    ("sharding", (Step(None, _shard),)),  # runs only under tensor parallelism: each rank's share, collectives
     (
         "fusion",
         (
@@ -82,14 +89,17 @@ PASS_FLAGS: dict[str, bool] = {step.flag: True for _, steps in STAGES for step i
 
 
 def pipeline_stages(
-    options: dict[str, bool], quant: QuantConfig | None = None, backend: str = "reference"
+    options: dict[str, bool],
+    quant: QuantConfig | None = None,
+    backend: str = "reference",
+    shard: ShardSpec | None = None,
 ) -> list[tuple[str, list[GraphPass]]]:
     """The passes to run for these flags, by stage; unknown flags are refused by name."""
     unknown = sorted(set(options) - set(PASS_FLAGS))
     if unknown:
         raise ValueError(f"unknown compile option(s): {', '.join(unknown)}; known: {', '.join(PASS_FLAGS)}")
     flags = {**PASS_FLAGS, **options}
-    opts = PipelineOptions(quant, backend)
+    opts = PipelineOptions(quant, backend, shard)
     stages = []
     for stage, steps in STAGES:
         built = [step.make(opts) for step in steps if step.flag is None or flags[step.flag]]
@@ -98,7 +108,10 @@ def pipeline_stages(
 
 
 def build_pipeline(
-    options: dict[str, bool], quant: QuantConfig | None = None, backend: str = "reference"
+    options: dict[str, bool],
+    quant: QuantConfig | None = None,
+    backend: str = "reference",
+    shard: ShardSpec | None = None,
 ) -> list[GraphPass]:
     """Every pass `kiln.compile` runs for these flags, in order, lowering for `backend` and flattening included."""
-    return [p for _, passes in pipeline_stages(options, quant, backend) for p in passes]
+    return [p for _, passes in pipeline_stages(options, quant, backend, shard) for p in passes]

@@ -112,6 +112,7 @@ class PassContext:
     logits_indices: fx.Node | None = None  # paged_attention: the graph input prune_logits gathers rows with
     quantization: dict[str, Any] = field(default_factory=dict)  # quantize: accuracy and memory, for the report
     kv_cache_dtype: str | None = None  # quantize: the quantized KV cache's dtype, when one was asked for
+    sharding: dict[str, Any] = field(default_factory=dict)  # shard: what tensor parallelism split, for the report
 
 
 @dataclass
@@ -140,6 +141,7 @@ class PassReport:
     num_layers: int = 0
     layer_ops: tuple[list[int], list[int]] = ([], [])  # compute ops per decoder layer, before and after
     quantization: dict[str, Any] = field(default_factory=dict)  # passes/quantize.py: accuracy and memory
+    sharding: dict[str, Any] = field(default_factory=dict)  # passes/shard.py: what each rank holds
 
     def format(self) -> str:
         lines = ["pass               what it matched/removed/added              graph ops (all calls)"]
@@ -156,6 +158,17 @@ class PassReport:
             before, after = self.layer_ops
             lines.append(f"compute ops per decoder layer: {before} -> {after}")
         lines.append("final ops: " + ", ".join(f"{k} x{v}" for k, v in self.ops_final.most_common()))
+        if self.sharding:
+            s = self.sharding
+
+            def kinds(counts: dict[str, int]) -> str:
+                return ", ".join(f"{k} x{v}" for k, v in counts.items()) or "none"
+
+            lines.append(
+                f"tensor parallel over {s['size']} ranks: column-parallel {kinds(s['column'])}; row-parallel "
+                f"{kinds(s['row'])}; replicated {kinds(s['replicated'])}; embedding and LM head split by "
+                f"vocabulary; KV heads per rank {s['kv_heads_per_rank']}"
+            )
         if self.quantization:
             q = self.quantization
             before, after = q["weight_bytes"]
@@ -184,6 +197,7 @@ class PassReport:
             "num_layers": self.num_layers,
             "layer_ops": self.layer_ops,
             "quantization": self.quantization,
+            "sharding": self.sharding,
         }
 
     @classmethod
@@ -196,6 +210,7 @@ class PassReport:
             num_layers=data["num_layers"],
             layer_ops=tuple(data.get("layer_ops", ([], []))),
             quantization=data.get("quantization", {}),
+            sharding=data.get("sharding", {}),
         )
 
 

@@ -29,7 +29,7 @@ def select_linears(gm: fx.GraphModule, cfg: QuantConfig, vocab: int) -> dict[fx.
             packed = _from_checkpoint(cfg.prequantized, node) if w is not None else None
             if packed is not None:
                 found[node] = packed
-        elif _fits(cfg, w, vocab):
+        elif _fits(cfg, w, vocab) and (cfg.lm_head or not node.meta.get("lm_head")):  # shard: a split head
             found[node] = None
     return found
 

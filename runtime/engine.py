@@ -238,6 +238,12 @@ class LLMEngine:
     def get_num_unfinished_requests(self) -> int:
         return len(self.requests)
 
+    def check_health(self) -> None:
+        """Raise when the model can no longer run (a tensor-parallel rank died); nothing otherwise."""
+        check = getattr(self.model, "check_health", None)
+        if check is not None:
+            check()
+
     # The loop ------------------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
@@ -258,6 +264,8 @@ class LLMEngine:
             try:
                 launched = (sched, self.runner.launch(sched))
             except Exception as exc:  # noqa: BLE001 - the step's requests fail; the engine and the queue go on
+                if getattr(exc, "fatal", False):  # the model cannot run again (a dead rank): stop, do not spin
+                    raise
                 logger.exception("kiln: a forward pass failed; its requests fail, the others go on")
                 outputs += self._fail(sched, f"forward pass failed: {type(exc).__name__}: {exc}")
         if self.in_flight is not None:

@@ -22,7 +22,7 @@ class LLM:
     max_num_batched_tokens, enforce_eager, enable_prefix_caching, enable_chunked_prefill, max_model_len,
     async_scheduling (None: overlap steps on a GPU), speculative_config (vLLM's dict; see LLMEngine). Compile
     options: device ("auto": the first CUDA GPU when there is one, else the CPU), backend, dtype, quantization,
-    kv_cache_dtype (see `kiln.compile`).
+    kv_cache_dtype, tensor_parallel_size (see `kiln.compile`; `shutdown` stops its worker processes).
     """
 
     def __init__(
@@ -35,6 +35,7 @@ class LLM:
         max_model_len: int | None = None,
         quantization: str | None = None,
         kv_cache_dtype: str | None = None,
+        tensor_parallel_size: int = 1,
         **engine_options: Any,
     ) -> None:
         if _is_compiled(model):
@@ -50,10 +51,17 @@ class LLM:
                 quantization=quantization,
                 kv_cache_dtype=kv_cache_dtype,
                 device=device,
+                tensor_parallel_size=tensor_parallel_size,
             )
         self.model = compiled
         self.engine = LLMEngine(compiled, max_model_len=max_model_len, **engine_options)
         self._ids = itertools.count()
+
+    def shutdown(self) -> None:
+        """Stop the worker processes of a tensor-parallel model (also done at exit); nothing to do otherwise."""
+        stop = getattr(self.model, "shutdown", None)
+        if stop is not None:
+            stop()
 
     def get_tokenizer(self) -> Any:
         return self.engine.tokenizer

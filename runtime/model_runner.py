@@ -262,6 +262,7 @@ def _decode_graphs(model: Any, kv_caches: list, max_model_len: int, block_size: 
     """On a GPU with generated kernels, decode steps replay CUDA graphs (one per capture size); else eager."""
     if (
         getattr(model, "backend", None) != "triton"
+        or getattr(model, "tensor_parallel_size", 1) > 1  # each step is announced to the workers: eager
         or getattr(model, "device", None) is None
         or model.device.type != "cuda"
     ):

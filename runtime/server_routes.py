@@ -320,6 +320,12 @@ def register(app: FastAPI, serving: OpenAIServing) -> None:
 
     @app.get("/health")
     async def health() -> Response:
+        """200 while the engine can serve; 503 once it cannot (a tensor-parallel rank died), so that a supervisor
+        (Ray Serve, Kubernetes) replaces this server."""
+        try:
+            serving.engine.engine.check_health()
+        except RuntimeError as err:
+            return JSONResponse(proto.error_body(str(err), "server_error", None, "engine_dead"), status_code=503)
         return Response(status_code=200)
 
     @app.get("/version")

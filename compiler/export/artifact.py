@@ -107,6 +107,10 @@ def save(
     """
     say = progress or (lambda _msg: None)
     gm = compiled.graph_module
+    if getattr(compiled, "tensor_parallel_size", 1) > 1:
+        raise ArtifactError(
+            "a tensor-parallel model holds one rank's share: save the artifact without tensor_parallel_size"
+        )
     if not isinstance(gm, fx.GraphModule):
         raise ArtifactError("this model was loaded from an artifact already; copy that directory instead")
     root = Path(path)
