@@ -94,7 +94,7 @@ def compile_parallel(model: str | Path, size: int, settings: dict[str, Any]) -> 
     rank, this process included, then uses its share of the cores (`torch.set_num_threads`)."""
     from kiln.passes.shard import ShardSpec
 
-    from .api import compile_shard
+    from .compile_shard import compile_shard
 
     if str(settings.get("device")).startswith("cuda") and torch.cuda.device_count() < size:
         raise ValueError(f"tensor_parallel_size: {size} ranks need {size} GPUs; torch sees {torch.cuda.device_count()}")

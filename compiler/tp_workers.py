@@ -135,7 +135,7 @@ def _worker(rank: int, address: GroupAddress, model: str, settings: dict[str, An
     """A worker's life: join, compile its share, then run what rank 0 announces until told to stop."""
     from kiln.passes.shard import ShardSpec
 
-    from .api import compile_shard
+    from .compile_shard import compile_shard
 
     try:
         share_cores(address)
@@ -183,7 +183,6 @@ class Workers:
         self.address = address
         self.status = Path(tempfile.mkdtemp(prefix="kiln-tp-"))
         plain = {k: str(v).removeprefix("torch.") if isinstance(v, torch.dtype) else v for k, v in settings.items()}
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([_package_root(), os.environ.get("PYTHONPATH", "")])}
         self.procs = []
         for rank in range(1, address.size):
             args = {
@@ -194,7 +193,7 @@ class Workers:
                 "status": str(self.status),
             }
             code = "from kiln.compiler.tp_workers import main; main()"
-            self.procs.append(subprocess.Popen([sys.executable, "-c", code, json.dumps(args)], env=env))
+            self.procs.append(subprocess.Popen([sys.executable, "-c", code, json.dumps(args)]))
         self.control: Any = None
 
     def check(self) -> None:
@@ -232,13 +231,6 @@ class Workers:
                 proc.kill()
                 proc.wait(timeout=5)
         shutil.rmtree(self.status, ignore_errors=True)
-
-
-def _package_root() -> str:
-    """The directory `import kiln` resolves from here, so that workers import the same kiln."""
-    import kiln
-
-    return str(Path(kiln.__file__).resolve().parent.parent)
 
 
 def cache_header(num_blocks: int, block_size: int) -> torch.Tensor:

@@ -44,8 +44,8 @@ def _workers_gone(model) -> bool:
 
 @pytest.mark.parametrize(
     "arch, overrides",
-    [(arch, {}) for arch in REQUIRED] + [("llama", {"num_key_value_heads": 1})],
-    ids=REQUIRED + ["llama-1kv"],
+    [(arch, {}) for arch in REQUIRED] + [("llama", {"num_key_value_heads": 1}), ("olmo2", {})],
+    ids=REQUIRED + ["llama-1kv", "olmo2"],
 )
 def test_two_ranks_give_the_whole_models_tokens(checkpoint, arch, overrides):
     path = checkpoint(arch, **overrides)
@@ -57,14 +57,22 @@ def test_two_ranks_give_the_whole_models_tokens(checkpoint, arch, overrides):
         sharding = split.report.sharding
         assert sharding["size"] == 2
         # A single KV head cannot be split: each rank computes it whole (its K/V projections are replicated).
-        assert sharding["replicated"] == ({"k_proj": 2, "v_proj": 2} if overrides else {})
+        # OLMo-2 normalises q and k over all heads at once: its attention stays whole on every rank, its MLP splits.
+        replicated = {
+            "llama": {"k_proj": 2, "v_proj": 2},
+            "olmo2": {"q_proj": 2, "k_proj": 2, "v_proj": 2, "o_proj": 2},
+        }
+        assert sharding["replicated"] == (replicated[arch] if arch == "olmo2" or overrides else {})
         layers = whole.num_layers
         # Every decoder layer closes two column groups (attention, MLP) with a row-parallel linear each.
-        assert sum(sharding["row"].values()) == 2 * layers
+        rows = layers if arch == "olmo2" else 2 * layers
+        assert sum(sharding["row"].values()) == rows
         # KV heads split between the ranks, or with fewer heads than ranks one replicated on both.
-        assert [lay.kv_heads for lay in split.kv_layouts] == [max(lay.kv_heads // 2, 1) for lay in whole.kv_layouts]
+        kv_split = arch != "olmo2"
+        expected = [max(lay.kv_heads // 2, 1) if kv_split else lay.kv_heads for lay in whole.kv_layouts]
+        assert [lay.kv_heads for lay in split.kv_layouts] == expected
         final = split.report.ops_final
-        assert final["_c10d_functional.all_reduce"] == 2 * layers + 1  # row linears + the embedding
+        assert final["_c10d_functional.all_reduce"] == rows + 1  # row linears + the embedding
         assert final["_c10d_functional.all_gather_into_tensor"] == 1  # the logits
         assert "all_reduce" in split.code and "all_gather_into_tensor" in split.code
         assert "tensor parallel over 2 ranks: column-parallel" in split.report.format()
@@ -122,3 +130,12 @@ def test_bad_sizes_are_refused_by_name(checkpoint, tmp_path):
         kiln.compile(artifact, tensor_parallel_size=2)
     with pytest.raises(ValueError, match="tensor_parallel_size=3"):  # 4 query heads do not split 3 ways
         kiln.compile(path, device="cpu", tensor_parallel_size=3)
+
+
+def test_cli_takes_the_flag_and_refuses_a_split_artifact(checkpoint, tmp_path, capsys):
+    from kiln.__main__ import build_parser, main
+
+    args = build_parser().parse_args(["serve", str(checkpoint("llama")), "-tp", "2"])
+    assert args.tensor_parallel_size == 2
+    assert main(["compile", str(checkpoint("llama")), "-o", str(tmp_path / "out"), "--tensor-parallel-size", "2"]) == 2
+    assert "--tensor-parallel-size: artifacts are single-rank" in capsys.readouterr().err
