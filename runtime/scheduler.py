@@ -162,8 +162,10 @@ class Scheduler:
         pool is dry; False when seq itself had to go."""
         if seq.num_computed_tokens + num_new <= len(seq.block_table) * self.block_manager.block_size:
             return True  # most steps: the last block has room
-        scheduled = {s.seq_id for s in out.seqs}
+        scheduled: set[int] | None = None  # built only when the pool is dry: most calls just allocate
         while not self.block_manager.allocate(seq, num_new):
+            if scheduled is None:
+                scheduled = {s.seq_id for s in out.seqs}
             victim = max((s for s in self.running if s.seq_id not in scheduled), key=lambda s: s.seq_id)
             self._preempt(victim)
             out.preempted.append(victim)
