@@ -46,32 +46,20 @@ def compile(
     """
     if isinstance(tensor_parallel_size, bool) or not isinstance(tensor_parallel_size, int) or tensor_parallel_size < 1:
         raise ValueError(f"tensor_parallel_size: {tensor_parallel_size!r} is not a positive integer")
-    if tensor_parallel_size > 1:
-        if not isinstance(model, (str, Path)) or is_artifact(model):
-            raise ValueError(
-                "tensor_parallel_size: each rank compiles its own share from a checkpoint directory; pass its path "
-                "(not a loaded model or an artifact)"
-            )
-        from .tensor_parallel import compile_parallel
-
-        settings: dict[str, Any] = dict(
-            backend=backend, dtype=dtype, max_model_len=max_model_len, trust_remote_code=trust_remote_code
-        )
-        settings.update(quantization=quantization, kv_cache_dtype=kv_cache_dtype, device=device, **options)
-        return compile_parallel(model, tensor_parallel_size, settings)
-    return compile_shard(
-        model,
-        None,
-        backend=backend,
-        dtype=dtype,
-        max_model_len=max_model_len,
-        trust_remote_code=trust_remote_code,
-        quantization=quantization,
-        kv_cache_dtype=kv_cache_dtype,
-        device=device,
-        trusted_key=trusted_key,
-        **options,
+    settings: dict[str, Any] = dict(
+        backend=backend, dtype=dtype, max_model_len=max_model_len, trust_remote_code=trust_remote_code, device=device
     )
+    settings.update(quantization=quantization, kv_cache_dtype=kv_cache_dtype, **options)
+    if tensor_parallel_size == 1:
+        return compile_shard(model, None, trusted_key=trusted_key, **settings)
+    if not isinstance(model, (str, Path)) or is_artifact(model):
+        raise ValueError(
+            "tensor_parallel_size: each rank compiles its own share from a checkpoint directory; pass its path "
+            "(not a loaded model or an artifact)"
+        )
+    from .tensor_parallel import compile_parallel
+
+    return compile_parallel(model, tensor_parallel_size, settings)
 
 
 def load(path: str | Path, **kwargs: Any) -> CompiledModel:
