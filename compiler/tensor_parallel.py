@@ -60,7 +60,8 @@ class TensorParallelModel(CompiledModel):
     __call__ = forward
 
     def _guard(self, run: Any) -> Any:
-        """Run a step with the group; a dead worker, or a collective that timed out, becomes WorkerDiedError."""
+        """Run a step with the group. Any failure is fatal (WorkerDiedError): the other ranks are left inside the
+        step's collectives, so the group cannot run another step; a dead worker is named."""
         if self._closed:
             raise WorkerDiedError("this tensor-parallel model was shut down")
         self._workers.check()
@@ -68,7 +69,7 @@ class TensorParallelModel(CompiledModel):
             return run()
         except RuntimeError as err:
             self._workers.check()  # a worker died: say which
-            raise WorkerDiedError(f"a tensor-parallel collective failed: {err}") from err
+            raise WorkerDiedError(f"a tensor-parallel step failed, and the ranks are out of step now: {err}") from err
 
     def check_health(self) -> None:
         """Raise WorkerDiedError if a rank has exited."""
