@@ -64,6 +64,7 @@ def compile_shard(
         raise ValueError(f"trusted_key: {model} is not a kiln artifact; only artifacts carry signatures")
     # Imported only now: starting from an artifact needs none of this (the model stack, export, passes,
     # codegen), and importing it is most of an artifact's cold start.
+    from kiln.models.device import resolve_device
     from kiln.models.loader import load_model
     from kiln.models.registry import layer_windows
     from kiln.passes.base import PassContext, PassReport, run_passes
@@ -74,9 +75,15 @@ def compile_shard(
 
     if backend not in BACKENDS:
         raise ValueError(f"backend: {backend!r} is not available; choose one of {', '.join(BACKENDS)}")
+    # A rank of a split model reads the checkpoint into host memory and moves only its share to its GPU, so that a
+    # model too large for one GPU can be split across several (the passes never depend on the device).
+    where = None
+    if shard is not None and shard.size > 1 and resolve_device(device).type == "cuda":
+        where, device = resolve_device(device), "cpu"
     loaded = load_model(model, dtype=dtype, trust_remote_code=trust_remote_code, device=device)
+    where = where or loaded.model.device
     if backend == "auto":  # generated kernels run on a GPU; on CPU only the (slow) interpreter could
-        backend = "triton" if loaded.model.device.type == "cuda" else "reference"
+        backend = "triton" if where.type == "cuda" else "reference"
     config = loaded.model.config
     limit = int(getattr(config, "max_position_embeddings", 0) or getattr(config, "n_positions", 0) or 4096)
     if max_model_len is None:
@@ -96,6 +103,7 @@ def compile_shard(
     pinned = device_constants(gm)
     if pinned:  # an artifact must load on any device: a constant device in the graph would pin it
         raise RuntimeError(f"the compiled graph names a device at {', '.join(pinned)}; capture should not keep one")
+    gm.to(where)
     report.quantization = ctx.quantization
     report.sharding = ctx.sharding
     layouts = [KVLayout(*shape) for shape in ctx.kv_shapes]
@@ -105,7 +113,7 @@ def compile_shard(
         hf_config=config,
         kv_layouts=layouts,
         dtype=loaded.model.dtype,
-        device=loaded.model.device,
+        device=where,
         max_model_len=max_model_len,
         backend=backend,
         tokenizer=loaded.tokenizer,
