@@ -254,6 +254,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="KV cache blocks (default: sized from max-num-seqs and max-model-len)",
     )
     serve.add_argument("--block-size", type=int, default=16, metavar="N", help="tokens per KV block (default: 16)")
+    ray = serve.add_argument_group("replicas on Ray Serve (pip install 'kiln[ray]'; RAY_ADDRESS joins a cluster)")
+    ray.add_argument("--ray", action="store_true", help="serve engine replicas on Ray Serve behind the same routes")
+    ray.add_argument("--num-replicas", type=int, default=None, metavar="N", help="replicas (default: 1)")
+    ray.add_argument("--min-replicas", type=int, default=None, metavar="N", help="autoscaling: fewest replicas")
+    ray.add_argument("--max-replicas", type=int, default=None, metavar="N", help="autoscaling: most replicas")
+    ray.add_argument(
+        "--target-ongoing-requests", type=float, default=None, metavar="N", help="autoscaling: requests per replica"
+    )
     _add_compile_options(serve)
     _add_memory_option(serve)
     _add_speculative_option(serve)

@@ -241,34 +241,48 @@ def bench(args: argparse.Namespace) -> int:
 
 
 def serve(args: argparse.Namespace) -> int:
-    """`kiln serve`: the OpenAI-compatible server (kiln.runtime.server) on MODEL until interrupted."""
+    """`kiln serve`: the OpenAI-compatible server (kiln.runtime.server) on MODEL until interrupted; with --ray,
+    replicas of it on Ray Serve (kiln.runtime.ray_serve)."""
     import os
 
     problem = _checkpoint_problem(args.model, artifact_ok=True)
     if problem:
         return _fail(problem)
-    from kiln.runtime.server import serve as run_server
     from kiln.runtime.serving import ServerLimits
 
+    ray_only = [
+        f for f in ("num_replicas", "min_replicas", "max_replicas", "target_ongoing_requests") if getattr(args, f)
+    ]
+    if ray_only and not args.ray:
+        return _fail(f"--{ray_only[0].replace('_', '-')} needs --ray")
+    server = dict(
+        api_key=args.api_key or os.environ.get("KILN_API_KEY"),
+        served_model_name=args.served_model_name or Path(args.model).name,
+        open_metrics=args.open_metrics,
+        allowed_hosts=args.allowed_hosts,
+        stall_timeout=args.stall_timeout,
+        limits=ServerLimits(max_seqs=args.max_request_seqs),
+        max_num_seqs=args.max_num_seqs,
+        num_kv_blocks=args.num_kv_blocks,
+        block_size=args.block_size,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        speculative_config=_speculative_config(args),
+    )
     try:
+        if args.ray:
+            from kiln.runtime import ray_serve
+
+            scaling = ray_serve.autoscaling_config(args.min_replicas, args.max_replicas, args.target_ongoing_requests)
+            _progress(f"serving replicas on Ray Serve at http://{args.host}:{args.port}/v1")
+            ray_serve.serve_forever(
+                args.model, args.host, args.port, args.num_replicas or 1, scaling, **server, **_compile_kwargs(args)
+            )
+            return 0
+        from kiln.runtime.server import serve as run_server
+
         compiled = _load(args, args.model)
         _progress(f"serving on http://{args.host}:{args.port}/v1")
-        run_server(
-            compiled,
-            args.host,
-            args.port,
-            args.api_key or os.environ.get("KILN_API_KEY"),
-            served_model_name=args.served_model_name or Path(args.model).name,
-            open_metrics=args.open_metrics,
-            allowed_hosts=args.allowed_hosts,
-            stall_timeout=args.stall_timeout,
-            limits=ServerLimits(max_seqs=args.max_request_seqs),
-            max_num_seqs=args.max_num_seqs,
-            num_kv_blocks=args.num_kv_blocks,
-            block_size=args.block_size,
-            gpu_memory_utilization=args.gpu_memory_utilization,
-            speculative_config=_speculative_config(args),
-        )
+        run_server(compiled, args.host, args.port, **server)
     except (ValueError, FileNotFoundError) as err:
         return _fail(str(err))
     return 0

@@ -95,6 +95,12 @@ class _Guard:
         await self.app(scope, receive, counting_send)
 
 
+def host_allowlist(host: str, allowed_hosts: list[str] | None) -> frozenset[str] | None:
+    """The Host names to answer: those given, plus the loopback names when bound to loopback (None: any)."""
+    hosts: frozenset[str] | None = frozenset(h.lower() for h in allowed_hosts) if allowed_hosts else None
+    return LOOPBACK_HOSTS | (hosts or frozenset()) if host in LOOPBACK_HOSTS else hosts
+
+
 def _hostname(host: bytes) -> str:
     """The host name of a Host header value: without the port, without IPv6 brackets, lower case."""
     text = host.decode("latin-1").strip().lower()
@@ -170,9 +176,7 @@ def serve(
         str(model) if isinstance(model, Path) else model, stall_timeout, **engine_options
     )
     name = served_model_name or (Path(model).name if isinstance(model, (str, Path)) else "kiln-model")
-    hosts: frozenset[str] | None = frozenset(h.lower() for h in allowed_hosts) if allowed_hosts else None
-    if host in LOOPBACK_HOSTS:
-        hosts = LOOPBACK_HOSTS | (hosts or frozenset())
+    hosts = host_allowlist(host, allowed_hosts)
     app = build_app(engine, name, api_key, limits, open_metrics=open_metrics, allowed_hosts=hosts)
     from .http_protocol import header_timeout_protocol
 
