@@ -18,12 +18,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e .
 	touch $(STAMP)
 
-# What the tests add: the dev tools, the third-party clients tested against `kiln serve` and Ray Serve (extras dev,
-# clients, ray).
+# What the tests add: the dev tools, the third-party clients tested against `kiln serve`, Ray Serve and matplotlib
+# for `kiln profile --png` (extras dev, clients, ray, profile).
 install-test: $(TEST_STAMP)
 
 $(TEST_STAMP): $(STAMP)
-	$(BIN)/python -m pip install -q -e '.[dev,clients,ray]'
+	$(BIN)/python -m pip install -q -e '.[dev,clients,ray,profile]'
 	# Optional: torch-mlir for `kiln export` (extra `mlir`); --no-deps so it cannot replace the pinned torch.
 	$(BIN)/python -m pip install -q --no-deps torch-mlir==20261001 && $(BIN)/python -m pip install -q numpy packaging \
 		|| echo "WARNING: torch-mlir not installed; 'kiln export' (MLIR) is unavailable, everything else works"

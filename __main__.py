@@ -198,6 +198,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_speculative_option(bench)
     _add_trust_option(bench)
 
+    prof = sub.add_parser(
+        "profile",
+        help="time one decode and one prefill step of MODEL op by op, against the device's roofline",
+        description="Per op of the compiled graph: calls, time, bytes moved and FLOPs (from the shapes), achieved "
+        "GB/s and TFLOP/s, and their fraction of the device's copy bandwidth and matmul rate, measured first.",
+    )
+    prof.add_argument("model", metavar="MODEL", help=MODEL_HELP)
+    prof.add_argument("--batch", type=int, default=8, metavar="B", help="sequences per step (default: 8)")
+    prof.add_argument("--prompt-len", type=int, default=128, metavar="P", help="prefill tokens each (default: 128)")
+    prof.add_argument("--context", type=int, default=512, metavar="C", help="decode: cached tokens each (default: 512)")
+    prof.add_argument("--png", default=None, metavar="FILE", help="write a roofline plot (needs kiln[profile])")
+    prof.add_argument("--json", default=None, metavar="FILE", help="write the figures as JSON")
+    _add_compile_options(prof)
+    _add_trust_option(prof)
+
     serve = sub.add_parser(
         "serve",
         help="serve MODEL over an OpenAI-compatible HTTP API",
@@ -340,6 +355,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "bench": commands.bench,
         "serve": commands.serve,
         "export": commands.export,
+        "profile": commands.profile,
     }[args.command](args)
 
 

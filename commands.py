@@ -288,6 +288,21 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def profile(args: argparse.Namespace) -> int:
+    """`kiln profile`: one decode and one prefill step, op by op, against the device's roofline (runtime/profile)."""
+    problem = _checkpoint_problem(args.model, artifact_ok=True)
+    if problem:
+        return _fail(problem)
+    from kiln.runtime import profile as prof
+
+    try:
+        text = prof.run(_load(args, args.model), args.batch, args.prompt_len, args.context, args.png, args.json)
+    except (ValueError, FileNotFoundError) as err:
+        return _fail(str(err))
+    print(text)
+    return 0
+
+
 def export(args: argparse.Namespace) -> int:
     """`kiln export`: the reference graph as an MLIR module (kiln.compiler.export.mlir_export) written to -o."""
     from kiln.compiler.export import mlir_export

@@ -11,7 +11,7 @@ import pytest
 from kiln.__main__ import build_parser, main
 
 ROOT = Path(__file__).resolve().parents[1]
-SUBCOMMANDS = ["demo", "compile", "generate", "serve", "bench"]
+SUBCOMMANDS = ["demo", "compile", "generate", "serve", "bench", "profile"]
 needs_compiler = pytest.mark.skipif(not (ROOT / "compiler" / "api.py").is_file(), reason="kiln.compile not written yet")
 needs_engine = pytest.mark.skipif(not (ROOT / "runtime" / "llm.py").is_file(), reason="kiln.LLM not written yet")
 
