@@ -19,13 +19,14 @@ import re
 import subprocess
 import sys
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .aot import CACHE
 from .kernel_plan import SIZING_SMS, Launch, Target
 from .model_step import ModelShapes, ModelStep, Planned, step_launches
 from .render import interpreting
@@ -69,49 +70,86 @@ class KernelRecord:
 
 
 def model_launches(
-    shapes: ModelShapes, dtype: torch.dtype, target: Target, block_size: int = 16, quantized: bool = False
+    shapes: ModelShapes,
+    dtype: torch.dtype,
+    target: Target,
+    block_size: int = 16,
+    quantized: bool = False,
+    plans: Collection[str] | None = None,
 ) -> list[Planned]:
-    """Every kernel launch of every step in STEPS, from every plan's `@at_model_size` hook."""
+    """Every kernel launch of every step in STEPS, from every plan's `@at_model_size` hook (of `plans` only,
+    when given)."""
     return [
         p
         for name, seqs, query_len in STEPS
-        for p in step_launches(ModelStep(shapes, dtype, target, name, seqs, query_len, block_size, quantized))
+        for p in step_launches(ModelStep(shapes, dtype, target, name, seqs, query_len, block_size, quantized), plans)
     ]
 
 
+def graph_plans(gm: Any) -> set[str]:
+    """The kernel plan modules whose launchers a lowered graph calls (its submodules', fused regions, included),
+    and the plans those launchers launch through (the attention's cache write): what an artifact cross-compiles."""
+    prefix = f"{__package__}.kernels."
+    found = set()
+    for module in gm.modules():
+        graph = getattr(module, "graph", None)
+        for node in graph.nodes if graph is not None else ():
+            name = getattr(node.target, "__module__", "") or ""
+            if node.op == "call_function" and name.startswith(prefix):
+                found.add(name)
+    todo = list(found)
+    while todo:  # plan modules a plan imports (`from . import cache_write_plan`) launch their kernels too
+        for value in vars(sys.modules[todo.pop()]).values():
+            name = getattr(value, "__name__", "") if isinstance(value, type(sys)) else ""
+            if name.startswith(prefix) and name.endswith("_plan") and name not in found:
+                found.add(name)
+                todo.append(name)
+    return found
+
+
 @contextlib.contextmanager
-def gpu_compilation() -> Iterator[None]:
-    """Real `@triton.jit` functions (not the interpreter's), and ptxas run every time so its log is seen."""
+def gpu_compilation(cache: Path | None = None) -> Iterator[None]:
+    """Real `@triton.jit` functions (not the interpreter's), and ptxas run every time so its log is seen; with
+    `cache`, Triton's cache goes there, so that what is compiled is stored as Triton stores it (codegen/aot.py)."""
     from triton import knobs
 
     saved = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "0"
-    old_log, old_always = knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile
+    old_log, old_always, old_cache = knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile, knobs.cache.dir
     knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile = True, True
+    if cache is not None:
+        knobs.cache.dir = str(cache)
     try:
         yield
     finally:
         knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile = old_log, old_always
+        knobs.cache.dir = old_cache
         if saved is None:
             os.environ.pop("TRITON_INTERPRET", None)
         else:
             os.environ["TRITON_INTERPRET"] = saved
 
 
+def ast_source(launch: Launch) -> Any:
+    """What Triton compiles for this launch: the kernel with the signature, constants and specialisation a launch
+    on a GPU gives it (so that the cache key matches the JIT's)."""
+    from triton.compiler import ASTSource
+
+    signature = launch.signature()
+    names = list(signature)
+    constexprs = {(names.index(k),): v for k, v in launch.constexprs.items()}
+    return ASTSource(launch.fn(), signature, constexprs, launch.attrs())
+
+
 def _compile(launch: Launch, capability: int) -> tuple[Any, int, int]:
     """(compiled kernel, registers, spill bytes) from ptxas's verbose log."""
     import triton
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
-    fn = launch.fn()
-    signature = launch.signature()
-    names = list(signature)
-    constexprs = {(names.index(k),): v for k, v in launch.constexprs.items()}
     log = io.StringIO()
     with contextlib.redirect_stdout(log):
         kernel = triton.compile(
-            ASTSource(fn, signature, constexprs, launch.attrs()),
+            ast_source(launch),
             target=GPUTarget("cuda", capability, 32),
             options={"num_warps": launch.num_warps, "num_stages": launch.num_stages},
         )
@@ -137,7 +175,7 @@ def _key(launch: Launch) -> tuple:
 def compile_launches(planned: list[Planned], target: str, shared_limit: int, root: Path) -> list[KernelRecord]:
     """Compile each distinct kernel of `planned` once for `target` (inside `gpu_compilation`), writing its
     source and cubin under root; a kernel's record lists every step that launches it."""
-    capability = _target(target)
+    capability = parse_target(target)
     root.mkdir(parents=True, exist_ok=True)
     by_key: dict[tuple, tuple[Planned, KernelRecord, Any]] = {}
     for p in planned:
@@ -175,7 +213,7 @@ def compile_launches(planned: list[Planned], target: str, shared_limit: int, roo
     return records
 
 
-def _target(target: str) -> int:
+def parse_target(target: str) -> int:
     kind, _, arch = target.partition(":")
     if kind != "cuda" or not arch.isdigit():
         raise ValueError(f"target: {target!r} is not of the form cuda:<capability>, e.g. cuda:90")
@@ -205,14 +243,16 @@ def cross_compile(
     kernels: list[str] | None = None,
     strict: bool = True,
     quantized: bool = False,
+    plans: Collection[str] | None = None,
 ) -> list[KernelRecord]:
     """Compile the kernels a model (a CompiledModel, an HF config, or a dict of its fields) runs on `target`.
 
     shared_limit lowers the target's per-block shared memory (configs are then chosen for the lower limit; an
     unlisted capability gets sm_86's); `kernels` picks kernels by name; `quantized` adds the quantized linears
-    (every mode, at the down projection's size). With `strict`, raises ValueError listing every kernel that
+    (every mode, at the down projection's size); `plans` keeps the launches of those plan modules only (an
+    artifact passes `graph_plans` of its lowered graph). With `strict`, raises ValueError listing every kernel that
     exceeds the target's shared memory or its config's bound, or spills; otherwise the records say so."""
-    capability = _target(target)
+    capability = parse_target(target)
     compiled = hasattr(compiled_or_config, "hf_config")  # a CompiledModel knows its dtype; a config does not
     config = compiled_or_config.hf_config if compiled else compiled_or_config
     dtype = dtype or (compiled_or_config.dtype if compiled else torch.bfloat16)
@@ -233,6 +273,7 @@ def cross_compile(
             "kernels": kernels,
             "strict": False,
             "quantized": quantized,
+            "plans": None if plans is None else sorted(plans),
         }
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         subprocess.run(
@@ -246,10 +287,10 @@ def cross_compile(
     else:
         planned = [
             p
-            for p in model_launches(ModelShapes.from_config(config), dtype, device, block_size, quantized)
+            for p in model_launches(ModelShapes.from_config(config), dtype, device, block_size, quantized, plans)
             if kernels is None or p.kernel in kernels
         ]
-        with gpu_compilation():
+        with gpu_compilation(root / CACHE):
             records = compile_launches(planned, target, limit, root)
         (root / "records.json").write_text(json.dumps([asdict(r) for r in records], indent=1))
     problems = [p for r in records for p in r.problems()]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -106,8 +106,9 @@ def at_model_size(hook: Hook) -> Hook:
     return hook
 
 
-def step_launches(step: ModelStep) -> list[Planned]:
-    """Every kernel launch of the step, from every plan in kernels/ (each imported here), by plan name."""
+def step_launches(step: ModelStep, plans: Collection[str] | None = None) -> list[Planned]:
+    """Every kernel launch of the step, from every plan in kernels/ (each imported here), by plan name; only
+    those of the plan modules named in `plans` when given (what a lowered graph launches)."""
     for module in pkgutil.iter_modules(kernels.__path__):
         importlib.import_module(f"{kernels.__name__}.{module.name}")
-    return [p for _, hook in sorted(_HOOKS.items()) for p in hook(step)]
+    return [p for name, hook in sorted(_HOOKS.items()) if plans is None or name in plans for p in hook(step)]

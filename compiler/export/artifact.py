@@ -193,13 +193,22 @@ def can_cross_compile() -> bool:
 
 
 def _cross_compile(compiled: CompiledModel, target: str, out_dir: Path) -> None:
+    """Cubins for exactly the kernels the lowered graph launches (codegen/aot.py loads them at serve time)."""
     if not can_cross_compile():
         raise ArtifactError(
             f"target {target!r}: this kiln build cannot cross-compile kernels (no kiln.codegen.cross_compile)"
         )
-    from kiln.codegen.cross_compile import cross_compile
+    from kiln.codegen.cross_compile import cross_compile, graph_plans, parse_target
 
-    cross_compile(compiled, target=target, out_dir=out_dir)
+    parse_target(target)  # a malformed target is refused before anything else is said
+    plans = graph_plans(compiled.graph_module)
+    if not plans:
+        raise ArtifactError(
+            f"target {target!r}: this model was lowered for backend {compiled.backend!r}, which launches no "
+            "generated kernels; compile it with backend 'triton' to ship cubins"
+        )
+    quantized = any("quant" in plan for plan in plans)
+    cross_compile(compiled, target=target, out_dir=out_dir, plans=plans, quantized=quantized)
 
 
 # Loading -----------------------------------------------------------------------------------------------
@@ -332,6 +341,10 @@ def load(
         kv_cache_dtype=model.get("kv_cache_dtype"),
     )
     compiled.generation_config = GenerationConfig.from_pretrained(root)
+    if saved["backend"] == "triton":
+        from kiln.codegen.aot import prepare
+
+        prepare(root / KERNELS, saved.get("target"), manifest["versions"].get("triton"), device)
     setattr(
         compiled,
         KERNELS_ATTR,
