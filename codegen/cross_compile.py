@@ -76,14 +76,39 @@ def model_launches(
     block_size: int = 16,
     quantized: bool = False,
     plans: Collection[str] | None = None,
+    regions: list[dict[str, Any]] | None = None,
 ) -> list[Planned]:
     """Every kernel launch of every step in STEPS, from every plan's `@at_model_size` hook (of `plans` only,
-    when given)."""
-    return [
-        p
-        for name, seqs, query_len in STEPS
-        for p in step_launches(ModelStep(shapes, dtype, target, name, seqs, query_len, block_size, quantized), plans)
-    ]
+    when given), and each of a graph's region kernels (`graph_regions`) at the step's token count."""
+    from .kernels.pointwise_plan import region_launch
+
+    planned = []
+    for name, seqs, query_len in STEPS:
+        step = ModelStep(shapes, dtype, target, name, seqs, query_len, block_size, quantized)
+        planned += step_launches(step, plans)
+        for i, region in enumerate(regions or []):
+            inputs = [
+                torch.empty([step.tokens if d is None else d for d in t["shape"]], dtype=getattr(torch, t["dtype"]),
+                            device="meta")
+                for t in region["inputs"]
+            ]  # fmt: skip
+            planned.append(Planned(f"region_{i}", name, region_launch(region["spec"], inputs)[0]))
+    return planned
+
+
+def graph_regions(gm: Any) -> list[dict[str, Any]]:
+    """The region kernels a lowered graph launches: each one's spec and its inputs' shapes (None where the
+    size is the step's token count) and dtypes."""
+    from .kernels.pointwise_plan import region
+
+    found = []
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is region:
+            inputs = [a.meta["val"] for a in node.args[1:]]
+            shapes = [[None if isinstance(d, torch.SymInt) else int(d) for d in v.shape] for v in inputs]
+            dtypes = [str(v.dtype).removeprefix("torch.") for v in inputs]
+            found.append({"spec": node.args[0], "inputs": [{"shape": s, "dtype": d} for s, d in zip(shapes, dtypes)]})
+    return found
 
 
 def graph_plans(gm: Any) -> set[str]:
@@ -244,13 +269,15 @@ def cross_compile(
     strict: bool = True,
     quantized: bool = False,
     plans: Collection[str] | None = None,
+    regions: list[dict[str, Any]] | None = None,
 ) -> list[KernelRecord]:
     """Compile the kernels a model (a CompiledModel, an HF config, or a dict of its fields) runs on `target`.
 
     shared_limit lowers the target's per-block shared memory (configs are then chosen for the lower limit; an
     unlisted capability gets sm_86's); `kernels` picks kernels by name; `quantized` adds the quantized linears
     (every mode, at the down projection's size); `plans` keeps the launches of those plan modules only (an
-    artifact passes `graph_plans` of its lowered graph). With `strict`, raises ValueError listing every kernel that
+    artifact passes `graph_plans` of its lowered graph); `regions` adds a graph's region kernels (`graph_regions`).
+    With `strict`, raises ValueError listing every kernel that
     exceeds the target's shared memory or its config's bound, or spills; otherwise the records say so."""
     capability = parse_target(target)
     compiled = hasattr(compiled_or_config, "hf_config")  # a CompiledModel knows its dtype; a config does not
@@ -274,6 +301,7 @@ def cross_compile(
             "strict": False,
             "quantized": quantized,
             "plans": None if plans is None else sorted(plans),
+            "regions": regions,
         }
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         subprocess.run(
@@ -287,7 +315,9 @@ def cross_compile(
     else:
         planned = [
             p
-            for p in model_launches(ModelShapes.from_config(config), dtype, device, block_size, quantized, plans)
+            for p in model_launches(
+                ModelShapes.from_config(config), dtype, device, block_size, quantized, plans, regions
+            )
             if kernels is None or p.kernel in kernels
         ]
         with gpu_compilation(root / CACHE):

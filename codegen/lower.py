@@ -1,13 +1,13 @@
 """The last pass of each backend: swap each `torch.ops.kiln.X` call in the final graph for what runs it.
 
-Backend "triton": the op's generated-kernel launcher. Plain GEMMs stay on torch (cuBLAS); kiln ops without a
-launcher keep their torch implementation. Backend "reference": what `kiln.backends.cpu.lowering.reference_calls`
-maps the op to, called directly: the op's C-backed function where the CPU backend has one (it runs the C kernel
-when a call applies, else the op's pure-torch reference), else the reference itself (`kiln.ops.fused.gelu_mul`,
-...); `aten.linear` goes through `kiln.backends.cpu.kernels.linear` (on CPU a C loop for the few rows of
-small-batch decode, oneDNN over blocked weights above that; torch elsewhere); int8 and W8A8 weights on CPU are
-rewritten into the tiles their C kernels read. Graph passes rather than dispatch-key registrations, so the
-generated forward says what runs.
+Backend "triton": the op's generated-kernel launcher, and each fused region one generated kernel (regions.py).
+Plain GEMMs stay on torch (cuBLAS); kiln ops without a launcher keep their torch implementation. Backend
+"reference": what `kiln.backends.cpu.lowering.reference_calls` maps the op to, called directly: the op's
+C-backed function where the CPU backend has one (it runs the C kernel when a call applies, else the op's
+pure-torch reference), else the reference itself (`kiln.ops.fused.gelu_mul`, ...); `aten.linear` goes through
+`kiln.backends.cpu.kernels.linear` (on CPU a C loop for the few rows of small-batch decode, oneDNN over blocked
+weights above that; torch elsewhere); int8 and W8A8 weights on CPU are rewritten into the tiles their C kernels
+read. Graph passes rather than dispatch-key registrations, so the generated forward says what runs.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ from kiln.backends.cpu.lowering import reference_calls
 from kiln.ops import quant as Q
 from kiln.passes.base import GraphPass, PassContext, op_name
 from kiln.passes.fuse_common import drop_attr, new_attr, param
+
+from .regions import lower_regions
 
 
 class LowerToReference(GraphPass):
@@ -73,10 +75,11 @@ class LowerToTriton(GraphPass):
         from .lowerings import lowerings  # the launchers declare the ops they run; only this backend needs them
 
         table = lowerings()
-
+        regions, inlined = lower_regions(gm, table["kiln.region"])
+        launchers = set(table.values())
         lowered = kept = 0
         for node in gm.graph.nodes:
-            if node.op != "call_function":
+            if node.op != "call_function" or node.target in launchers:
                 continue
             name = op_name(node)
             launcher = table.get(name)
@@ -85,4 +88,4 @@ class LowerToTriton(GraphPass):
                 lowered += 1
             elif name.startswith("kiln."):
                 kept += 1
-        return {"lowered": lowered, "kept_reference": kept}
+        return {"lowered": lowered, "kept_reference": kept, "regions_as_kernels": regions, "regions_inlined": inlined}

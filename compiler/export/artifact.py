@@ -198,7 +198,7 @@ def _cross_compile(compiled: CompiledModel, target: str, out_dir: Path) -> None:
         raise ArtifactError(
             f"target {target!r}: this kiln build cannot cross-compile kernels (no kiln.codegen.cross_compile)"
         )
-    from kiln.codegen.cross_compile import cross_compile, graph_plans, parse_target
+    from kiln.codegen.cross_compile import cross_compile, graph_plans, graph_regions, parse_target
 
     parse_target(target)  # a malformed target is refused before anything else is said
     plans = graph_plans(compiled.graph_module)
@@ -208,7 +208,8 @@ def _cross_compile(compiled: CompiledModel, target: str, out_dir: Path) -> None:
             "generated kernels; compile it with backend 'triton' to ship cubins"
         )
     quantized = any("quant" in plan for plan in plans)
-    cross_compile(compiled, target=target, out_dir=out_dir, plans=plans, quantized=quantized)
+    regions = graph_regions(compiled.graph_module)
+    cross_compile(compiled, target=target, out_dir=out_dir, plans=plans, quantized=quantized, regions=regions)
 
 
 # Loading -----------------------------------------------------------------------------------------------

@@ -49,8 +49,10 @@ def test_repeated_arguments_follow_the_list_flag() -> None:
     assert [name for name, _ in launch.bind()[0]] == [
         "a_ptr",
         "a_stride",
+        "a_cstride",
         "b_ptr",
         "b_stride",
+        "b_cstride",
         "out_ptr",
         "out_stride",
         "n_cols",
