@@ -1,13 +1,14 @@
 """GPU benchmark of kiln in one run: (1) the GPU tests, (2) kernel bandwidth against a device-to-device copy,
 (3) decode tokens/s of a Llama-3.2-1B-shaped random bf16 model against HF eager and HF + torch.compile, (4) the
-whole engine (`kiln.LLM.generate`) on an offline workload against HF `generate` and `generate_batch`.
+whole engine (`kiln.LLM.generate`) on an offline workload against HF `generate` and `generate_batch`, (5) extras:
+`kiln profile`, cold start with and without cubins, TP=1 vs TP=2 where there are two GPUs (bench/gpu_extras.py).
 
 GPU time is scarce and a failure must not cost what was already measured: every phase runs in its own
 subprocess under its own time limit (and every peer inside it under its own), so a crash, a sticky CUDA error or
 a timeout costs that phase only and the next one still runs. Each figure is appended to <out>/gpu_<card>.jsonl
 (one JSON line, after a header line with versions, date and command) the moment it is measured, and printed.
 
-    bench/gpu.sh [--quick] [--phases tests,bandwidth,decode,engine] [--skip decode.hf_compile,...] [--out DIR]
+    bench/gpu.sh [--quick] [--phases tests,bandwidth,decode,engine,extras] [--skip decode.hf_compile,...] [--out DIR]
     bench/gpu.sh --device cpu --tiny     # smoke run of every phase on the CPU with a tiny model
 """
 
@@ -36,6 +37,7 @@ LIMITS = {
     "bandwidth": {"bandwidth": (240, 45)},
     "decode": {"kiln": (420, 75), "hf_eager": (180, 30), "hf_compile": (600, 180)},
     "engine": {"checkpoint": (180, 45), "kiln": (600, 120), "hf_static": (600, 60), "hf_generate_batch": (600, 90)},
+    "extras": {"profile": (300, 90), "cold_start": (600, 240), "tensor_parallel": (300, 120)},
 }
 PHASES = tuple(LIMITS)
 PEERS = [f"{phase}.{name}" for phase, peers in LIMITS.items() for name in peers]
@@ -284,6 +286,10 @@ def child(args: argparse.Namespace) -> None:
         from .gpu_kernels import decode
 
         decode(args, rec)
+    elif args.child == "extras":
+        from .gpu_extras import extras
+
+        extras(args, rec)
     else:
         from .gpu_engine import engine
 

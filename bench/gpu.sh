@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU tests + kernel bandwidth + decode tokens/s + engine throughput, each figure appended to <out>/gpu_<card>.jsonl
 # as it lands (default bench/results/; $OUT when set, as on a device machine, so that the results come back).
-# Usage: bench/gpu.sh [--quick] [--phases tests,bandwidth,decode,engine] [--skip decode.hf_compile,...] [--out DIR]
+# Usage: bench/gpu.sh [--quick] [--phases tests,bandwidth,decode,engine,extras] [--skip decode.hf_compile,...] [--out DIR]
 #        bench/gpu.sh --device cpu --tiny    (CPU smoke run)
 set -euo pipefail
 cd "$(dirname "$0")/.."

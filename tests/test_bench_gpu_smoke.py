@@ -39,7 +39,7 @@ def test_tiny_cpu_run_records_every_phase(tmp_path: Path) -> None:
     assert header["kind"] == "header" and header["torch"] and header["transformers"] and "--tiny" in header["command"]
     status = {(r["phase"], r["name"]): r["status"] for r in lines if r["kind"] == "status"}
     figures = {(r["phase"], r["name"]): r for r in lines if r["kind"] == "figure"}
-    assert all(status[(phase, phase)] == "ok" for phase in ("tests", "bandwidth", "decode", "engine")), status
+    assert all(status[(phase, phase)] == "ok" for phase in ("tests", "bandwidth", "decode", "engine", "extras")), status
     failed = {k: v for k, v in status.items() if v not in ("ok", "skipped")}
     assert not failed, [r for r in lines if r["kind"] == "status" and r["status"] not in ("ok", "skipped")]
     assert status[("engine", "hf_generate_batch")] == "skipped"
@@ -52,3 +52,7 @@ def test_tiny_cpu_run_records_every_phase(tmp_path: Path) -> None:
     assert kiln["useful_tokens"] == hf["useful_tokens"] > 0 and kiln["useful_tok_per_s"] > 0
     assert hf["of_requests"] == 8 and 0 <= hf["agree_all_tokens"] <= hf["agree_first_token"] <= 8
     assert "[engine] figure kiln_llm_generate" in proc.stdout
+    assert figures[("extras", "profile_ceilings")]["copy_gbs"] > 0
+    assert figures[("extras", "profile_decode_b1")]["ops"] and figures[("extras", "profile_prefill_b1")]["step_ms"] > 0
+    assert any("artifact" in line for line in figures[("extras", "cold_start")]["lines"])
+    assert status[("extras", "tensor_parallel")] == "skipped"
