@@ -345,11 +345,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return NOT_BUILT
-    from kiln import commands
+    from kiln import commands, demo
 
     commands.setup_logging()
     return {
-        "demo": commands.demo,
+        "demo": demo.demo,
         "compile": commands.compile_cmd,
         "generate": commands.generate,
         "bench": commands.bench,

@@ -3,7 +3,7 @@
 Every import counts: module level, inside functions (a lazy import still ties the two modules together) and
 under `if TYPE_CHECKING`. The packages form one chain, each importing only those before it:
 ops -> backends -> models -> passes -> codegen -> compiler -> runtime. The root modules (`kiln/__init__.py`,
-`__main__.py`, `commands.py`) and the bench scripts may import anything and nothing imports them;
+`__main__.py`, `commands.py`, `demo.py`) and the bench scripts may import anything and nothing imports them;
 `version.py` imports nothing and anything may import it.
 """
 
@@ -18,7 +18,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("ops", "backends", "models", "passes", "codegen", "compiler", "runtime")
 LEAVES = ("version",)  # import nothing of kiln; anything may import them
-ENTRY = ("__init__", "__main__", "commands", "bench")  # may import anything; nothing may import them
+ENTRY = ("__init__", "__main__", "commands", "demo", "bench")  # may import anything; nothing may import them
 SKIP = {"tests", ".venv", "build", "dist"}
 
 
