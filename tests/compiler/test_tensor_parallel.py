@@ -139,3 +139,8 @@ def test_cli_takes_the_flag_and_refuses_a_split_artifact(checkpoint, tmp_path, c
     assert args.tensor_parallel_size == 2
     assert main(["compile", str(checkpoint("llama")), "-o", str(tmp_path / "out"), "--tensor-parallel-size", "2"]) == 2
     assert "--tensor-parallel-size: artifacts are single-rank" in capsys.readouterr().err
+
+
+def test_llm_refuses_a_size_its_compiled_model_lacks(checkpoint):
+    with pytest.raises(ValueError, match="tensor_parallel_size: the model given is compiled for 1"):
+        kiln.LLM(kiln.compile(checkpoint("llama"), device="cpu"), tensor_parallel_size=2)
