@@ -39,10 +39,11 @@ class LLM:
         **engine_options: Any,
     ) -> None:
         if _is_compiled(model):
-            if tensor_parallel_size != getattr(model, "tensor_parallel_size", 1):
+            ranks = getattr(model, "tensor_parallel_size", 1)
+            if tensor_parallel_size != ranks:
                 raise ValueError(
-                    f"tensor_parallel_size: the model given is compiled for {getattr(model, 'tensor_parallel_size', 1)} "
-                    f"rank(s), not {tensor_parallel_size}; compile it with the size wanted"
+                    f"tensor_parallel_size: the model given is compiled for {ranks} rank(s), not "
+                    f"{tensor_parallel_size}; compile it with the size wanted"
                 )
             compiled = model
         else:
