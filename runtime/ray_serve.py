@@ -3,7 +3,9 @@
 Each replica is a Ray Serve deployment replica that loads the model itself and serves kiln's own OpenAI app
 (`server.build_app`: the same routes, validation, errors and streaming as `kiln serve`); Ray's proxy spreads the
 requests over the replicas and its controller replaces a replica that dies or whose health check fails (a
-tensor-parallel replica with a dead rank reports itself unhealthy). Ray's autoscaling config passes through.
+tensor-parallel replica with a dead rank reports itself unhealthy); a request in flight on a replica that dies
+fails at once, an HTTP 5xx in OpenAI's error shape (ray_proxy.py's middleware in Ray's proxy; some still come
+as the proxy's bare "Internal Server Error") or a stream cut off before `data: [DONE]`. Ray's autoscaling config passes through.
 Each replica owns its devices: `num_gpus` = tensor_parallel_size on GPU clusters, none on CPU-only ones.
 """
 
@@ -13,6 +15,7 @@ import importlib
 from pathlib import Path
 from typing import Any
 
+from .ray_proxy import PROXY_ENV
 from .serving import ServerLimits
 
 AUTOSCALING_KEYS = frozenset(
@@ -135,6 +138,8 @@ def serve_forever(
     from .server import host_allowlist
 
     serve = _serve()
+    if not os.environ.get("RAY_ADDRESS"):  # a cluster of our own: its proxy answers errors in OpenAI's shape
+        os.environ.update(PROXY_ENV)
     ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False)
     # Ctrl-C (even when started with SIGINT ignored, as a shell's background job is) and a supervisor's SIGTERM
     # both end the loop below, so that Serve and the Ray processes this call started are shut down.
