@@ -5,8 +5,8 @@ Each replica is a Ray Serve deployment replica that loads the model itself and s
 requests over the replicas and its controller replaces a replica that dies or whose health check fails (a
 tensor-parallel replica with a dead rank reports itself unhealthy); a request in flight on a replica that dies
 fails at once, an HTTP 5xx in OpenAI's error shape (ray_proxy.py's middleware in Ray's proxy; some still come
-as the proxy's bare "Internal Server Error") or a stream cut off before `data: [DONE]`. Ray's autoscaling config passes through.
-Each replica owns its devices: `num_gpus` = tensor_parallel_size on GPU clusters, none on CPU-only ones.
+as the proxy's bare "Internal Server Error") or a stream cut off before `data: [DONE]`. Ray's autoscaling config
+passes through. Each replica owns its devices: `num_gpus` = tensor_parallel_size on GPU clusters, none on CPU-only ones.
 """
 
 from __future__ import annotations
