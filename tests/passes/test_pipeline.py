@@ -7,6 +7,7 @@ import pytest
 import kiln
 from kiln.compiler.pipeline import PASS_FLAGS, STAGES, build_pipeline, pipeline_stages
 from kiln.passes.quant_config import QuantConfig
+from kiln.passes.shard import ShardSpec
 
 
 def test_the_list_built_is_the_list_that_runs(checkpoint):
@@ -17,9 +18,13 @@ def test_the_list_built_is_the_list_that_runs(checkpoint):
 
 
 def test_stages_in_order_with_one_flag_per_optional_pass():
-    assert [stage for stage, _ in STAGES] == ["cleanup", "attention", "fusion", "quantization", "lowering", "flatten"]
+    names = ["cleanup", "attention", "sharding", "fusion", "quantization", "lowering", "flatten"]
+    assert [stage for stage, _ in STAGES] == names
     stages = dict(pipeline_stages({}, QuantConfig.parse("int8"), backend="triton"))
     assert [p.name for p in stages["attention"]] == ["paged_attention", "prune_logits"]
+    assert stages["sharding"] == []  # only with tensor_parallel_size > 1
+    split = dict(pipeline_stages({}, None, shard=ShardSpec(1, 2)))
+    assert [p.name for p in split["sharding"]] == ["shard"]
     assert [p.name for p in stages["quantization"]] == ["quantize"]
     assert [p.name for p in stages["lowering"]] == ["final_cleanup", "lower_triton"]
     assert set(PASS_FLAGS) == {
