@@ -11,6 +11,7 @@ import kiln.ops  # noqa: F401  (declares the kiln:: ops)
 
 from .compile_shard import compile_shard
 from .compiled import CompiledModel
+from .export import artifact
 from .export.manifest import is_artifact
 
 if TYPE_CHECKING:
@@ -46,12 +47,29 @@ def compile(
     """
     if isinstance(tensor_parallel_size, bool) or not isinstance(tensor_parallel_size, int) or tensor_parallel_size < 1:
         raise ValueError(f"tensor_parallel_size: {tensor_parallel_size!r} is not a positive integer")
+    if isinstance(model, (str, Path)) and is_artifact(model) and tensor_parallel_size == 1:  # nothing to capture
+        fixed: dict[str, Any] = {
+            k: v for k, v in (("quantization", quantization), ("kv_cache_dtype", kv_cache_dtype)) if v
+        }
+        fixed.update(options)
+        return artifact.load(
+            model,
+            backend=backend,
+            dtype=dtype,
+            max_model_len=max_model_len,
+            trust_remote_code=trust_remote_code,
+            device=device,
+            trusted_key=trusted_key,
+            **fixed,
+        )
     settings: dict[str, Any] = dict(
         backend=backend, dtype=dtype, max_model_len=max_model_len, trust_remote_code=trust_remote_code, device=device
     )
     settings.update(quantization=quantization, kv_cache_dtype=kv_cache_dtype, **options)
+    if trusted_key is not None:
+        raise ValueError(f"trusted_key: {model} is not a kiln artifact; only artifacts carry signatures")
     if tensor_parallel_size == 1:
-        return compile_shard(model, None, trusted_key=trusted_key, **settings)
+        return compile_shard(model, None, **settings)
     if not isinstance(model, (str, Path)) or is_artifact(model):
         raise ValueError(
             "tensor_parallel_size: each rank compiles its own share from a checkpoint directory; pass its path "

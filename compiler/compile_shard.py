@@ -1,18 +1,16 @@
-"""Compiling one model, or one tensor-parallel rank's share of it: checkpoint (or artifact) in, CompiledModel out.
+"""Compiling one model, or one tensor-parallel rank's share of it: checkpoint in, CompiledModel out.
 `kiln.compile` (api.py) calls this directly, or once per rank through tensor_parallel.py."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
 import kiln.ops  # noqa: F401  (declares the kiln:: ops)
 
 from .compiled import CompiledModel, KVLayout
-from .export import artifact
-from .export.manifest import is_artifact
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -41,27 +39,10 @@ def compile_shard(
     quantization: str | None = None,
     kv_cache_dtype: str | None = None,
     device: str | torch.device | None = "auto",
-    trusted_key: str | Path | None = None,
     **options: bool,
 ) -> CompiledModel:
-    """`compile` for one rank of a tensor-parallel group (`shard`), or the whole model (None)."""
-    if isinstance(model, (str, Path)) and is_artifact(model):  # compiled ahead of time: nothing to capture
-        fixed: dict[str, Any] = {
-            k: v for k, v in (("quantization", quantization), ("kv_cache_dtype", kv_cache_dtype)) if v
-        }
-        fixed.update(options)
-        return artifact.load(
-            model,
-            backend=backend,
-            dtype=dtype,
-            max_model_len=max_model_len,
-            trust_remote_code=trust_remote_code,
-            device=device,
-            trusted_key=trusted_key,
-            **fixed,
-        )
-    if trusted_key is not None:
-        raise ValueError(f"trusted_key: {model} is not a kiln artifact; only artifacts carry signatures")
+    """`compile` of a checkpoint (a directory or a PreTrainedModel) for one rank of a tensor-parallel group
+    (`shard`), or whole (None)."""
     # Imported only now: starting from an artifact needs none of this (the model stack, export, passes,
     # codegen), and importing it is most of an artifact's cold start.
     from kiln.models.device import resolve_device
