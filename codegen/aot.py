@@ -1,9 +1,11 @@
 """Ahead-of-time kernels at serve time, and a count of the kernels that compile anyway.
 
 `kiln compile --target cuda:NN -o ART` cross-compiles every kernel the lowered graph launches (cross_compile.py)
-with Triton's own cache pointed into the artifact (kernels/triton_cache/): each kernel is stored there exactly as
-Triton stores what it compiles (cubin, PTX, metadata), under the key Triton derives from the kernel's source,
-specialisation, options, target and Triton version. At load, on a GPU of that capability with the same Triton,
+through Triton's own JIT pointed at the target (jit_target.py), its cache in the artifact (kernels/triton_cache/):
+each kernel is stored there exactly as Triton stores what it compiles (cubin, PTX, metadata), under the key the
+JIT derives from the kernel's source, specialisation, options, target and Triton version, which is the key a
+launch on the GPU looks up (sizes and index pointers are not specialised on: signature.py). At load, on a GPU of
+that capability with the same Triton,
 `prepare` copies those entries into this process's Triton cache before the first launch: a launch whose key
 matches loads its cubin and compiles nothing. Any mismatch (another capability, another Triton, no GPU to use
 them on) leaves the JIT to compile as usual and says why, once. `JitCounter` counts the compilations that do

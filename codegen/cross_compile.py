@@ -2,11 +2,12 @@
 
 Each step's launches come from every plan's `@at_model_size` hook (model_step.py), planned the way the
 launchers plan them: the plans' `choose` functions, given the target's shared-memory limit and SM count, on
-`meta` tensors of the step's shapes (decode at batch 1 and 256, prefill of 512-token and 2048-token sequences),
-the quantized linears included when asked. So what is compiled here is what a GPU of that capability would run,
-not a candidate that happens to compile. Each distinct kernel (source, constants, signature, options) is
-compiled once and recorded: its shared memory against the target's limit and against its config's bound (which
-`pick` trusts), registers and spills; its source and cubin go under out_dir/sm_<cc>/.
+`meta` tensors of the step's shapes (decode at every CUDA-graph batch size, prefill of 512-token and 2048-token
+sequences), the quantized linears included when asked. So what is compiled here is what a GPU of that capability
+would run, not a candidate that happens to compile. Each launch goes through Triton's JIT pointed at the target
+(jit_target.py); each distinct kernel (by the JIT's own key) is compiled once and recorded: its shared memory
+against the target's limit and against its config's bound (which `pick` trusts), registers and spills; its
+source and cubin go under out_dir/sm_<cc>/, Triton's cache entries under out_dir/sm_<cc>/triton_cache/.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import io
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from collections import Counter
@@ -27,6 +29,8 @@ from typing import Any
 import torch
 
 from .aot import CACHE
+from .cuda_graphs import capture_sizes
+from .jit_target import targeting, warm
 from .kernel_plan import SIZING_SMS, Launch, Target
 from .model_step import ModelShapes, ModelStep, Planned, step_launches
 from .render import interpreting
@@ -34,8 +38,14 @@ from .render import interpreting
 # Per capability: usable shared memory per block (opt-in maximum) and the SM count of a representative part
 # (H100 SXM, A100, L4, A10), which only sizes the decode split.
 TARGETS = {90: Target(232_448, SIZING_SMS), 80: Target(166_912, 108), 89: Target(101_376, 58), 86: Target(101_376, 72)}
-# Steps as (name, sequences, query length of each): decode at two batch sizes, prefill at two prompt lengths.
-STEPS = (("decode_1", 1, 1), ("decode_256", 256, 1), ("prefill_512", 4, 512), ("prefill_2048", 1, 2048))
+# Steps as (name, sequences, query length of each): decode at every batch size a CUDA graph is captured for at
+# startup (max_num_seqs 256, the engine's default; the attention's split count depends on the batch), prefill at
+# two prompt lengths. Sizes themselves are not compiled in (signature.size): a kernel compiled at one serves all.
+STEPS = (
+    *((f"decode_{b}", b, 1) for b in capture_sizes(256)),
+    ("prefill_512", 4, 512),
+    ("prefill_2048", 1, 2048),
+)
 
 
 @dataclass
@@ -133,82 +143,52 @@ def graph_plans(gm: Any) -> set[str]:
 
 
 @contextlib.contextmanager
-def gpu_compilation(cache: Path | None = None) -> Iterator[None]:
-    """Real `@triton.jit` functions (not the interpreter's), and ptxas run every time so its log is seen; with
-    `cache`, Triton's cache goes there, so that what is compiled is stored as Triton stores it (codegen/aot.py)."""
+def gpu_compilation(cache: Path, capability: int) -> Iterator[None]:
+    """Real `@triton.jit` functions (not the interpreter's) compiling for `capability` (jit_target.py), ptxas's
+    log printed, and Triton's cache in `cache` (emptied first, so that each distinct kernel compiles once, its
+    log seen, and a launch of the same kernel loads it): what is compiled is stored as Triton stores it."""
     from triton import knobs
 
     saved = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "0"
-    old_log, old_always, old_cache = knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile, knobs.cache.dir
-    knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile = True, True
-    if cache is not None:
-        knobs.cache.dir = str(cache)
+    old_log, old_cache = knobs.nvidia.dump_ptxas_log, knobs.cache.dir
+    knobs.nvidia.dump_ptxas_log = True
+    shutil.rmtree(cache, ignore_errors=True)
+    knobs.cache.dir = str(cache)
     try:
-        yield
+        with targeting(capability):
+            yield
     finally:
-        knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile = old_log, old_always
-        knobs.cache.dir = old_cache
+        knobs.nvidia.dump_ptxas_log, knobs.cache.dir = old_log, old_cache
         if saved is None:
             os.environ.pop("TRITON_INTERPRET", None)
         else:
             os.environ["TRITON_INTERPRET"] = saved
 
 
-def ast_source(launch: Launch) -> Any:
-    """What Triton compiles for this launch: the kernel with the signature, constants and specialisation a launch
-    on a GPU gives it (so that the cache key matches the JIT's)."""
-    from triton.compiler import ASTSource
-
-    signature = launch.signature()
-    names = list(signature)
-    constexprs = {(names.index(k),): v for k, v in launch.constexprs.items()}
-    return ASTSource(launch.fn(), signature, constexprs, launch.attrs())
-
-
-def _compile(launch: Launch, capability: int) -> tuple[Any, int, int]:
-    """(compiled kernel, registers, spill bytes) from ptxas's verbose log."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-
+def _compile(launch: Launch) -> tuple[Any, int, int]:
+    """(compiled kernel, registers, spill bytes) through the JIT (inside `gpu_compilation`); registers and
+    spills from ptxas's log, -1 and 0 when the kernel was already in the cache (no log)."""
     log = io.StringIO()
     with contextlib.redirect_stdout(log):
-        kernel = triton.compile(
-            ast_source(launch),
-            target=GPUTarget("cuda", capability, 32),
-            options={"num_warps": launch.num_warps, "num_stages": launch.num_stages},
-        )
+        kernel = warm(launch)
     text = log.getvalue()
     regs = re.search(r"Used (\d+) registers", text)
     spills = [int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", text)]
     return kernel, int(regs.group(1)) if regs else -1, sum(spills)
 
 
-def _key(launch: Launch) -> tuple:
-    """What makes two launches one compiled kernel (runtime sizes aside)."""
-    return (
-        launch.source(),
-        launch.kernel.name,
-        tuple(sorted(launch.constexprs.items())),
-        tuple(launch.signature().items()),
-        tuple(sorted(launch.attrs())),
-        launch.num_warps,
-        launch.num_stages,
-    )
-
-
 def compile_launches(planned: list[Planned], target: str, shared_limit: int, root: Path) -> list[KernelRecord]:
     """Compile each distinct kernel of `planned` once for `target` (inside `gpu_compilation`), writing its
-    source and cubin under root; a kernel's record lists every step that launches it."""
-    capability = parse_target(target)
+    source and cubin under root; a kernel's record lists every step that launches it. Distinct is Triton's
+    own key: launches that a GPU would run with one compiled kernel are one here."""
     root.mkdir(parents=True, exist_ok=True)
-    by_key: dict[tuple, tuple[Planned, KernelRecord, Any]] = {}
+    by_key: dict[str, tuple[Planned, KernelRecord, Any]] = {}
     for p in planned:
-        key = _key(p.launch)
-        if key in by_key:
-            by_key[key][1].steps.append(p.step)
+        kernel, regs, spills = _compile(p.launch)
+        if kernel.hash in by_key:
+            by_key[kernel.hash][1].steps.append(p.step)
             continue
-        kernel, regs, spills = _compile(p.launch, capability)
         record = KernelRecord(
             p.kernel,
             p.launch.label,
@@ -223,7 +203,7 @@ def compile_launches(planned: list[Planned], target: str, shared_limit: int, roo
             spills,
             shared_limit,
         )
-        by_key[key] = (p, record, kernel)
+        by_key[kernel.hash] = (p, record, kernel)
     # A kernel compiled once is named plainly; one compiled per step shape is named by its first step.
     variants = Counter(p.kernel for p, _, _ in by_key.values())
     records = []
@@ -320,7 +300,7 @@ def cross_compile(
             )
             if kernels is None or p.kernel in kernels
         ]
-        with gpu_compilation(root / CACHE):
+        with gpu_compilation(root / CACHE, capability):
             records = compile_launches(planned, target, limit, root)
         (root / "records.json").write_text(json.dumps([asdict(r) for r in records], indent=1))
     problems = [p for r in records for p in r.problems()]

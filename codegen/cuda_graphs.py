@@ -16,6 +16,12 @@ import torch
 from kiln.ops.metadata import AttentionMetadata
 
 
+def capture_sizes(max_num_seqs: int) -> tuple[int, ...]:
+    """Decode batch sizes that get a CUDA graph: 1, 2, 4, 8, then every 8 up to max_num_seqs (vLLM's)."""
+    sizes = [s for s in (1, 2, 4, *range(8, max_num_seqs, 8)) if s < max_num_seqs]
+    return (*sizes, max_num_seqs)
+
+
 class StepModel(Protocol):
     """What DecodeGraphs drives: one packed step of a compiled model (kiln.compiler.compiled.CompiledModel)."""
 

@@ -17,16 +17,6 @@ import torch
 from .render import kernel, render
 from .signature import Kernel
 
-TRITON_DTYPES = {
-    torch.float16: "fp16",
-    torch.bfloat16: "bf16",
-    torch.float32: "fp32",
-    torch.int32: "i32",
-    torch.int64: "i64",
-    torch.int8: "i8",
-    torch.uint8: "u8",
-}
-
 
 @dataclass(frozen=True)
 class Config:
@@ -88,35 +78,6 @@ class Launch:
     def source(self) -> str:
         """The rendered template this launch's kernel comes from."""
         return render(self.kernel.template, self.flags)
-
-    def signature(self) -> dict[str, str]:
-        """Triton types of the arguments, constants included (for `ASTSource`)."""
-        runtime, constexprs = self.bind()
-        sig = {name: _triton_type(value) for name, value in runtime}
-        sig.update({name: "constexpr" for name in constexprs})
-        return sig
-
-    def attrs(self) -> dict[tuple[int], list[list[Any]]]:
-        """The specialisation Triton applies at launch, for a cross-compile to match: tensors (16-byte aligned
-        from torch's allocator) and integers that are multiples of 16 are known divisible by 16."""
-        return {
-            (i,): [["tt.divisibility", 16]]
-            for i, (_, value) in enumerate(self.bind()[0])
-            if isinstance(value, torch.Tensor)
-            or (isinstance(value, int) and not isinstance(value, bool) and value % 16 == 0)
-        }
-
-
-def _triton_type(value: Any) -> str:
-    if isinstance(value, torch.Tensor):
-        return "*" + TRITON_DTYPES[value.dtype]
-    if isinstance(value, bool):
-        return "i1"
-    if isinstance(value, int):
-        return "i32" if -(2**31) <= value < 2**31 else "i64"
-    if isinstance(value, float):
-        return "fp32"
-    raise TypeError(f"cannot pass {type(value).__name__} to a kernel")
 
 
 def ieee_dots(dtype: torch.dtype) -> bool:

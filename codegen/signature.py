@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 import torch
 
-Kind = Literal["pointer", "scalar", "constexpr"]
+Kind = Literal["pointer", "index", "scalar", "size", "constexpr"]
 When = str | tuple[str, Any] | None  # a flag that must be truthy, or (flag, value) it must equal
 LINE = 116  # rendered signature lines stay within the 120-column limit
 
@@ -41,9 +41,23 @@ def ptr(name: str, when: When = None) -> Arg:
     return Arg(name, "pointer", when)
 
 
+def index(name: str, when: When = None) -> Arg:
+    """A tensor of the step's own indices (positions, slots, sequence lengths, query starts, block tables): the
+    model runner packs them at offsets that move with the batch, so the kernel is not specialised on its address's
+    alignment (`do_not_specialize_on_alignment`) and one compiled kernel serves every batch."""
+    return Arg(name, "index", when)
+
+
 def scalar(name: str, when: When = None) -> Arg:
     """A runtime int or float."""
     return Arg(name, "scalar", when)
+
+
+def size(name: str, when: When = None) -> Arg:
+    """A runtime int that changes from step to step (a token count, a table's width). Triton would specialise
+    on its value (equal to 1, divisible by 16) and compile a kernel per kind of value; a size is declared
+    `do_not_specialize`, so one compiled kernel, and an ahead-of-time one (codegen/aot.py), serves every value."""
+    return Arg(name, "size", when)
 
 
 def const(name: str, when: When = None) -> Arg:
@@ -73,6 +87,7 @@ class _Layout:
     constexprs: tuple[str, ...]
     pointers: tuple[str, ...]
     scalars: tuple[str, ...]
+    sizes: tuple[str, ...]
 
 
 @dataclass(frozen=True, eq=False)  # hashed by identity: a launch looks its layout up on every run
@@ -106,8 +121,9 @@ class Kernel:
                 frozenset(a.name for a in args),
                 tuple(a.name for a in args if a.kind != "constexpr"),
                 tuple(a.name for a in args if a.kind == "constexpr"),
-                tuple(a.name for a in args if a.kind == "pointer"),
+                tuple(a.name for a in args if a.kind in ("pointer", "index")),
                 tuple(a.name for a in args if a.kind == "scalar"),
+                tuple(a.name for a in args if a.kind == "size"),
             )
         return layout
 
@@ -116,11 +132,16 @@ class Kernel:
         return self._layout(flags).args
 
     def header(self, flags: dict[str, Any]) -> str:
-        """`def name(...):` with the enabled arguments, runtime ones first, then the constexprs."""
+        """`@triton.jit(...)` and `def name(...):` with the enabled arguments, runtime ones first, then the
+        constexprs; sizes and indices are named in the decorator as what Triton must not specialise on."""
         layout = self._layout(flags)
+        indices = [a.name for a in layout.args if a.kind == "index"]
+        chosen = (("do_not_specialize", list(layout.sizes)), ("do_not_specialize_on_alignment", indices))
+        options = [f"{k}={v!r}" for k, v in chosen if v]
+        decorator = f"@triton.jit({', '.join(options)})" if options else "@triton.jit"
         constexprs = [f"{name}: tl.constexpr" for name in layout.constexprs]
         lines = [line for group in (list(layout.runtime), constexprs) for line in _wrap(group)]
-        return f"def {self.name}(\n" + "".join(f"    {line}\n" for line in lines) + "):"
+        return f"{decorator}\ndef {self.name}(\n" + "".join(f"    {line}\n" for line in lines) + "):"
 
     def bind(self, flags: dict[str, Any], given: dict[str, Any]) -> tuple[list[tuple[str, Any]], dict[str, Any]]:
         """(runtime arguments in the kernel's order, constexprs) from arguments given by name; ValueError naming
@@ -139,6 +160,7 @@ class Kernel:
         if not (
             all(isinstance(given[name], torch.Tensor) for name in layout.pointers)
             and all(isinstance(given[name], (int, float)) for name in layout.scalars)
+            and all(isinstance(given[name], int) for name in layout.sizes)
             and all(isinstance(value, (int, float, str)) for value in constexprs.values())
         ):
             wrong = next(a for a in layout.args if not _fits(a.kind, given[a.name]))
@@ -151,8 +173,10 @@ class Kernel:
 
 def _fits(kind: Kind, value: Any) -> bool:
     """Whether `value` can be passed as an argument of `kind`."""
-    if kind == "pointer":
+    if kind in ("pointer", "index"):
         return isinstance(value, torch.Tensor)
+    if kind == "size":
+        return isinstance(value, int)
     return isinstance(value, (int, float) if kind == "scalar" else (int, float, str))
 
 

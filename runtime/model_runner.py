@@ -252,12 +252,6 @@ def _last_rows(num_logits: dict[int, int], num_seqs: int) -> list[int]:
     return last
 
 
-def capture_sizes(max_num_seqs: int) -> tuple[int, ...]:
-    """Decode batch sizes that get a CUDA graph: 1, 2, 4, 8, then every 8 up to max_num_seqs (vLLM's)."""
-    sizes = [s for s in (1, 2, 4, *range(8, max_num_seqs, 8)) if s < max_num_seqs]
-    return (*sizes, max_num_seqs)
-
-
 def _decode_graphs(model: Any, kv_caches: list, max_model_len: int, block_size: int, max_num_seqs: int) -> Any:
     """On a GPU with generated kernels, decode steps replay CUDA graphs (one per capture size); else eager."""
     if (
@@ -267,7 +261,7 @@ def _decode_graphs(model: Any, kv_caches: list, max_model_len: int, block_size: 
         or model.device.type != "cuda"
     ):
         return model.forward
-    from kiln.codegen.cuda_graphs import DecodeGraphs
+    from kiln.codegen.cuda_graphs import DecodeGraphs, capture_sizes
 
     graphs = DecodeGraphs(
         model, kv_caches, max_blocks_per_seq=-(-max_model_len // block_size), buckets=capture_sizes(max_num_seqs)

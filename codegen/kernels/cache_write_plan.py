@@ -7,7 +7,7 @@ import torch
 
 from ..kernel_plan import Launch, next_pow2
 from ..model_step import ModelStep, Planned, at_model_size
-from ..signature import Kernel, const, ptr, scalar
+from ..signature import Kernel, const, index, ptr, scalar
 
 KERNEL = Kernel(
     "cache_write",
@@ -17,7 +17,7 @@ KERNEL = Kernel(
         ptr("v_ptr"),
         ptr("k_cache_ptr"),
         ptr("v_cache_ptr"),
-        ptr("slot_ptr"),
+        index("slot_ptr"),
         scalar("k_stride_t"),
         scalar("k_stride_h"),
         scalar("v_stride_t"),

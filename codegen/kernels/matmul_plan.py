@@ -9,7 +9,7 @@ import torch
 from ..kernel_plan import Config, Launch, Target, cdiv, ieee_dots, pick
 from ..model_step import ModelStep, Planned, at_model_size
 from ..render import interpreting
-from ..signature import Kernel, const, ptr, scalar
+from ..signature import Kernel, const, ptr, scalar, size
 
 KERNEL = Kernel(
     "matmul",
@@ -21,7 +21,7 @@ KERNEL = Kernel(
         ptr("bias_ptr", "bias"),
         ptr("res_ptr", "residual"),
         scalar("res_stride_m", "residual"),
-        scalar("M"),
+        size("M"),
         scalar("N"),
         scalar("K"),
         scalar("a_stride_m"),

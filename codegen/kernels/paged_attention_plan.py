@@ -17,7 +17,7 @@ from ..kernel_plan import Config, Launch, Target, cdiv, device_target, ieee_dots
 from ..lowerings import lowers, unit_last
 from ..model_step import MAX_BLOCKS_PER_SEQ, ModelStep, Planned, at_model_size
 from ..render import interpreting
-from ..signature import Kernel, const, ptr, scalar
+from ..signature import Kernel, const, index, ptr, scalar, size
 from . import cache_write_plan
 
 KERNEL = Kernel(
@@ -29,14 +29,14 @@ KERNEL = Kernel(
         ptr("v_cache_ptr"),
         ptr("out_ptr"),
         ptr("lse_ptr", "split"),
-        ptr("block_tables_ptr"),
-        ptr("seq_lens_ptr"),
-        ptr("query_start_loc_ptr"),
+        index("block_tables_ptr"),
+        index("seq_lens_ptr"),
+        index("query_start_loc_ptr"),
         scalar("q_stride_t"),
         scalar("q_stride_h"),
         scalar("out_stride_t", ("split", False)),
         scalar("out_stride_h", ("split", False)),
-        scalar("tables_stride"),
+        size("tables_stride"),
         scalar("scale"),
         scalar("softcap", "softcap"),
         scalar("window", "window"),

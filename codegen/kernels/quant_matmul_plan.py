@@ -11,7 +11,7 @@ from torch import Tensor
 from ..kernel_plan import Config, Launch, Target, cdiv, device_target, ieee_dots, next_pow2, pick, run
 from ..lowerings import as_rows, lowers
 from ..model_step import ModelStep, Planned, at_model_size
-from ..signature import Kernel, const, ptr, scalar
+from ..signature import Kernel, const, ptr, scalar, size
 
 KERNEL = Kernel(
     "quant_matmul",
@@ -25,15 +25,15 @@ KERNEL = Kernel(
         ptr("zeros_ptr", "zero_point"),
         ptr("in_scale_ptr", "input_scale"),
         ptr("bias_ptr", "bias"),
-        scalar("M"),
+        size("M"),
         scalar("N"),
         scalar("K"),
         scalar("a_stride_m"),
         scalar("c_stride_m"),
+        size("SPLIT_K"),
         const("BLOCK_M"),
         const("BLOCK_N"),
         const("BLOCK_K"),
-        const("SPLIT_K"),
         const("GROUP_SIZE"),
     ),
 )

@@ -10,7 +10,7 @@ from torch import Tensor
 from ..kernel_plan import Launch, next_pow2, run
 from ..lowerings import lowers, unit_last
 from ..model_step import ModelStep, Planned, at_model_size
-from ..signature import Kernel, const, ptr, scalar
+from ..signature import Kernel, const, index, ptr, scalar
 
 KERNEL = Kernel(
     "rope",
@@ -20,7 +20,7 @@ KERNEL = Kernel(
         ptr("k_ptr"),
         ptr("q_out_ptr"),
         ptr("k_out_ptr"),
-        ptr("positions_ptr"),
+        index("positions_ptr"),
         ptr("cos_sin_ptr"),
         scalar("q_stride_t"),
         scalar("q_stride_h"),

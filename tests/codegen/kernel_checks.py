@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -55,3 +56,10 @@ def in_clean_processes(script: str, args: list[Any]) -> list[Any]:
             assert returncode == 0, err.read()[-4000:]
             results.append(json.loads(out.read().strip().splitlines()[-1]))
     return results
+
+
+def launched_at(records: list[dict[str, Any]], kernel: str, step: str) -> dict[str, Any]:
+    """The cross-compile record of `kernel` that `step` launches: a kernel compiled once is named plainly, one
+    compiled in variants is named by the first step of each."""
+    variant = re.compile(rf"{re.escape(kernel)}_(decode|prefill)_\d+")
+    return next(r for r in records if step in r["steps"] and (r["name"] == kernel or variant.fullmatch(r["name"])))

@@ -1,12 +1,15 @@
 """Ahead-of-time kernels (codegen/aot.py): which cubins an artifact ships (those its lowered graph launches),
-when a load uses them, and that Triton loads an installed entry instead of compiling. Loading on a real GPU is
-the GPU check's part (bench/cold_start.py counts the JIT compilations of a cold start there)."""
+when a load uses them, and that Triton's JIT, compiling for sm_90, finds every kernel a served model launches
+among them instead of compiling. Launching them on a real GPU is the GPU check's part (bench/cold_start.py
+counts the JIT compilations of a cold start there)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -80,49 +83,88 @@ def test_matching_cubins_are_installed_into_tritons_cache(tmp_path, monkeypatch)
     assert aot.install(entry.parent, cache) == 0  # already there: nothing copied twice
 
 
-_PROBE = """
-import json, sys, torch
+_REPLAY = """
+import importlib, json, pickle, pkgutil, sys, torch
 from pathlib import Path
-import triton
 from triton import knobs
-from triton.backends.compiler import GPUTarget
-from kiln.codegen import aot, cross_compile as cc
-from kiln.codegen.model_step import ModelShapes
-from kiln.models.testing import tiny_config
+from kiln.codegen import aot, kernels
+from kiln.codegen.jit_target import targeting, warm
 
-entries, cache = Path(sys.argv[1]), Path(sys.argv[2])
-shapes = ModelShapes.from_config(tiny_config("llama").to_dict())
-plans = {"kiln.codegen.kernels.rms_norm_plan"}
-launch = next(p.launch for p in cc.model_launches(shapes, torch.float32, cc.TARGETS[90], plans=plans))
+for module in pkgutil.iter_modules(kernels.__path__):  # every plan: the kernels they declare are rendered
+    importlib.import_module(f"kiln.codegen.kernels.{module.name}")
+
+entries, cache, recorded, limit = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4])
 knobs.cache.dir = str(cache)
 installed = aot.install(entries, cache) if entries.is_dir() else 0
-with aot.JitCounter() as counter:
-    options = {"num_warps": launch.num_warps, "num_stages": launch.num_stages}
-    triton.compile(cc.ast_source(launch), target=GPUTarget("cuda", 90, 32), options=options)
-print(json.dumps({"installed": installed, "compiled": counter.compiled, "loaded": counter.loaded}))
+launches = pickle.loads(recorded.read_bytes())[:limit]
+for launch in launches:  # each tensor as a CPU buffer with the recorded tensor's dtype and 16-byte alignment
+    for name, value in launch.args.items():
+        if isinstance(value, tuple) and value[0] == "tensor":
+            dtype, offset = getattr(torch, value[1]), value[2]
+            launch.args[name] = torch.empty(64, dtype=torch.uint8)[offset : offset + 32].view(dtype)
+compiled = []
+with targeting(90), aot.JitCounter() as counter:
+    for launch in launches:
+        before = counter.compiled
+        warm(launch)
+        compiled += [launch.label] * (counter.compiled - before)
+print(json.dumps({"installed": installed, "compiled": compiled, "loaded": counter.loaded}))
 """
 
 
-def test_an_installed_entry_is_loaded_not_compiled(tmp_path):
-    """Cross-compile a kernel as an artifact does, install its cache entries into an empty Triton cache, and
-    compile the same launch again: Triton loads it (a cold start with cubins), where an empty cache compiles."""
-    from kiln.codegen.cross_compile import cross_compile
-    from kiln.models.testing import tiny_config
+def _recording(monkeypatch: pytest.MonkeyPatch, into: list) -> None:
+    """Every launcher records what it launches (each tensor as its dtype and address modulo 16, what Triton
+    specialises on), planning for an sm_90 GPU like the cross-compile does, and still runs it."""
+    from kiln.codegen import kernel_plan
+    from kiln.codegen.cross_compile import TARGETS
 
-    plans = {PLANS + "rms_norm_plan"}
-    cross_compile(tiny_config("llama").to_dict(), "cuda:90", tmp_path / "kernels", torch.float32, plans=plans)
-    entries = tmp_path / "kernels" / "sm_90" / aot.CACHE
+    launch_now = kernel_plan.run
+
+    def record(launch: kernel_plan.Launch) -> None:
+        args = {
+            name: ("tensor", str(v.dtype).removeprefix("torch."), v.data_ptr() % 16) if isinstance(v, torch.Tensor)
+            else v
+            for name, v in launch.args.items()
+        }  # fmt: skip
+        into.append(dataclasses.replace(launch, args=args))
+        launch_now(launch)
+
+    for name, module in list(sys.modules.items()):
+        if name.startswith("kiln.codegen.kernels.") and getattr(module, "run", None) is launch_now:
+            monkeypatch.setattr(module, "run", record)
+        if name.startswith("kiln.codegen.kernels.") and hasattr(module, "device_target"):
+            monkeypatch.setattr(module, "device_target", lambda device: TARGETS[90])
+
+
+def test_serving_an_artifact_with_cubins_compiles_no_kernel(checkpoint, tmp_path, monkeypatch):
+    """A cold start on a GPU, up to the driver: the launches a real int8 model makes while serving prompts of
+    lengths and batch sizes the cross-compile never planned for, replayed through Triton's JIT for sm_90 with only
+    the artifact's cache entries installed, load every kernel and compile none; an empty cache compiles."""
+    compiled = kiln.compile(checkpoint("llama"), backend="triton", device="cpu", quantization="int8")
+    launches: list = []
+    _recording(monkeypatch, launches)
+    llm = kiln.LLM(compiled, num_kv_blocks=32)
+    prompts = [list(range(3, 3 + n)) for n in (5, 9, 13)]
+    llm.generate(prompts, kiln.SamplingParams(max_tokens=3, ignore_eos=True), use_tqdm=False)
+    llm.generate(prompts[:1], kiln.SamplingParams(max_tokens=2, ignore_eos=True), use_tqdm=False)
+    monkeypatch.undo()
+    assert {launch.kernel.template for launch in launches} >= {"paged_attention", "quant_matmul", "rms_norm"}
+    saved = artifact.save(compiled, tmp_path / "artifact", target="cuda:90")
+    (tmp_path / "launches.pkl").write_bytes(pickle.dumps(launches))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
 
-    def probe(source: Path, cache: str) -> dict:
+    def replay(entries: Path, cache: str, limit: int) -> dict:
         run = subprocess.run(
-            [sys.executable, "-c", _PROBE, str(source), str(tmp_path / cache)],
+            [sys.executable, "-c", _REPLAY, str(entries), str(tmp_path / cache), str(tmp_path / "launches.pkl"),
+             str(limit)],
             env=env, capture_output=True, text=True, check=True,
         )  # fmt: skip
         return json.loads(run.stdout.strip().splitlines()[-1])
 
-    assert probe(entries, "warm") == {"installed": 2, "compiled": 0, "loaded": 1}
-    assert probe(tmp_path / "none", "cold") == {"installed": 0, "compiled": 1, "loaded": 0}
+    warm = replay(saved / "kernels" / "sm_90" / aot.CACHE, "warm", len(launches))
+    assert warm["installed"] > 0 and warm["compiled"] == [] and warm["loaded"] == len(launches)
+    cold = replay(tmp_path / "none", "cold", 1)
+    assert cold["installed"] == 0 and len(cold["compiled"]) == 1 and cold["loaded"] == 0
 
 
 def test_artifacts_cross_compile_what_their_graph_launches(checkpoint, tmp_path):

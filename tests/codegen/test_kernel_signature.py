@@ -15,7 +15,7 @@ from kiln.codegen.cross_compile import TARGETS
 from kiln.codegen.kernel_plan import Launch, run
 from kiln.codegen.kernels import pointwise_plan, quant_matmul_plan, rms_norm_plan
 from kiln.codegen.model_step import ModelShapes, ModelStep, step_launches
-from kiln.codegen.signature import Kernel, const, declared, ptr, scalar
+from kiln.codegen.signature import Kernel, const, declared, index, ptr, scalar, size
 
 
 def _params(source: str, name: str) -> list[str]:
@@ -79,8 +79,17 @@ def test_a_kernel_is_declared_once_and_rendered_only_when_declared() -> None:
     with pytest.raises(ValueError, match="declared twice"):
         Kernel("rms_norm", "kernel", (ptr("x_ptr"),))
     probe = Kernel("probe_only_in_this_test", "kernel", (ptr("x_ptr"), scalar("n", "sized"), const("BLOCK")))
-    assert probe.header({"sized": False}) == "def kernel(\n    x_ptr,\n    BLOCK: tl.constexpr,\n):"
+    assert probe.header({"sized": False}) == "@triton.jit\ndef kernel(\n    x_ptr,\n    BLOCK: tl.constexpr,\n):"
     assert "n," in probe.header({"sized": True})
+
+
+def test_sizes_and_indices_are_what_triton_does_not_specialise_on() -> None:
+    probe = Kernel("probe_sizes_in_this_test", "kernel", (ptr("x_ptr"), index("pos_ptr"), size("M"), scalar("n")))
+    assert probe.header({}).splitlines()[0] == (
+        "@triton.jit(do_not_specialize=['M'], do_not_specialize_on_alignment=['pos_ptr'])"
+    )
+    with pytest.raises(TypeError, match="argument M is a size, given a float"):
+        probe.bind({}, {"x_ptr": torch.empty(1), "pos_ptr": torch.empty(1), "M": 2.0, "n": 3})
 
 
 def test_each_launcher_declares_the_op_it_runs() -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import kernel_checks  # noqa: F401  (sets TRITON_INTERPRET before kiln.codegen is imported)
 import pytest
 import torch
-from kernel_checks import DEVICE, in_clean_processes, randn
+from kernel_checks import DEVICE, in_clean_processes, launched_at, randn
 
 from kiln.codegen.kernel_plan import Target, run
 from kiln.codegen.kernels import quant_matmul_plan as qm
@@ -101,11 +101,13 @@ def test_chosen_configs_cross_compile_for_sm90_and_sm80(tmp_path: Path) -> None:
     records = [r for rs in in_clean_processes(QUANT_SCRIPT, args) for r in rs]
     problems = [f"{r['target']}: {p}" for r in records for p in r["problems"]]
     assert not problems, "\n".join(problems)
-    names = {r["name"] for r in records}
-    assert {f"quant_{m}_{s}" for m in ("int8", "int4", "int4_zp", "w8a8") for s in ("decode_1", "decode_256")} <= names
-    assert "quantize_rows" in names
-    decode = next(r for r in records if r["name"] == "quant_w8a8_decode_1")
-    assert decode["config"]["SPLIT_K"] > 1  # decode splits K to fill the SMs
+    for mode in ("int8", "int4", "int4_zp", "w8a8"):
+        assert launched_at(records, f"quant_{mode}", "decode_256") is not launched_at(
+            records, f"quant_{mode}", "decode_1"
+        )
+    launched_at(records, "quantize_rows", "prefill_2048")
+    decode = launched_at(records, "quant_w8a8", "decode_1")
+    assert "split_k=True" in decode["label"]  # decode splits K to fill the SMs
     assert Path(decode["cubin"]).read_bytes()[:4] == b"\x7fELF"
 
 

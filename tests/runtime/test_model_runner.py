@@ -6,7 +6,8 @@ import torch
 from runtime_fakes import FakeModel
 
 from kiln.ops.metadata import AttentionMetadata
-from kiln.runtime.model_runner import ModelRunner, capture_sizes
+from kiln.codegen.cuda_graphs import capture_sizes
+from kiln.runtime.model_runner import ModelRunner
 from kiln.runtime.sampler import Sampler
 from kiln.runtime.sampling_params import SamplingParams
 from kiln.runtime.scheduler import SchedulerOutput
