@@ -145,9 +145,10 @@ def test_serving_an_artifact_with_cubins_compiles_no_kernel(checkpoint, tmp_path
     _recording(monkeypatch, launches)
     llm = kiln.LLM(compiled, num_kv_blocks=32)
     prompts = [list(range(3, 3 + n)) for n in (5, 9, 13)]
-    llm.generate(prompts, kiln.SamplingParams(max_tokens=3, ignore_eos=True), use_tqdm=False)
-    llm.generate(prompts[:1], kiln.SamplingParams(max_tokens=2, ignore_eos=True), use_tqdm=False)
+    outs = llm.generate(prompts, kiln.SamplingParams(max_tokens=3, ignore_eos=True), use_tqdm=False)
+    outs += llm.generate(prompts[:1], kiln.SamplingParams(max_tokens=2, ignore_eos=True), use_tqdm=False)
     monkeypatch.undo()
+    assert all(out.error is None for out in outs)
     assert {launch.kernel.template for launch in launches} >= {"paged_attention", "quant_matmul", "rms_norm"}
     saved = artifact.save(compiled, tmp_path / "artifact", target="cuda:90")
     (tmp_path / "launches.pkl").write_bytes(pickle.dumps(launches))

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from runtime_fakes import FakeModel
 
-from kiln.ops.metadata import AttentionMetadata
 from kiln.codegen.cuda_graphs import capture_sizes
+from kiln.ops.metadata import AttentionMetadata
 from kiln.runtime.model_runner import ModelRunner
 from kiln.runtime.sampler import Sampler
 from kiln.runtime.sampling_params import SamplingParams
