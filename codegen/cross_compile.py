@@ -13,27 +13,32 @@ source and cubin go under out_dir/sm_<cc>/, Triton's cache entries under out_dir
 from __future__ import annotations
 
 import contextlib
+import importlib
 import io
 import json
 import os
+import pickle
+import pkgutil
 import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections import Counter
-from collections.abc import Collection, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from . import kernels as kernels_package
 from .aot import CACHE
 from .cuda_graphs import capture_sizes
 from .jit_target import targeting, warm
 from .kernel_plan import SIZING_SMS, Launch, Target
 from .model_step import ModelShapes, ModelStep, Planned, step_launches
-from .render import interpreting
+from .render import interpreting, not_interpreting
 
 # Per capability: usable shared memory per block (opt-in maximum) and the SM count of a representative part
 # (H100 SXM, A100, L4, A10), which only sizes the decode split.
@@ -80,66 +85,14 @@ class KernelRecord:
 
 
 def model_launches(
-    shapes: ModelShapes,
-    dtype: torch.dtype,
-    target: Target,
-    block_size: int = 16,
-    quantized: bool = False,
-    plans: Collection[str] | None = None,
-    regions: list[dict[str, Any]] | None = None,
+    shapes: ModelShapes, dtype: torch.dtype, target: Target, block_size: int = 16, quantized: bool = False
 ) -> list[Planned]:
-    """Every kernel launch of every step in STEPS, from every plan's `@at_model_size` hook (of `plans` only,
-    when given), and each of a graph's region kernels (`graph_regions`) at the step's token count."""
-    from .kernels.pointwise_plan import region_launch
-
+    """Every kernel launch of every step in STEPS that the plans' `@at_model_size` hooks declare for a model of
+    these sizes (what a config alone tells; a compiled model's own launches come from graph_launches.py)."""
     planned = []
     for name, seqs, query_len in STEPS:
-        step = ModelStep(shapes, dtype, target, name, seqs, query_len, block_size, quantized)
-        planned += step_launches(step, plans)
-        for i, region in enumerate(regions or []):
-            inputs = [
-                torch.empty([step.tokens if d is None else d for d in t["shape"]], dtype=getattr(torch, t["dtype"]),
-                            device="meta")
-                for t in region["inputs"]
-            ]  # fmt: skip
-            planned.append(Planned(f"region_{i}", name, region_launch(region["spec"], inputs)[0]))
+        planned += step_launches(ModelStep(shapes, dtype, target, name, seqs, query_len, block_size, quantized))
     return planned
-
-
-def graph_regions(gm: Any) -> list[dict[str, Any]]:
-    """The region kernels a lowered graph launches: each one's spec and its inputs' shapes (None where the
-    size is the step's token count) and dtypes."""
-    from .kernels.pointwise_plan import region
-
-    found = []
-    for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target is region:
-            inputs = [a.meta["val"] for a in node.args[1:]]
-            shapes = [[None if isinstance(d, torch.SymInt) else int(d) for d in v.shape] for v in inputs]
-            dtypes = [str(v.dtype).removeprefix("torch.") for v in inputs]
-            found.append({"spec": node.args[0], "inputs": [{"shape": s, "dtype": d} for s, d in zip(shapes, dtypes)]})
-    return found
-
-
-def graph_plans(gm: Any) -> set[str]:
-    """The kernel plan modules whose launchers a lowered graph calls (its submodules', fused regions, included),
-    and the plans those launchers launch through (the attention's cache write): what an artifact cross-compiles."""
-    prefix = f"{__package__}.kernels."
-    found = set()
-    for module in gm.modules():
-        graph = getattr(module, "graph", None)
-        for node in graph.nodes if graph is not None else ():
-            name = getattr(node.target, "__module__", "") or ""
-            if node.op == "call_function" and name.startswith(prefix):
-                found.add(name)
-    todo = list(found)
-    while todo:  # plan modules a plan imports (`from . import cache_write_plan`) launch their kernels too
-        for value in vars(sys.modules[todo.pop()]).values():
-            name = getattr(value, "__name__", "") if isinstance(value, type(sys)) else ""
-            if name.startswith(prefix) and name.endswith("_plan") and name not in found:
-                found.add(name)
-                todo.append(name)
-    return found
 
 
 @contextlib.contextmanager
@@ -149,21 +102,15 @@ def gpu_compilation(cache: Path, capability: int) -> Iterator[None]:
     log seen, and a launch of the same kernel loads it): what is compiled is stored as Triton stores it."""
     from triton import knobs
 
-    saved = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "0"
     old_log, old_cache = knobs.nvidia.dump_ptxas_log, knobs.cache.dir
     knobs.nvidia.dump_ptxas_log = True
     shutil.rmtree(cache, ignore_errors=True)
     knobs.cache.dir = str(cache)
     try:
-        with targeting(capability):
+        with not_interpreting(), targeting(capability):
             yield
     finally:
         knobs.nvidia.dump_ptxas_log, knobs.cache.dir = old_log, old_cache
-        if saved is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = saved
 
 
 def _compile(launch: Launch) -> tuple[Any, int, int]:
@@ -204,12 +151,17 @@ def compile_launches(planned: list[Planned], target: str, shared_limit: int, roo
             shared_limit,
         )
         by_key[kernel.hash] = (p, record, kernel)
-    # A kernel compiled once is named plainly; one compiled per step shape is named by its first step.
+    # A kernel compiled once is named plainly; one compiled in variants is named by the first step of each
+    # (numbered where several variants start at the same step).
     variants = Counter(p.kernel for p, _, _ in by_key.values())
+    firsts = Counter((p.kernel, record.steps[0]) for p, record, _ in by_key.values())
+    seen: Counter[tuple[str, str]] = Counter()
     records = []
     for p, record, kernel in by_key.values():
         if variants[p.kernel] > 1:
-            record.name = f"{p.kernel}_{record.steps[0]}"
+            first = (p.kernel, record.steps[0])
+            seen[first] += 1
+            record.name = f"{p.kernel}_{record.steps[0]}" + (f"_{seen[first]}" if firsts[first] > 1 else "")
         source, cubin = root / f"{record.name}.py", root / f"{record.name}.cubin"
         source.write_text(p.launch.source())
         cubin.write_bytes(kernel.asm["cubin"])
@@ -239,7 +191,7 @@ def _interpreter_bound() -> bool:
 
 
 def cross_compile(
-    compiled_or_config: Any,
+    model: Any,
     target: str = "cuda:90",
     out_dir: str | Path = "kernels",
     dtype: torch.dtype | None = None,
@@ -248,73 +200,61 @@ def cross_compile(
     kernels: list[str] | None = None,
     strict: bool = True,
     quantized: bool = False,
-    plans: Collection[str] | None = None,
-    regions: list[dict[str, Any]] | None = None,
 ) -> list[KernelRecord]:
-    """Compile the kernels a model (a CompiledModel, an HF config, or a dict of its fields) runs on `target`.
+    """Compile the kernels a model runs on `target`: for a CompiledModel, every launch its own forward makes at
+    each step (graph_launches.py); for an HF config (or a dict of its fields), the launches the plans declare for
+    its sizes (`model_launches`; `dtype`, default bf16, and `quantized` adding every quantized linear).
 
     shared_limit lowers the target's per-block shared memory (configs are then chosen for the lower limit; an
-    unlisted capability gets sm_86's); `kernels` picks kernels by name; `quantized` adds the quantized linears
-    (every mode, at the down projection's size); `plans` keeps the launches of those plan modules only (an
-    artifact passes `graph_plans` of its lowered graph); `regions` adds a graph's region kernels (`graph_regions`).
-    With `strict`, raises ValueError listing every kernel that
-    exceeds the target's shared memory or its config's bound, or spills; otherwise the records say so."""
+    unlisted capability gets sm_86's); `kernels` picks kernels by name. With `strict`, raises ValueError listing
+    every kernel that exceeds the target's shared memory or its config's bound, or spills; otherwise the
+    records say so."""
     capability = parse_target(target)
-    compiled = hasattr(compiled_or_config, "hf_config")  # a CompiledModel knows its dtype; a config does not
-    config = compiled_or_config.hf_config if compiled else compiled_or_config
-    dtype = dtype or (compiled_or_config.dtype if compiled else torch.bfloat16)
-    config = config if isinstance(config, dict) else config.to_dict()
     base = TARGETS.get(capability, TARGETS[86])
     limit = shared_limit or base.shared_limit
     assert limit is not None  # every TARGETS entry has a limit
     device = Target(limit, base.sms)
+    if hasattr(model, "graph_module"):
+        from .graph_launches import graph_launches
+
+        planned = graph_launches(model, device, STEPS, block_size)
+    else:
+        with not_interpreting():  # the GPU's choices, whatever this process runs
+            shapes = ModelShapes.from_config(model)
+            planned = model_launches(shapes, dtype or torch.bfloat16, device, block_size, quantized)
+    planned = [p for p in planned if kernels is None or p.kernel in kernels]
     root = Path(out_dir) / f"sm_{capability}"
-    if _interpreter_bound():
-        request = {
-            "config": config,
-            "target": target,
-            "out_dir": str(out_dir),
-            "dtype": str(dtype).removeprefix("torch."),
-            "block_size": block_size,
-            "shared_limit": shared_limit,
-            "kernels": kernels,
-            "strict": False,
-            "quantized": quantized,
-            "plans": None if plans is None else sorted(plans),
-            "regions": regions,
-        }
-        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        subprocess.run(
-            [sys.executable, "-m", "kiln.codegen.cross_compile"],
-            input=json.dumps(request),
-            text=True,
-            env=env,
-            check=True,
-        )
+    if _interpreter_bound():  # compile in a clean process; the launches travel pickled (meta tensors, no data)
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(suffix=".pkl") as request:
+            request.write(pickle.dumps((planned, target, limit, str(root))))
+            request.flush()
+            env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+            subprocess.run([sys.executable, "-m", "kiln.codegen.cross_compile", request.name], env=env, check=True)
         records = [KernelRecord(**r) for r in json.loads((root / "records.json").read_text())]
     else:
-        planned = [
-            p
-            for p in model_launches(
-                ModelShapes.from_config(config), dtype, device, block_size, quantized, plans, regions
-            )
-            if kernels is None or p.kernel in kernels
-        ]
-        with gpu_compilation(root / CACHE, capability):
-            records = compile_launches(planned, target, limit, root)
-        (root / "records.json").write_text(json.dumps([asdict(r) for r in records], indent=1))
+        records = _compile_into(planned, target, limit, root)
     problems = [p for r in records for p in r.problems()]
     if strict and problems:
         raise ValueError(f"kernels that do not fit {target}:\n" + "\n".join(problems))
     return records
 
 
+def _compile_into(planned: list[Planned], target: str, limit: int, root: Path) -> list[KernelRecord]:
+    """Compile `planned` into root (records.json, sources, cubins, Triton's cache entries)."""
+    with gpu_compilation(root / CACHE, parse_target(target)):
+        records = compile_launches(planned, target, limit, root)
+    (root / "records.json").write_text(json.dumps([asdict(r) for r in records], indent=1))
+    return records
+
+
 def main() -> None:
-    """`python -m kiln.codegen.cross_compile` with a JSON request on stdin: how an interpreter-bound process
-    (a test run) cross-compiles in a clean one."""
-    request = json.loads(sys.stdin.read())
-    request["dtype"] = getattr(torch, request["dtype"])
-    cross_compile(request.pop("config"), **request)
+    """`python -m kiln.codegen.cross_compile REQUEST.pkl`: how an interpreter-bound process (a test run)
+    compiles its planned launches in a clean one. The request is this package's own temporary file."""
+    for module in pkgutil.iter_modules(kernels_package.__path__):  # the kernels the launches name are declared
+        importlib.import_module(f"{kernels_package.__name__}.{module.name}")
+    planned, target, limit, root = pickle.loads(Path(sys.argv[1]).read_bytes())
+    _compile_into(planned, target, limit, Path(root))
 
 
 if __name__ == "__main__":

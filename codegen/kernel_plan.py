@@ -8,6 +8,9 @@ declaration (signature.py) and ordered by it when the launch runs or is compiled
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
@@ -87,10 +90,36 @@ def ieee_dots(dtype: torch.dtype) -> bool:
     return dtype == torch.float32
 
 
+class _Planning(threading.local):
+    """Set inside `planning`: the target launchers plan for, and the list their launches go to."""
+
+    target: Target | None = None
+    launches: list[Launch] | None = None
+
+
+_planning = _Planning()
+
+
+@contextlib.contextmanager
+def planning(target: Target) -> Iterator[list[Launch]]:
+    """Inside, launchers plan for `target` whatever their tensors' device, and `run` collects each launch in the
+    list this yields instead of launching it: how a compiled model's forward tells what it would launch on a
+    GPU it does not have (graph_launches.py)."""
+    saved = _planning.target, _planning.launches
+    _planning.target, _planning.launches = target, []
+    try:
+        yield _planning.launches
+    finally:
+        _planning.target, _planning.launches = saved
+
+
 def run(launch: Launch) -> None:
     """Launch on the arguments' device (a GPU, or the interpreter for CPU tensors), arguments checked by name
-    against the kernel's declaration and passed in its order."""
+    against the kernel's declaration and passed in its order; inside `planning`, only collect it."""
     runtime, constexprs = launch.bind()
+    if _planning.launches is not None:
+        _planning.launches.append(launch)
+        return
     if not launch.grid or min(launch.grid) == 0:
         return
     launch.fn()[launch.grid](
@@ -115,7 +144,10 @@ def pick(configs: list[Config], shared_limit: int | None) -> Config:
 
 
 def device_target(device: torch.device) -> Target:
-    """The Target of a device: a CUDA device's properties, or the interpreter's (no limits) elsewhere."""
+    """The Target of a device: a CUDA device's properties, or the interpreter's (no limits) elsewhere; inside
+    `planning`, the target planned for."""
+    if _planning.target is not None:
+        return _planning.target
     if device.type != "cuda":
         return Target()
     return _cuda_target(device.index if device.index is not None else torch.cuda.current_device())

@@ -9,9 +9,11 @@ one import; a cached file whose content no longer has that hash is rendered agai
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import os
+from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
 from types import ModuleType
@@ -42,6 +44,21 @@ def cache_dir() -> Path:
 def interpreting() -> bool:
     """Whether kernels run in Triton's interpreter (where bf16 `tl.dot` is wrong and must be upcast)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@contextlib.contextmanager
+def not_interpreting() -> Iterator[None]:
+    """Inside, `interpreting()` is False: plans make a GPU's choices (no interpreter-only upcasts) and `kernel`
+    makes real `@triton.jit` functions (cross-compilation, in a process that may run the interpreter)."""
+    saved = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "0"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = saved
 
 
 def render(template: str, flags: dict[str, Any]) -> str:

@@ -193,23 +193,21 @@ def can_cross_compile() -> bool:
 
 
 def _cross_compile(compiled: CompiledModel, target: str, out_dir: Path) -> None:
-    """Cubins for exactly the kernels the lowered graph launches (codegen/aot.py loads them at serve time)."""
+    """Cubins for exactly the kernels the model's forward launches (codegen/graph_launches.py; codegen/aot.py
+    loads them at serve time)."""
     if not can_cross_compile():
         raise ArtifactError(
             f"target {target!r}: this kiln build cannot cross-compile kernels (no kiln.codegen.cross_compile)"
         )
-    from kiln.codegen.cross_compile import cross_compile, graph_plans, graph_regions, parse_target
+    from kiln.codegen.cross_compile import cross_compile, parse_target
 
     parse_target(target)  # a malformed target is refused before anything else is said
-    plans = graph_plans(compiled.graph_module)
-    if not plans:
+    if compiled.backend != "triton":
         raise ArtifactError(
             f"target {target!r}: this model was lowered for backend {compiled.backend!r}, which launches no "
             "generated kernels; compile it with backend 'triton' to ship cubins"
         )
-    quantized = any("quant" in plan for plan in plans)
-    regions = graph_regions(compiled.graph_module)
-    cross_compile(compiled, target=target, out_dir=out_dir, plans=plans, quantized=quantized, regions=regions)
+    cross_compile(compiled, target=target, out_dir=out_dir)
 
 
 # Loading -----------------------------------------------------------------------------------------------

@@ -60,6 +60,6 @@ def in_clean_processes(script: str, args: list[Any]) -> list[Any]:
 
 def launched_at(records: list[dict[str, Any]], kernel: str, step: str) -> dict[str, Any]:
     """The cross-compile record of `kernel` that `step` launches: a kernel compiled once is named plainly, one
-    compiled in variants is named by the first step of each."""
-    variant = re.compile(rf"{re.escape(kernel)}_(decode|prefill)_\d+")
+    compiled in variants is named by the first step of each (numbered when several start there)."""
+    variant = re.compile(rf"{re.escape(kernel)}_(decode|prefill)_\d+(_\d+)?")
     return next(r for r in records if step in r["steps"] and (r["name"] == kernel or variant.fullmatch(r["name"])))
