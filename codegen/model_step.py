@@ -3,14 +3,15 @@
 Each plan in kernels/ declares with `@at_model_size` the launches its launcher makes in one step (planned on
 `meta` tensors: shapes and dtypes only, as the launcher plans them for the step's target). The cross-compile
 check collects them from every plan, so a new kernel is compiled for every target by declaring its hook in its
-own plan rather than by editing a list here.
+own plan rather than by editing a list here. This is what a config alone tells (the checks at a 1B or 8B
+model's sizes); an artifact compiles what its own forward launches instead (graph_launches.py).
 """
 
 from __future__ import annotations
 
 import importlib
 import pkgutil
-from collections.abc import Callable, Collection
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -106,9 +107,8 @@ def at_model_size(hook: Hook) -> Hook:
     return hook
 
 
-def step_launches(step: ModelStep, plans: Collection[str] | None = None) -> list[Planned]:
-    """Every kernel launch of the step, from every plan in kernels/ (each imported here), by plan name; only
-    those of the plan modules named in `plans` when given (what a lowered graph launches)."""
+def step_launches(step: ModelStep) -> list[Planned]:
+    """Every kernel launch of the step, from every plan in kernels/ (each imported here), by plan name."""
     for module in pkgutil.iter_modules(kernels.__path__):
         importlib.import_module(f"{kernels.__name__}.{module.name}")
-    return [p for name, hook in sorted(_HOOKS.items()) if plans is None or name in plans for p in hook(step)]
+    return [p for _, hook in sorted(_HOOKS.items()) for p in hook(step)]
