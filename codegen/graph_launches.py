@@ -33,12 +33,13 @@ def _step_launches(compiled: Any, target: Target, seqs: int, query_len: int, blo
     """The launches of one step of `seqs` sequences adding `query_len` tokens each (decode: after 15 cached)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
+    device = getattr(compiled, "device", None) or torch.device("cpu")  # small real inputs, beside the weights
     context = 15 if query_len == 1 else 0
     per_seq = -(-(context + query_len) // block_size)
     tables = [[s * per_seq + b for b in range(per_seq)] for s in range(seqs)]
-    meta = AttentionMetadata.build([query_len] * seqs, [context] * seqs, tables, block_size, torch.device("cpu"))
-    ids = torch.zeros(seqs * query_len, dtype=torch.int64)
-    positions = torch.arange(context, context + query_len).repeat(seqs)
+    meta = AttentionMetadata.build([query_len] * seqs, [context] * seqs, tables, block_size, device)
+    ids = torch.zeros(seqs * query_len, dtype=torch.int64, device=device)
+    positions = torch.arange(context, context + query_len, device=device).repeat(seqs)
     with FakeTensorMode(allow_non_fake_inputs=True), planning(target) as launches, step_context(meta):
         caches = compiled.allocate_kv_cache(seqs * per_seq, block_size)
         compiled.graph_module(ids, positions, *meta.graph_inputs(), *caches)
