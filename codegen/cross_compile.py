@@ -134,7 +134,9 @@ def compile_launches(planned: list[Planned], target: str, shared_limit: int, roo
     for p in planned:
         kernel, regs, spills = _compile(p.launch)
         if kernel.hash in by_key:
-            by_key[kernel.hash][1].steps.append(p.step)
+            steps = by_key[kernel.hash][1].steps
+            if p.step not in steps:  # a kernel launched by every layer is listed once per step
+                steps.append(p.step)
             continue
         record = KernelRecord(
             p.kernel,
