@@ -1,6 +1,9 @@
 """Phases 2 and 3 of bench/gpu.py: kernel bandwidth against a copy, and decode tokens/s against HF.
 
-Bandwidth: bytes a kernel must move / its median time, next to a device-to-device copy of the same scale.
+Bandwidth: bytes a kernel must move / its median time, next to a device-to-device copy of the same scale
+(rms_norm, add_rms_norm, silu_mul and rope at 16,384 rows; paged decode attention at 64 x 2,048 and at 1 x 8,192
+cached tokens); then the pointwise kernels at decode sizes (1, 16, 64 rows) in microseconds against the same op
+in eager torch (kiln's reference ops).
 Decode: new tokens/s after a 128-token prompt, kiln (CUDA graphs and eager) vs HF eager vs HF + torch.compile,
 where HF compiles the way its 5.x releases document (CompileConfig's docstring) and test it
 (test_generate_compile_model_forward_fullgraph): `generate(..., cache_implementation="static",
@@ -18,17 +21,22 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from .gpu_common import FIRST_ID, Recorder, build_model, guarded, median_time, peer, time_left, wall
 
 BLOCK_SIZE = 16
 # name -> (rows, hidden, intermediate, heads, kv_heads, head_dim, attention seqs, attention context)
 SHAPES = {"full": (16384, 2048, 8192, 32, 8, 64, 64, 2048), "tiny": (16, 64, 128, 4, 2, 16, 2, 64)}
+# Decode attention (sequences, cached tokens each): a full batch, and one long sequence (the split-KV case).
+ATTENTION = {"full": ((64, 2048), (1, 8192)), "tiny": ((2, 64), (1, 128))}
+DECODE_ROWS = (1, 16, 64)  # decode-sized pointwise launches, timed against torch's eager ops
 
 
 def bandwidth(args: argparse.Namespace, rec: Recorder) -> None:
     """Each kernel guarded on its own: one that fails to compile costs only its own figure."""
     from kiln.codegen.kernels import gated_act_plan, paged_attention_plan, rms_norm_plan, rope_plan
+    from kiln.ops import fused
     from kiln.ops.metadata import AttentionMetadata
 
     dev, dtype = args.device, args.torch_dtype
@@ -56,6 +64,11 @@ def bandwidth(args: argparse.Namespace, rec: Recorder) -> None:
         x, w = torch.randn(rows, hidden, dtype=dtype, device=dev), torch.randn(hidden, dtype=dtype, device=dev)
         return 2 * x.nbytes + w.nbytes, lambda: rms_norm_plan.rms_norm(x, w, 1e-5, 0.0)
 
+    def add_rms() -> tuple[int, Callable[[], Any]]:
+        x, res = (torch.randn(rows, hidden, dtype=dtype, device=dev) for _ in range(2))
+        w = torch.randn(hidden, dtype=dtype, device=dev)
+        return 4 * x.nbytes + w.nbytes, lambda: rms_norm_plan.add_rms_norm(x, res, w, 1e-5, 0.0)
+
     def silu() -> tuple[int, Callable[[], Any]]:
         gate_up = torch.randn(rows // 2, 2 * inter, dtype=dtype, device=dev)
         return gate_up.nbytes * 3 // 2, lambda: gated_act_plan.silu_mul(gate_up)
@@ -68,7 +81,7 @@ def bandwidth(args: argparse.Namespace, rec: Recorder) -> None:
         nbytes = 2 * (q.nbytes + k.nbytes) + positions.nbytes + rows * hd * 4
         return nbytes, lambda: rope_plan.rope(q, k, positions, cos_sin, hd, True)
 
-    def decode_attention() -> tuple[int, Callable[[], Any]]:
+    def decode_attention(seqs: int, context: int) -> tuple[int, Callable[[], Any]]:
         per_seq = context // BLOCK_SIZE + 1
         tables = [[s * per_seq + b for b in range(per_seq)] for s in range(seqs)]
         meta = AttentionMetadata.build([1] * seqs, [context - 1] * seqs, tables, BLOCK_SIZE, device=dev)
@@ -90,9 +103,33 @@ def bandwidth(args: argparse.Namespace, rec: Recorder) -> None:
             0.0,
         )
 
-    kernels = {"rms_norm": rms, "silu_mul": silu, "rope": rope, "paged_decode_attention": decode_attention}
+    kernels = {"rms_norm": rms, "add_rms_norm": add_rms, "silu_mul": silu, "rope": rope}
+    for seqs, context in ATTENTION["tiny" if args.tiny else "full"]:
+        kernels[f"paged_decode_attention_{seqs}x{context}"] = lambda s=seqs, c=context: decode_attention(s, c)
     for name, make in kernels.items():
         kernel(name, make)
+
+    def at_decode_size(name: str, rows: int, ours: Callable[[Tensor], Any], theirs: Callable[[Tensor], Any]) -> None:
+        def run() -> None:
+            x = torch.randn(rows, 2 * inter if name == "silu_mul" else hidden, dtype=dtype, device=dev)
+            us = [1e6 * median_time(lambda f=f: f(x), dev, iters, warmup) for f in (ours, theirs)]
+            rec.figure(f"{name}_rows{rows}", kiln_us=us[0], torch_us=us[1], speedup=us[1] / us[0])
+
+        guarded(rec, f"{name}_rows{rows}", min(60, time_left(args)), run)
+
+    w = torch.randn(hidden, dtype=dtype, device=dev)
+    res = torch.randn(DECODE_ROWS[-1], hidden, dtype=dtype, device=dev)
+    pairs = {
+        "rms_norm": (lambda x: rms_norm_plan.rms_norm(x, w, 1e-5, 0.0), lambda x: fused.rms_norm(x, w, 1e-5, 0.0)),
+        "add_rms_norm": (
+            lambda x: rms_norm_plan.add_rms_norm(x, res[: len(x)], w, 1e-5, 0.0),
+            lambda x: fused.add_rms_norm(x, res[: len(x)], w, 1e-5, 0.0),
+        ),
+        "silu_mul": (gated_act_plan.silu_mul, fused.silu_mul),
+    }
+    for rows_ in DECODE_ROWS:
+        for name, (ours, theirs) in pairs.items():
+            at_decode_size(name, rows_, ours, theirs)
 
 
 def _hf_decode_tps(model: Any, ids: torch.Tensor, steps: int, device: str, **generate_kwargs: Any) -> float:

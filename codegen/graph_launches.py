@@ -52,7 +52,7 @@ def graph_launches(
     compiled: Any, target: Target, steps: tuple[tuple[str, int, int], ...], block_size: int = 16
 ) -> list[Planned]:
     """Every launch of every step (name, sequences, query length each) of `compiled`'s forward on `target`,
-    named by kernel: `template` (or `template_function`), numbered where one name has several variants."""
+    each named by its kernel: `template`, or `template_function` for a template's other kernels."""
     planned = []
     with not_interpreting(), torch.inference_mode():
         for step, seqs, query_len in steps:

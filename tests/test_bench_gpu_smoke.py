@@ -44,8 +44,12 @@ def test_tiny_cpu_run_records_every_phase(tmp_path: Path) -> None:
     assert not failed, [r for r in lines if r["kind"] == "status" and r["status"] not in ("ok", "skipped")]
     assert status[("engine", "hf_generate_batch")] == "skipped"
     assert figures[("tests", "pytest")]["passed"] > 0
-    for name in ("d2d_copy", "rms_norm", "silu_mul", "rope", "paged_decode_attention"):
+    for name in ("d2d_copy", "rms_norm", "add_rms_norm", "silu_mul", "rope"):
         assert figures[("bandwidth", name)]["gb_per_s"] > 0
+    for name in ("paged_decode_attention_2x64", "paged_decode_attention_1x128"):  # the tiny stand-ins
+        assert figures[("bandwidth", name)]["gb_per_s"] > 0
+    for name in ("rms_norm", "add_rms_norm", "silu_mul"):
+        assert all(figures[("bandwidth", f"{name}_rows{n}")]["kiln_us"] > 0 for n in (1, 16, 64))
     for name in ("kiln_reference_eager", "hf_eager", "hf_torch_compile"):
         assert figures[("decode", name)]["tok_per_s"] > 0
     kiln, hf = figures[("engine", "kiln_llm_generate")], figures[("engine", "hf_generate_static")]

@@ -135,9 +135,9 @@ def _recording(monkeypatch: pytest.MonkeyPatch, into: list) -> None:
             monkeypatch.setattr(module, "device_target", lambda device: TARGETS[90])
 
 
-# llama int8: quantized linears; gemma2: soft-capped, windowed attention and a reducing region; phi3: regions
-# lowered and inlined. gpt2, gpt_neox, mistral (int4), qwen3 (w8a8), olmo2 and starcoder2 (int8) pass too.
-@pytest.mark.parametrize("arch, quantization", [("llama", "int8"), ("gemma2", None), ("phi3", None)])
+# llama int8: quantized linears; phi3: regions lowered and inlined. gemma2 (soft-capped, windowed attention),
+# gpt2, gpt_neox, mistral (int4), qwen3 (w8a8), olmo2 and starcoder2 (int8) passed it too (left out of CI for time).
+@pytest.mark.parametrize("arch, quantization", [("llama", "int8"), ("phi3", None)])
 def test_serving_an_artifact_with_cubins_compiles_no_kernel(checkpoint, tmp_path, monkeypatch, arch, quantization):
     """A cold start on a GPU, up to the driver: the launches a real model makes while serving prompts of lengths
     and batch sizes the cross-compile never planned for, replayed through Triton's JIT for sm_90 with only the
@@ -153,6 +153,9 @@ def test_serving_an_artifact_with_cubins_compiles_no_kernel(checkpoint, tmp_path
     assert all(out.error is None for out in outs)
     assert {"paged_attention", "cache_write"} <= {launch.kernel.template for launch in launches}
     saved = artifact.save(compiled, tmp_path / "artifact", target="cuda:90")
+    files = json.loads((saved / "manifest.json").read_text())["files"]
+    assert any(name.startswith(f"kernels/sm_90/{aot.CACHE}/") and name.endswith(".cubin") for name in files)
+    assert kiln.load(saved).backend == "triton"  # on the CPU: nothing to install, nothing said
     (tmp_path / "launches.pkl").write_bytes(pickle.dumps(launches))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
 
@@ -180,9 +183,5 @@ def test_artifacts_cross_compile_what_their_forward_launches(checkpoint, tmp_pat
     assert all(t.device.type == "meta" for p in decode for t in p.launch.args.values() if isinstance(t, torch.Tensor))
     quantized = kiln.compile(path, backend="triton", device="cpu", quantization="int8")
     assert "quant_matmul" in {p.kernel for p in graph_launches(quantized, TARGETS[90], (("prefill", 2, 7),))}
-    saved = artifact.save(plain, tmp_path / "sm90", target="cuda:90")
-    files = json.loads((saved / "manifest.json").read_text())["files"]
-    assert any(name.startswith(f"kernels/sm_90/{aot.CACHE}/") and name.endswith(".cubin") for name in files)
-    assert kiln.load(saved).backend == "triton"  # on the CPU: nothing to install, nothing said
     with pytest.raises(ValueError, match="backend 'reference'"):
         artifact.save(kiln.compile(path, device="cpu"), tmp_path / "ref", target="cuda:90")
