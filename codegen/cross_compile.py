@@ -125,14 +125,31 @@ def _compile(launch: Launch) -> tuple[Any, int, int]:
     return kernel, int(regs.group(1)) if regs else -1, sum(spills)
 
 
+def _alike(launch: Launch) -> tuple:
+    """Everything of a launch the JIT could key on, exactly (a tensor by its dtype and address modulo 16):
+    launches equal here are one compiled kernel, without asking the JIT."""
+    runtime, constexprs = launch.bind()
+    args = tuple((name, (str(v.dtype), v.data_ptr() % 16) if isinstance(v, torch.Tensor) else v) for name, v in runtime)
+    return (launch.kernel.template, launch.kernel.name, repr(sorted(launch.flags.items())), args,
+            tuple(sorted(constexprs.items())), launch.num_warps, launch.num_stages)  # fmt: skip
+
+
 def compile_launches(planned: list[Planned], target: str, shared_limit: int, root: Path) -> list[KernelRecord]:
     """Compile each distinct kernel of `planned` once for `target` (inside `gpu_compilation`), writing its
     source and cubin under root; a kernel's record lists every step that launches it. Distinct is Triton's
     own key: launches that a GPU would run with one compiled kernel are one here."""
     root.mkdir(parents=True, exist_ok=True)
     by_key: dict[str, tuple[Planned, KernelRecord, Any]] = {}
+    hashes: dict[tuple, str] = {}  # launches alike in everything (every layer's) go to the JIT once
     for p in planned:
+        alike = _alike(p.launch)
+        if alike in hashes:
+            steps = by_key[hashes[alike]][1].steps
+            if p.step not in steps:
+                steps.append(p.step)
+            continue
         kernel, regs, spills = _compile(p.launch)
+        hashes[alike] = kernel.hash
         if kernel.hash in by_key:
             steps = by_key[kernel.hash][1].steps
             if p.step not in steps:  # a kernel launched by every layer is listed once per step
