@@ -118,30 +118,36 @@ class Scheduler:
                 continue
             tokens = seq.token_ids
             context = seq.num_computed_tokens
-            if len(tokens) - context > 1:
+            num_tokens = len(tokens)
+            if num_tokens - context > 1:
                 partial.append(seq)
                 continue
-            if seq.num_pending and len(tokens) - seq.num_prompt_tokens >= seq.params.max_tokens:
+            if seq.num_pending and num_tokens - seq.num_prompt_tokens >= seq.params.max_tokens:
                 continue  # its last allowed token is still being sampled: the sequence ends with it
             draft = seq.draft  # proposals to verify (speculative decoding), whatever fits the budget
             if draft:
                 seq.draft = []
                 draft = draft[: budget - 1]
-            num_new = 1 + len(draft)
-            if context + num_new > len(seq.block_table) * bs and not self._make_room(out, seq, num_new):
+                num_new = 1 + len(draft)
+            else:
+                num_new = 1
+            end = context + num_new
+            if end > len(seq.block_table) * bs and not self._make_room(out, seq, num_new):
                 continue
-            # _take for a decode, inlined: this runs for every sequence at every step.
-            seq.num_computed_tokens = context + num_new
+            # _take for a decode, inlined: this runs for every sequence at every step. Every sequence so far
+            # samples, so its position k is also its sample row.
+            k = len(seqs)
+            seq.num_computed_tokens = end
             seqs.append(seq)
             num_new_tokens.append(num_new)
             contexts.append(context)
-            tokens.append(-1 - len(rows))
+            tokens.append(~k)  # the placeholder -1 - k
             seq.num_pending += 1
-            rows.append(len(seqs) - 1)
+            rows.append(k)
             if draft:
-                out.drafts[len(seqs) - 1] = draft
-                out.num_logits[len(seqs) - 1] = num_new
-            if publish and context + num_new >= (seq.num_committed_blocks + 1) * bs:
+                out.drafts[k] = draft
+                out.num_logits[k] = num_new
+            if publish and end >= (seq.num_committed_blocks + 1) * bs:
                 filling.append(seq)
             if context < seq.num_prompt_tokens:
                 out.prompt_done.add(seq.seq_id)
@@ -275,15 +281,16 @@ class Scheduler:
             if errors and i in errors:
                 got.append(self._fail(seq, errors[i]))
                 continue
-            emitted = [token]
-            if extra and i in extra:
-                emitted += extra[i]
-                self._roll_back(seq, len(emitted))
             got.append(seq)
             entry = logprobs[i] if logprobs is not None else None
-            for token in emitted:
-                if not self._emit(seq, token, entry, update):
-                    break
+            if extra and i in extra:
+                emitted = [token, *extra[i]]
+                self._roll_back(seq, len(emitted))
+                for token in emitted:
+                    if not self._emit(seq, token, entry, update):
+                        break
+            else:
+                self._emit(seq, token, entry, update)
         for seq in out.filling:
             if seq.status is not finished:
                 self.block_manager.commit(seq)
