@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: install install-test demo test lint clean
+.PHONY: install install-test demo test test-gpu-stack lint clean
 
 # What the demo (and serving) needs: the CPU build of torch first, pinned, so nothing later pulls a CUDA build;
 # then kiln.
@@ -37,6 +37,18 @@ demo: install
 test: install-test lint
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile -m "not serial" tests
 	$(BIN)/python -m pytest -q -m serial tests
+
+# The GPU machine's versions (torch 2.11, transformers 5.17, triton 3.6; see README "Tested versions") in a venv
+# of their own, on the CPU: capture, passes, kernels under the interpreter, the engine and server against HF. Not in
+# `make test`: that torch is the 5 GB CUDA build. numpy < 2.4: Triton 3.6's interpreter makes ints of 1-element
+# arrays, which numpy 2.4 refuses.
+STACK := $(VENV)/gpu-stack
+test-gpu-stack:
+	test -x $(STACK)/bin/python || $(PY) -m venv $(STACK)
+	$(STACK)/bin/python -m pip install -q torch==2.11.0 transformers==5.17.0 triton==3.6.0 'numpy<2.4' \
+		-e '.[dev]' jsonschema
+	$(STACK)/bin/python -m pytest -q -n 2 --dist loadfile -m "not serial" tests
+	$(STACK)/bin/python -m pytest -q -m serial tests
 
 # ruff (lint + format check) and mypy over the package (tests and bench excluded). mypy needs the repository
 # under the name `kiln`, so it runs on a link in a scratch directory.

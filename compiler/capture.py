@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensor
+from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 from transformers import PreTrainedModel
 
@@ -50,10 +51,30 @@ def _meta_twin(model: PreTrainedModel) -> PreTrainedModel:
     return twin.to(model.dtype).eval()  # type: ignore[arg-type]  # transformers' wrapped `to`
 
 
+class _MetaScalars(TorchFunctionMode):
+    """`torch.tensor(number, device=<meta>)` traced as `torch.full((), number)`: a factory op, retargeted to the
+    weights' device like the others, instead of a constant whose value the meta device never held
+    (transformers 5.17 builds the eager attention mask's zero that way; 5.24 calls `torch.zeros`)."""
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        device = kwargs.get("device")
+        if (
+            func is torch.tensor
+            and len(args) == 1
+            and isinstance(args[0], (bool, int, float))
+            and device is not None
+            and torch.device(device).type == "meta"
+        ):
+            dtype = kwargs.get("dtype") or torch.tensor(args[0]).dtype  # the dtype torch.tensor would infer
+            return torch.full((), args[0], dtype=dtype, device=device)
+        return func(*args, **kwargs)
+
+
 def _export(model: PreTrainedModel, max_model_len: int) -> fx.GraphModule:
     example = torch.arange(8, device="meta")
     tokens = torch.export.Dim("tokens", min=2, max=max(3, max_model_len))
-    with torch.no_grad():
+    with torch.no_grad(), _MetaScalars():
         exported = torch.export.export(
             _PackedStream(model),
             (example, example.clone()),

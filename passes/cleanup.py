@@ -38,8 +38,8 @@ def _is_noop(node: fx.Node) -> bool:
     """A call whose output is its first input: eval-mode dropout, alias, same-dtype cast, same-shape view."""
     if is_op(node, "dropout"):
         return len(node.args) > 2 and node.args[2] is False or node.kwargs.get("train") is False
-    if is_op(node, "alias", "clone", "contiguous"):
-        return True
+    if is_op(node, "alias", "clone", "contiguous"):  # but a collective needs its input dense (torch 2.11, NCCL)
+        return not any(getattr(user.target, "namespace", None) == "_c10d_functional" for user in node.users)
     src, out = _val(node.args[0]) if node.args else None, _val(node)
     if src is None or out is None:
         return False

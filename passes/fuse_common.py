@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 from torch import fx
+from torch._dispatch.python import enable_python_dispatcher
 from torch._guards import detect_fake_mode
 
 aten = torch.ops.aten
@@ -51,8 +52,8 @@ def infer_val(node: fx.Node) -> None:
     mode = detect_fake_mode(vals)
     args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: n.meta.get("val"))
     assert callable(node.target) and isinstance(args, tuple) and isinstance(kwargs, dict)
-    if mode is not None:
-        with mode:
+    if mode is not None:  # the python dispatcher, as under export: composite ops (linear) decompose with
+        with mode, enable_python_dispatcher():  # symbolic sizes (torch 2.11's C++ matmul calls numel())
             node.meta["val"] = node.target(*args, **kwargs)
 
 
@@ -79,7 +80,8 @@ def new_attr(gm: fx.GraphModule, qualified: str, tensor: torch.Tensor, like: fx.
     with gm.graph.inserting_before(first):
         node = gm.graph.get_attr(qualified)
     mode = detect_fake_mode([n.meta.get("val") for n in like.all_input_nodes])
-    node.meta["val"] = mode.from_tensor(tensor) if mode is not None else tensor
+    # A weight's shape is fixed: without static_shapes torch 2.11 gives it fresh symbols.
+    node.meta["val"] = mode.from_tensor(tensor, static_shapes=True) if mode is not None else tensor
     return node
 
 

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
 
-from kiln.models.testing import build_tiny_checkpoint
+# Without a GPU, Triton kernels run in its interpreter. Set before anything imports triton.language (transformers
+# and torch._dynamo do): Triton 3.6 decides then whether its library functions (tl.cdiv...) are interpreted.
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+from kiln.models.testing import build_tiny_checkpoint  # noqa: E402
 
 
 @pytest.fixture(scope="session")

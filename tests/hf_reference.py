@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
-import torch
+from pathlib import Path
 
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from kiln.models.registry import family_for
 from kiln.ops.metadata import AttentionMetadata
+
+
+def hf_reference(path: str | Path, **kwargs) -> torch.nn.Module:
+    """HF's model in its family's attention form (kiln exports the same one): a default that drops part of the
+    model is not the reference. transformers 5.17 picks sdpa for Gemma-2, which ignores its logit soft-capping."""
+    attn = family_for(AutoConfig.from_pretrained(path)).attn_implementation
+    return AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn, **kwargs).eval()
 
 
 def run_prefill_then_decode(compiled, prompts: list[list[int]], steps: int, block_size: int = 4):

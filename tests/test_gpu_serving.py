@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hf_reference import greedy_agrees
-from transformers import AutoModelForCausalLM
+from hf_reference import greedy_agrees, hf_reference
 
 import kiln
 from kiln.compiler.export import artifact
@@ -34,7 +33,7 @@ def test_checkpoint_on_cuda_matches_hf_greedy(checkpoint, arch: str) -> None:
     path = checkpoint(arch)
     llm = kiln.LLM(str(path), device="cuda")
     assert llm.model.device.type == "cuda" and llm.model.backend == "triton"
-    hf = AutoModelForCausalLM.from_pretrained(path).to("cuda").eval()
+    hf = hf_reference(path).to("cuda")
     prompts = _prompts(llm.model.vocab_size)
     for prompt, ours in zip(prompts, _greedy(llm, prompts)):
         with torch.no_grad():

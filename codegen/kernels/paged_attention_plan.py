@@ -79,15 +79,16 @@ def configs(max_query_len: int, group: int, head_dim: int, v_dim: int, dtype: to
     16-bit inputs run on tensor cores: 128-row prefill tiles up to head_dim 64, 64 rows above (sm_80 keeps Q, S
     and the accumulator in registers and spills at 128 × 128), and a one-stage fallback for what does not fit
     (head_dim 256 on sm_80). float32 dots are IEEE, on the FMA units with their operands in registers: 16 × 16
-    tiles, the largest that spilled for no head_dim (32 to 256) or GQA group (1 to 8) on sm_80 or sm_90."""
+    tiles, the largest that spilled for no head_dim (16 to 256) or GQA group (1 to 8) on sm_80 or sm_90, with
+    four warps for a decode at head_dim <= 32 (eight spilled at head_dim 16, group 2, under Triton 3.6)."""
+    group_p, elem = next_pow2(group), dtype.itemsize
+    block_d, block_dv = next_pow2(head_dim), next_pow2(v_dim)
     if ieee_dots(dtype):
-        shapes = [(1, 16, 8, 2)] if max_query_len == 1 else [(16, 16, 8, 2)]
+        shapes = [(1, 16, 4 if block_d <= 32 else 8, 2)] if max_query_len == 1 else [(16, 16, 8, 2)]
     elif max_query_len == 1:
         shapes = [(1, 64, 4, 2), (1, 32, 4, 2)]
     else:
         shapes = [(128 if head_dim <= 64 else 64, 64, 8, 2), (64, 32, 8, 1)]
-    group_p, elem = next_pow2(group), dtype.itemsize
-    block_d, block_dv = next_pow2(head_dim), next_pow2(v_dim)
     out = []
     for rows, block_n, warps, stages in shapes:
         block_q = 1 if max_query_len == 1 else max(1, rows // group_p)

@@ -1,9 +1,7 @@
-"""Rendered kernels go to a per-session cache directory, not the user's. Importing kernel_checks here, before
-pytest imports any test module, runs the kernels in Triton's interpreter when there is no GPU."""
+"""Rendered kernels go to a per-session cache directory, not the user's."""
 
 from __future__ import annotations
 
-import kernel_checks  # noqa: F401  (sets TRITON_INTERPRET before kiln.codegen is imported)
 import pytest
 
 

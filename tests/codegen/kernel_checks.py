@@ -1,6 +1,5 @@
-"""What the codegen tests share. Importing this first runs the kernels in Triton's interpreter when there is no
-GPU: TRITON_INTERPRET must be set before a kernel is defined, and kiln's kernels are imported lazily from the
-kernel cache, so setting it here, before the test modules import kiln.codegen, is early enough."""
+"""What the codegen tests share. Without a GPU the kernels run in Triton's interpreter: tests/conftest.py sets
+TRITON_INTERPRET before anything imports Triton."""
 
 from __future__ import annotations
 
@@ -13,9 +12,6 @@ import tempfile
 from typing import Any
 
 import torch
-
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Per dtype (atol, rtol) for a kernel that rounds once against a reference that may round per op.

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import kernel_checks  # noqa: F401  (sets TRITON_INTERPRET before kiln.codegen is imported)
 import pytest
 import torch
 from kernel_checks import DEVICE, in_clean_processes, launched_at, randn

@@ -121,3 +121,20 @@ def test_legacy_tensor_names_go_through_transformers(checkpoint) -> None:
     assert (direct is None) == legacy
     reference = AutoModelForCausalLM.from_pretrained(path)
     assert torch.equal(loaded.lm_head.weight, reference.lm_head.weight)
+
+
+def test_a_number_made_into_a_meta_tensor_is_captured_as_an_op_not_a_valueless_constant() -> None:
+    """transformers 5.17's eager attention mask calls torch.tensor(0.0, device=<the input's>): traced on the meta
+    twin, that is a constant with no value to bind. Capture records it as a `full` call instead."""
+
+    class Mask(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.where(x > 0, torch.tensor(0.0, device=x.device), -1.0)
+
+    x = torch.randn(4, device="meta")
+    with torch.no_grad(), capture_module._MetaScalars():
+        gm = torch.export.export(Mask(), (x,), strict=False).module()
+    calls = [n for n in gm.graph.nodes if n.op in ("get_attr", "call_function")]
+    assert not any(n.op == "get_attr" for n in calls)
+    (full,) = [n for n in calls if n.target is torch.ops.aten.full.default]
+    assert full.args == ([], 0.0) and full.kwargs["dtype"] == torch.float32

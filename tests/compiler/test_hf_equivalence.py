@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hf_reference import greedy_agrees, hf_last_logits, run_prefill_then_decode
-from transformers import AutoModelForCausalLM
+from hf_reference import greedy_agrees, hf_last_logits, hf_reference, run_prefill_then_decode
 
 import kiln
 from kiln.models.testing import TINY_CONFIGS
@@ -20,7 +19,7 @@ OTHERS = sorted(set(TINY_CONFIGS) - set(REQUIRED))
 @pytest.mark.parametrize("arch", REQUIRED + OTHERS)
 def test_packed_prefill_and_decode_logits_match_hf(checkpoint, arch):
     path = checkpoint(arch)
-    hf = AutoModelForCausalLM.from_pretrained(path).eval()
+    hf = hf_reference(path)
     compiled = kiln.compile(path)
     gen = torch.Generator().manual_seed(1)
     # Lengths past the tiny sliding windows (16) so windowed layers are exercised.
@@ -37,7 +36,7 @@ def test_packed_prefill_and_decode_logits_match_hf(checkpoint, arch):
 @pytest.mark.parametrize("arch", REQUIRED)
 def test_greedy_generate_matches_hf(checkpoint, arch):
     path = checkpoint(arch)
-    hf = AutoModelForCausalLM.from_pretrained(path).eval()
+    hf = hf_reference(path)
     llm = kiln.LLM(path)
     gen = torch.Generator().manual_seed(2)
     prompts = [torch.randint(4, llm.model.vocab_size, (n,), generator=gen).tolist() for n in (5, 17, 33, 64)]
