@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-# The server's own dependencies and the clients that drive it: absent on a machine with only kiln's core
-# (the GPU machine), where these tests skip; `make test` installs them.
+# Skipped where the server's dependencies are absent, as test_server.py says.
 openai = pytest.importorskip("openai")
 
 from test_server import KEY, LiveServer  # noqa: E402

@@ -9,8 +9,7 @@ import time
 
 import pytest
 
-# The server's own dependencies and the clients that drive it: absent on a machine with only kiln's core
-# (the GPU machine), where these tests skip; `make test` installs them.
+# Skipped where the server's dependencies are absent, as test_server.py says.
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 TestClient = pytest.importorskip("fastapi.testclient").TestClient

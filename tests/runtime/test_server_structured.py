@@ -8,8 +8,7 @@ from typing import Literal
 
 import pytest
 
-# The server's own dependencies and the clients that drive it: absent on a machine with only kiln's core
-# (the GPU machine), where these tests skip; `make test` installs them.
+# Skipped where the server's dependencies are absent, as test_server.py says.
 jsonschema = pytest.importorskip("jsonschema")
 openai = pytest.importorskip("openai")
 
