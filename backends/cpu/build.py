@@ -1,4 +1,4 @@
-"""Building and loading the C kernels (`kernels.c` with `quant.c`) once per instruction-set level.
+"""Building and loading the C kernels (`kernels.c` with `attention.c` and `quant.c`) once per instruction-set level.
 
 `-march=native` would tie a build to the machine that made it and leave a CPU without AVX-512 with whatever the
 compiler vectorises for a generic target. Instead each level is one build with fixed flags: "avx512_vnni"
@@ -28,7 +28,8 @@ from functools import cache, lru_cache
 from pathlib import Path
 from types import ModuleType
 
-_SOURCES = [Path(__file__).with_name(name) for name in ("kernels.c", "quant.c")]
+_SOURCES = [Path(__file__).with_name(name) for name in ("kernels.c", "attention.c", "quant.c")]
+_HEADERS = [Path(__file__).with_name("vexp.h")]  # not compiled on their own, but part of what a build is
 _X86 = platform.machine().lower() in ("x86_64", "amd64")
 
 # level -> (compiler flags, /proc/cpuinfo flags it needs), best first. AVX-512 code is kept at 256-bit vectors
@@ -129,7 +130,7 @@ def load(level: str) -> ModuleType | None:
     if compiler is None or not (Path(include) / "Python.h").exists():
         return None
     flags = ["-O3", *ISA_LEVELS[level][0], "-fopenmp", "-fvisibility=hidden", "-shared", "-fPIC", f"-I{include}"]
-    digest = hashlib.sha256(b"".join(src.read_bytes() for src in _SOURCES) + " ".join(flags).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(b"".join(src.read_bytes() for src in _SOURCES + _HEADERS) + " ".join(flags).encode()).hexdigest()[:16]
     directory = _cache_dir() / digest
     suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
     target = next((p for p in sorted(directory.glob(f"kiln_cpu-*{suffix}")) if _verified(p, suffix)), None)

@@ -4,11 +4,7 @@
  * torch references in ops/attention.py and ops/fused.py are the specification, and every function here is tested
  * against them. backends/cpu/build.py compiles this file once per instruction-set level (AVX-512 VNNI, AVX2 + FMA,
  * the x86-64 baseline): the loops below are written for the compiler to vectorise at each of them, with
- * `omp simd` where it needs to be told that a reduction may be reordered.
- *
- * paged_decode_f32: one query token per sequence, read straight from the cache blocks, so no per-step
- * gather of the whole context. Each sequence is one task that reads every cached token's K (all KV heads,
- * contiguous) once for the scores and its V once for the weighted sum. */
+ * `omp simd` where it needs to be told that a reduction may be reordered. */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <math.h>
@@ -20,115 +16,8 @@
  * rows below PARALLEL_MIN elements in total run on one thread: forking costs more than the work. */
 #define PARALLEL_MIN 65536
 
-/* exp written so the compiler vectorises loops that call it: 2^n * p(r) with r = x - n ln 2 in
- * [-ln2/2, ln2/2] and a degree-6 polynomial (within 2 ulp of expf over the clamped range). */
-static inline float vexpf(float x)
-{
-    x = x < -87.f ? -87.f : (x > 88.f ? 88.f : x);
-    const float n = (x * 1.44269504089f + 12582912.f) - 12582912.f; /* round to nearest: 1.5 * 2^23 */
-    const float r = (x - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
-    float p = 1.f / 720.f;
-    p = p * r + 1.f / 120.f;
-    p = p * r + 1.f / 24.f;
-    p = p * r + 1.f / 6.f;
-    p = p * r + 0.5f;
-    p = p * r + 1.f;
-    p = p * r + 1.f;
-    union { int32_t i; float f; } scale = {.i = ((int32_t)n + 127) << 23};
-    return p * scale.f;
-}
+#include "vexp.h"
 
-#if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-/* vexpf on 8 lanes, the same steps. gcc vectorises vexpf's clamps only with AVX-512's masks: for AVX2 it either
- * keeps the loop scalar or (with -fno-trapping-math) computes each side of the clamp, and in silu the speculated
- * g / (1 + e^88) is subnormal, a microcode assist per lane. vmaxps / vminps are the clamps without either. */
-static inline __m256 vexpf8(__m256 x)
-{
-    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.f)), _mm256_set1_ps(88.f));
-    const __m256 magic = _mm256_set1_ps(12582912.f);
-    const __m256 n = _mm256_sub_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504089f), magic), magic);
-    const __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187e-06f),
-                                      _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x));
-    __m256 p = _mm256_set1_ps(1.f / 720.f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 120.f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 24.f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 6.f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
-    const __m256i scale = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(p, _mm256_castsi256_ps(scale));
-}
-#define VEXP8 1
-#endif
-
-static void paged_decode_f32(
-    const float *restrict q,              /* [S, Hq, D] */
-    const float *restrict k_cache,        /* [num_blocks, block_size, Hkv, D] */
-    const float *restrict v_cache,        /* [num_blocks, block_size, Hkv, Dv] */
-    const int32_t *restrict block_tables, /* [S, table_width] */
-    const int32_t *restrict seq_lens,     /* [S] */
-    float *restrict out,                  /* [S, Hq, Dv] */
-    int64_t num_seqs, int64_t num_heads, int64_t kv_heads, int64_t head_dim, int64_t v_dim,
-    int64_t block_size, int64_t table_width, float scale, int64_t window, float softcap, int64_t threads)
-{
-    const int64_t group = num_heads / kv_heads;
-#pragma omp parallel for schedule(dynamic) num_threads(threads)
-    for (int64_t s = 0; s < num_seqs; ++s) {
-        const int64_t len = seq_lens[s];
-        const int64_t start = (window > 0 && len > window) ? len - window : 0;
-        const int64_t n = len - start > 0 ? len - start : 1;
-        float *scores = malloc(sizeof(float) * num_heads * n); /* [Hq, n] */
-        const float *qs = q + s * num_heads * head_dim;
-        for (int64_t j = start; j < len; ++j) {
-            const int64_t slot = block_tables[s * table_width + j / block_size] * block_size + j % block_size;
-            const float *kj = k_cache + slot * kv_heads * head_dim;
-            for (int64_t hq = 0; hq < num_heads; ++hq) {
-                const float *qh = qs + hq * head_dim, *kh = kj + (hq / group) * head_dim;
-                float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-                for (int64_t d = 0; d < head_dim; ++d) dot += qh[d] * kh[d];
-                dot *= scale;
-                if (softcap > 0.f) dot = tanhf(dot / softcap) * softcap;
-                scores[hq * n + (j - start)] = dot;
-            }
-        }
-        for (int64_t hq = 0; hq < num_heads; ++hq) {
-            float *sh = scores + hq * n, m = -INFINITY, total = 0.f;
-            for (int64_t i = 0; i < len - start; ++i) m = sh[i] > m ? sh[i] : m;
-            int64_t i = 0;
-#ifdef VEXP8
-            __m256 sum8 = _mm256_setzero_ps();
-            for (; i + 8 <= len - start; i += 8) {
-                const __m256 e = vexpf8(_mm256_sub_ps(_mm256_loadu_ps(sh + i), _mm256_set1_ps(m)));
-                _mm256_storeu_ps(sh + i, e);
-                sum8 = _mm256_add_ps(sum8, e);
-            }
-            float lanes[8];
-            _mm256_storeu_ps(lanes, sum8);
-            for (int l = 0; l < 8; ++l) total += lanes[l];
-#endif
-#pragma omp simd reduction(+ : total)
-            for (int64_t t = i; t < len - start; ++t) { sh[t] = vexpf(sh[t] - m); total += sh[t]; }
-            const float inv = total > 0.f ? 1.f / total : 0.f;
-            for (int64_t i = 0; i < len - start; ++i) sh[i] *= inv;
-        }
-        float *o = out + s * num_heads * v_dim;
-        for (int64_t i = 0; i < num_heads * v_dim; ++i) o[i] = 0.f;
-        for (int64_t j = start; j < len; ++j) {
-            const int64_t slot = block_tables[s * table_width + j / block_size] * block_size + j % block_size;
-            const float *vj = v_cache + slot * kv_heads * v_dim;
-            for (int64_t hq = 0; hq < num_heads; ++hq) {
-                const float p = scores[hq * n + (j - start)], *vh = vj + (hq / group) * v_dim;
-                float *oh = o + hq * v_dim;
-#pragma omp simd
-                for (int64_t d = 0; d < v_dim; ++d) oh[d] += p * vh[d];
-            }
-        }
-        free(scores);
-    }
-}
 
 /* The step's K and V rows into their cache slots (a row is all KV heads of one token). k and v may be
  * strided views (a split of the fused qkv projection): row strides are passed, the last dims contiguous.
@@ -303,7 +192,12 @@ static void argmax_rows_f32(const float *x, int64_t *out, int64_t rows, int64_t 
     }
 }
 
-/* The int8 linears (weight tiles; AVX-512 VNNI, AVX2 and portable paths) are in quant.c, in the same module. */
+/* Decode attention is in attention.c, the int8 linears (weight tiles; AVX-512 VNNI, AVX2 and portable paths) in
+ * quant.c, both in the same module. */
+void paged_decode_f32(const float *q, const float *k_cache, const float *v_cache, const int32_t *block_tables,
+                      const int32_t *seq_lens, float *out, int64_t num_seqs, int64_t num_heads, int64_t kv_heads,
+                      int64_t head_dim, int64_t v_dim, int64_t block_size, int64_t table_width, float scale,
+                      int64_t window, float softcap, int64_t threads);
 void linear_w8a8_packed(const float *x, const float *in_scale, const int8_t *w, const float *scale,
                         const float *bias, float *out, int64_t rows, int64_t n, int64_t k, int64_t x_stride,
                         int64_t threads);

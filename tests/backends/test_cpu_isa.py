@@ -59,15 +59,22 @@ def test_float_kernels_match_the_references(level):
 
 
 @pytest.mark.parametrize("softcap", [0.0, 5.0])
-def test_decode_attention_matches_a_naive_softmax(level, softcap):
+@pytest.mark.parametrize(
+    "heads,kv_heads,dim,window",
+    # head_dim 64: the vector paths only; 20: the portable ones only (not a multiple of 8); 136: two 64-wide
+    # output slices, an 8-wide one, and a window that starts mid-block with a tail after the 8-token groups.
+    [(8, 2, 64, 0), (6, 2, 20, 0), (4, 4, 136, 21)],
+)
+def test_decode_attention_matches_a_naive_softmax(level, softcap, heads, kv_heads, dim, window):
     gen = torch.Generator().manual_seed(2)
-    heads, kv_heads, dim, block, lens = 8, 2, 64, 16, [37, 1, 70]
+    block, lens = 16, [37, 1, 70]
     tables = torch.tensor([[1 + s + 3 * b for b in range(5)] for s in range(3)], dtype=torch.int32)
     k_cache, v_cache = torch.randn(16, block, kv_heads, dim, generator=gen), torch.randn(16, block, kv_heads, dim)
     q = torch.randn(3, heads, dim, generator=gen)
-    out = cpu_kernels.paged_decode(q, k_cache, v_cache, tables, torch.tensor(lens), 0.125, 0, softcap)
+    out = cpu_kernels.paged_decode(q, k_cache, v_cache, tables, torch.tensor(lens), 0.125, window, softcap)
     for s, n in enumerate(lens):
         slots = (tables[s].long()[:, None] * block + torch.arange(block)).flatten()[:n]
+        slots = slots[-window:] if window else slots
         keys = k_cache.flatten(0, 1)[slots].repeat_interleave(heads // kv_heads, 1)
         values = v_cache.flatten(0, 1)[slots].repeat_interleave(heads // kv_heads, 1)
         scores = torch.einsum("hd,khd->hk", q[s], keys) * 0.125
