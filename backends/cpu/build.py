@@ -130,7 +130,8 @@ def load(level: str) -> ModuleType | None:
     if compiler is None or not (Path(include) / "Python.h").exists():
         return None
     flags = ["-O3", *ISA_LEVELS[level][0], "-fopenmp", "-fvisibility=hidden", "-shared", "-fPIC", f"-I{include}"]
-    digest = hashlib.sha256(b"".join(src.read_bytes() for src in _SOURCES + _HEADERS) + " ".join(flags).encode()).hexdigest()[:16]
+    text = b"".join(src.read_bytes() for src in _SOURCES + _HEADERS) + " ".join(flags).encode()
+    digest = hashlib.sha256(text).hexdigest()[:16]
     directory = _cache_dir() / digest
     suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
     target = next((p for p in sorted(directory.glob(f"kiln_cpu-*{suffix}")) if _verified(p, suffix)), None)

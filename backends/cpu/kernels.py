@@ -92,6 +92,12 @@ def _rows(x: Tensor) -> tuple[Tensor, int, int]:
     return x, x.shape[0], x.shape[1]
 
 
+def _dense(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """t as a contiguous `dtype` tensor; the metadata usually is one already, and `.to().contiguous()` would still
+    cost two dispatcher calls per layer."""
+    return t if t.dtype is dtype and t.is_contiguous() else t.to(dtype).contiguous()
+
+
 SMALL_LINEAR_ROWS = 16  # int8 weights: up to here the C loops beat dequantize + GEMM
 C_LINEAR_ROWS = 4  # float32: above this oneDNN over its own weight layout is faster than the C loop
 # oneDNN builds and keeps a primitive per input shape, so every new row count (each batch's token count) grew
@@ -233,8 +239,7 @@ def paged_decode(
 ) -> Tensor:
     """One query token per sequence: q [S, Hq, D] -> [S, Hq, Dv]. Caches must be contiguous."""
     q = q.contiguous()
-    tables = block_tables.to(torch.int32).contiguous()
-    lens = seq_lens.to(torch.int32).contiguous()
+    tables, lens = _dense(block_tables, torch.int32), _dense(seq_lens, torch.int32)
     num_seqs, num_heads, head_dim = q.shape
     _, block_size, kv_heads, _ = k_cache.shape
     v_dim = v_cache.shape[-1]
@@ -266,7 +271,7 @@ def cache_write(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_map
     k2, v2 = k.flatten(1), v.flatten(1)
     k2 = k2 if k2.stride(-1) == 1 else k2.contiguous()
     v2 = v2 if v2.stride(-1) == 1 else v2.contiguous()
-    slots = slot_mapping.to(torch.int64).contiguous()
+    slots = _dense(slot_mapping, torch.int64)
     num_slots = k_cache.shape[0] * k_cache.shape[1]
     if _built().cache_write(
         k2.data_ptr(),
@@ -335,7 +340,7 @@ def rope(x: Tensor, positions: Tensor, cos_sin_cache: Tensor, rotary_dim: int, n
     """x [T, H, D] (heads contiguous within a token) rotated at `positions` [T] into a new contiguous tensor."""
     if x.stride(1) != x.shape[2]:
         x = x.contiguous()
-    pos = positions.to(torch.int64).contiguous()
+    pos = _dense(positions, torch.int64)
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
     if _built().rope(
         x.data_ptr(),
