@@ -82,6 +82,22 @@ def test_decode_attention_matches_a_naive_softmax(level, softcap, heads, kv_head
         _close(out[s], torch.einsum("hk,khd->hd", scores.softmax(-1), values), 1e-5)
 
 
+def test_decode_attention_splits_kv_heads_over_threads_without_changing_a_bit(level, monkeypatch) -> None:
+    """Fewer sequences than threads: each sequence's KV heads are shared out (up to one part per thread, at most
+    one per head). A head's arithmetic is the same whichever task runs it, so outputs equal the one-thread ones."""
+    gen = torch.Generator().manual_seed(6)
+    heads, kv_heads, dim, block = 12, 4, 64, 16
+    k_cache, v_cache = torch.randn(12, block, kv_heads, dim, generator=gen), torch.randn(12, block, kv_heads, dim)
+    tables = torch.tensor([[3, 1, 7, 5], [2, 8, 4, 6]], dtype=torch.int32)
+    q, lens = torch.randn(2, heads, dim, generator=gen), torch.tensor([50, 61])
+    runs = []
+    for threads in (1, 2, 3, 8):  # parts per sequence: 1, 2, 3, 4 with one sequence; 1, 1, 2, 4 with two
+        monkeypatch.setattr(torch, "get_num_threads", lambda threads=threads: threads)
+        for seqs in (1, 2):
+            runs.append(cpu_kernels.paged_decode(q[:seqs], k_cache, v_cache, tables[:seqs], lens[:seqs], 0.125, 0, 0.0))
+    assert all(torch.equal(run[0], runs[0][0]) for run in runs) and all(torch.equal(r, runs[1]) for r in runs[1::2])
+
+
 def _w8a8_cases():
     gen = torch.Generator().manual_seed(3)
     for rows in (1, 2, 3, 5, 37):  # remainders of both the 2-row (AVX2) and 4-row (VNNI, portable) passes
