@@ -16,6 +16,10 @@
 
 #include "vexp.h"
 
+#if defined(__AVX2__) && defined(__FMA__) /* the AVX2 and AVX-512 builds; vexp.h included immintrin.h */
+#define ATTN_AVX2 1
+#endif
+
 /* Tokens per pass of a task's heads over the cache: 16 rows (16 KiB with 4 KV heads of 64) stay in L1 while
  * every head reads them; longer chunks measured slower (L1 set conflicts between rows 1 KiB apart). */
 #define CHUNK 16
@@ -29,7 +33,7 @@ static void token_slots(const int32_t *table, int64_t start, int64_t n, int64_t 
     }
 }
 
-#ifdef VEXP8
+#ifdef ATTN_AVX2
 /* The eight sums of a[0..7]'s lanes, in order: hadd pairs neighbours, twice, leaving each token's two 128-bit
  * halves' sums in the two halves of a vector; the final add joins the halves. */
 static inline __m256 hsum8x8(const __m256 a[8])
@@ -45,7 +49,7 @@ static void score_tokens(const float *restrict q, const float *restrict k, int64
                          int64_t n, int64_t dim, float scale, float *restrict scores)
 {
     int64_t t = 0;
-#ifdef VEXP8
+#ifdef ATTN_AVX2
     if (dim % 8 == 0)
         for (; t + 8 <= n; t += 8) {
             __m256 a[8];
@@ -73,7 +77,7 @@ static void softmax(float *restrict p, int64_t n)
     float m = -INFINITY, total = 0.f;
     for (int64_t i = 0; i < n; ++i) m = p[i] > m ? p[i] : m;
     int64_t i = 0;
-#ifdef VEXP8
+#ifdef ATTN_AVX2
     __m256 sum8 = _mm256_setzero_ps();
     for (; i + 8 <= n; i += 8) {
         const __m256 e = vexpf8(_mm256_sub_ps(_mm256_loadu_ps(p + i), _mm256_set1_ps(m)));
@@ -90,7 +94,7 @@ static void softmax(float *restrict p, int64_t n)
     for (int64_t t = 0; t < n; ++t) p[t] *= inv;
 }
 
-#ifdef VEXP8
+#ifdef ATTN_AVX2
 /* out[0 .. 8 * nv) += sum_t p[t] * v_t[0 .. 8 * nv): nv accumulators stay in registers over the tokens (nv is a
  * constant at each call, so the loops over it unroll). */
 static inline __attribute__((always_inline)) void weigh_slice(const float *restrict p, const float *restrict v,
@@ -113,7 +117,7 @@ static void weigh_tokens(const float *restrict p, const float *restrict v, int64
                          int64_t n, int64_t dim, float *restrict out)
 {
     int64_t d0 = 0;
-#ifdef VEXP8
+#ifdef ATTN_AVX2
     for (; d0 + 64 <= dim; d0 += 64) weigh_slice(p, v + d0, stride, slots, n, 8, out + d0);
     for (; d0 + 8 <= dim; d0 += 8) weigh_slice(p, v + d0, stride, slots, n, 1, out + d0);
 #endif
